@@ -1,0 +1,109 @@
+"""Shared fixtures: a real redis-server on a free loopback port, stores of every kind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tether.store import Retention, SessionStore, open_store
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
+
+
+class RedisServer:
+    """A real redis-server process on 127.0.0.1, with its data in a temporary folder."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not installed (apt-get install -y redis-server)")
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="tether-redis-")
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir, "--protected-mode", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port)
+        self.db = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/{self.db}"
+
+    def flush(self) -> None:
+        import redis
+
+        redis.Redis(port=self.port).flushall()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    redis_server.flush()
+    return redis_server.url
+
+
+STORE_KINDS = ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)]
+
+
+async def make_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path,
+                     retention: Retention | None = None) -> SessionStore:
+    if kind == "memory":
+        url = "memory://"
+    elif kind == "sqlite":
+        url = f"sqlite://{tmp_path / 'data'}"
+    else:
+        url = request.getfixturevalue("redis_url")
+    store = open_store(url, retention)
+    await store.start()
+    return store
+
+
+@pytest.fixture(params=STORE_KINDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SessionStore]:
+    store = await make_store(request.param, request, tmp_path)
+    yield store
+    await store.close()
+
+
+@pytest.fixture(params=STORE_KINDS)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+os.environ.setdefault("TETHER_LOG_LEVEL", "warning")

@@ -1,0 +1,190 @@
+"""The one contract every SessionStore must keep, run against memory, sqlite and redis."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_store
+from tether.protocol.events import Event, Sender
+from tether.store import Retention, SessionStore, StreamClosedError
+
+ALICE = Sender("alice", "c1", "human")
+BOB = Sender("bob", "c2", "human")
+
+
+async def test_new_session_head_is_empty_and_stable(store: SessionStore) -> None:
+    head = await store.head("s1")
+    assert (head.last_seq, head.first_seq) == (0, 1)
+    assert (await store.head("s1")).epoch == head.epoch
+    assert await store.read("s1", 0, 10) == []
+
+
+async def test_append_assigns_gapless_seq_and_read_pages(store: SessionStore) -> None:
+    for i in range(25):
+        appended = await store.append("s1", "message", {"i": i}, ALICE)
+        assert appended.event.seq == i + 1
+        assert not appended.duplicate
+    head = await store.head("s1")
+    assert head.last_seq == 25
+    assert appended.event.epoch == head.epoch
+    page = await store.read("s1", 10, 5)
+    assert [e.seq for e in page] == [11, 12, 13, 14, 15]
+    assert [e.data["i"] for e in page] == [10, 11, 12, 13, 14]
+    assert page[0].sender == ALICE and page[0].type == "message" and page[0].time > 0
+    assert [e.seq for e in await store.read("s1", 20, 100)] == [21, 22, 23, 24, 25]
+    assert await store.read("s1", 25, 10) == []
+
+
+async def test_sessions_are_independent(store: SessionStore) -> None:
+    await store.append("a", "message", 1, ALICE)
+    await store.append("a", "message", 2, ALICE)
+    appended = await store.append("b", "message", 3, ALICE)
+    assert appended.event.seq == 1
+    assert [e.data for e in await store.read("a", 0, 10)] == [1, 2]
+
+
+async def test_concurrent_appends_are_gapless_and_listeners_see_commit_order(
+    store: SessionStore,
+) -> None:
+    seen: list[Event] = []
+    store.listen("s1", seen.append)
+    results = await asyncio.gather(
+        *(store.append("s1", "message", {"i": i}, ALICE) for i in range(300))
+    )
+    seqs = sorted(r.event.seq for r in results)
+    assert seqs == list(range(1, 301))
+    async def all_seen() -> None:
+        while len(seen) < 300:
+            await asyncio.sleep(0.005)
+    await asyncio.wait_for(all_seen(), 10)
+    assert [e.seq for e in seen] == list(range(1, 301))
+    stored = await store.read("s1", 0, 1000)
+    assert [e.data for e in stored] == [e.data for e in seen]
+
+
+async def test_listener_runs_after_commit(store: SessionStore) -> None:
+    checks: list[asyncio.Task[list[Event]]] = []
+
+    def on_event(event: Event) -> None:
+        checks.append(asyncio.ensure_future(store.read("s1", event.seq - 1, 1)))
+
+    store.listen("s1", on_event)
+    await store.append("s1", "message", "x", ALICE)
+    async def wait() -> None:
+        while not checks:
+            await asyncio.sleep(0.005)
+    await asyncio.wait_for(wait(), 10)
+    got = await checks[0]
+    assert [e.data for e in got] == ["x"]
+    store.unlisten("s1", on_event)
+
+
+async def test_idempotency_key_returns_original_event(store: SessionStore) -> None:
+    first = await store.append("s1", "message", "hi", ALICE, key="k1")
+    again = await store.append("s1", "message", "hi", ALICE, key="k1")
+    assert again.duplicate and again.event.seq == first.event.seq
+    assert again.event.data == "hi"
+    # Keys are scoped to (session, sender subject).
+    other_sender = await store.append("s1", "message", "hi", BOB, key="k1")
+    other_session = await store.append("s2", "message", "hi", ALICE, key="k1")
+    assert not other_sender.duplicate and not other_session.duplicate
+    assert (await store.head("s1")).last_seq == 2
+
+
+async def test_concurrent_duplicates_append_once(store: SessionStore) -> None:
+    results = await asyncio.gather(
+        *(store.append("s1", "message", "x", ALICE, key="same") for _ in range(20))
+    )
+    assert len({r.event.seq for r in results}) == 1
+    assert sum(not r.duplicate for r in results) == 1
+    assert (await store.head("s1")).last_seq == 1
+
+
+async def test_stream_end_carries_the_concatenated_deltas(store: SessionStore) -> None:
+    deltas = ["Hel", "lo", ", wo", "rld ", "— ünï", "cödé 🎉", ""]
+    for text in deltas:
+        await store.append("s1", "stream.append", {"stream": "m1", "text": text}, ALICE)
+    await store.append("s1", "stream.append", {"stream": "other", "text": "zz"}, ALICE)
+    end = await store.append("s1", "stream.end", {"stream": "m1", "role": "assistant"}, ALICE)
+    assert end.event.data["text"].encode() == "".join(deltas).encode()
+    assert end.event.data["role"] == "assistant"
+    stored = (await store.read("s1", end.event.seq - 1, 1))[0]
+    assert stored.data == end.event.data
+    with pytest.raises(StreamClosedError):
+        await store.append("s1", "stream.append", {"stream": "m1", "text": "late"}, ALICE)
+    with pytest.raises(StreamClosedError):
+        await store.append("s1", "stream.end", {"stream": "m1"}, ALICE)
+    assert (await store.head("s1")).last_seq == end.event.seq
+
+
+async def test_transient_events_reach_listeners_and_are_not_stored(store: SessionStore) -> None:
+    seen: list[Event] = []
+    store.listen("s1", seen.append)
+    head = await store.head("s1")
+    event = Event("s1", head.epoch, 0, "typing", {"on": True}, ALICE, 1, transient=True)
+    await store.publish_transient(event)
+    async def wait() -> None:
+        while not seen:
+            await asyncio.sleep(0.005)
+    await asyncio.wait_for(wait(), 10)
+    assert seen[0].transient and seen[0].data == {"on": True}
+    assert await store.read("s1", 0, 10) == []
+    assert (await store.head("s1")).last_seq == 0
+
+
+async def test_presence_set_list_clear(store: SessionStore) -> None:
+    await store.set_presence("s1", "alice/c1", {"sub": "alice", "client": "c1"}, ttl=30)
+    await store.set_presence("s1", "bob/c2", {"sub": "bob", "client": "c2"}, ttl=30)
+    members = await store.presence("s1")
+    assert sorted(m["sub"] for m in members) == ["alice", "bob"]
+    await store.clear_presence("s1", "alice/c1")
+    assert [m["sub"] for m in await store.presence("s1")] == ["bob"]
+    assert await store.presence("other") == []
+
+
+async def test_presence_expires(store: SessionStore) -> None:
+    await store.set_presence("s1", "ghost", {"sub": "ghost"}, ttl=0.05)
+    async def gone() -> None:
+        while await store.presence("s1"):
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(gone(), 5)
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+async def test_retention_by_count(kind: str, request: pytest.FixtureRequest,
+                                  tmp_path: Path) -> None:
+    store = await make_store(kind, request, tmp_path, Retention(max_events=10))
+    try:
+        for i in range(25):
+            await store.append("s1", "message", i, ALICE)
+        await store.trim()
+        head = await store.head("s1")
+        assert head.last_seq == 25
+        assert 16 >= head.first_seq >= 15  # redis MAXLEN may keep a few more; never fewer
+        events = await store.read("s1", 0, 100)
+        assert events[0].seq == head.first_seq and events[-1].seq == 25
+        assert [e.seq for e in events] == list(range(head.first_seq, 26))
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+async def test_retention_by_age(kind: str, request: pytest.FixtureRequest,
+                                tmp_path: Path) -> None:
+    store = await make_store(kind, request, tmp_path, Retention(max_age=0.001))
+    try:
+        for i in range(5):
+            await store.append("s1", "message", i, ALICE)
+        async def trimmed() -> None:
+            while (await store.head("s1")).first_seq != 6:
+                await store.trim()
+                await asyncio.sleep(0.01)
+        await asyncio.wait_for(trimmed(), 5)
+        assert await store.read("s1", 0, 10) == []
+        appended = await store.append("s1", "message", 5, ALICE)
+        assert appended.event.seq == 6
+    finally:
+        await store.close()

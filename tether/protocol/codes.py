@@ -1,0 +1,134 @@
+"""Close codes and request-error codes: the one table both sides and the docs agree on.
+
+Two kinds of failure, as in Centrifuge:
+
+* a **request error** answers one frame with an ``error`` frame; the connection stays open;
+* a **disconnect** closes the WebSocket with a code from :class:`CloseCode`. Codes 4000–4499 tell
+  the client to reconnect (with backoff); codes 4500–4999 tell it to stop.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class CloseCode(enum.IntEnum):
+    # 4000–4499: transient, reconnect with backoff.
+    SHUTDOWN = 4000
+    HEARTBEAT_TIMEOUT = 4001
+    SLOW_CONSUMER = 4002
+    NODE_UNAVAILABLE = 4003
+    STORE_UNAVAILABLE = 4004
+    # 4500–4999: permanent, do not reconnect without changing something.
+    PROTOCOL_ERROR = 4500
+    UNAUTHORIZED = 4501
+    TOKEN_EXPIRED = 4502
+    HELLO_TIMEOUT = 4503
+    FRAME_TOO_LARGE = 4504
+    UNSUPPORTED_CODEC = 4505
+    TOO_MANY_ERRORS = 4506
+
+    @property
+    def reconnect(self) -> bool:
+        return should_reconnect(int(self))
+
+    @property
+    def meaning(self) -> str:
+        return CLOSE_CODE_MEANINGS[self]
+
+
+CLOSE_CODE_MEANINGS: dict[CloseCode, str] = {
+    CloseCode.SHUTDOWN: "the server is shutting down or restarting; reconnect, resume from cursor",
+    CloseCode.HEARTBEAT_TIMEOUT: "no pong within the heartbeat timeout",
+    CloseCode.SLOW_CONSUMER: "the client fell behind even the store catch-up; reconnect",
+    CloseCode.NODE_UNAVAILABLE: "this node cannot serve now (draining, overloaded)",
+    CloseCode.STORE_UNAVAILABLE: "the session store cannot be reached",
+    CloseCode.PROTOCOL_ERROR: "the client broke the protocol (e.g. a frame before hello)",
+    CloseCode.UNAUTHORIZED: "missing, malformed, forged or wrong-secret token",
+    CloseCode.TOKEN_EXPIRED: "the token expired; get a new one before reconnecting",
+    CloseCode.HELLO_TIMEOUT: "no hello within the hello timeout",
+    CloseCode.FRAME_TOO_LARGE: "a frame exceeded the maximum frame size",
+    CloseCode.UNSUPPORTED_CODEC: "no supported subprotocol was offered",
+    CloseCode.TOO_MANY_ERRORS: "too many request errors in a row on this connection",
+}
+
+
+def should_reconnect(code: int | None) -> bool:
+    """Whether a client should reconnect after a close with ``code``.
+
+    Standard codes (1000–3999) other than a normal close and policy violations are treated as
+    transient: the network, a proxy or a crashed node closed the socket.
+    """
+    if code is None:
+        return True
+    if 4500 <= code <= 4999:
+        return False
+    if code in (1002, 1003, 1007, 1008, 1009, 1010):
+        return False
+    return True
+
+
+class ErrorCode(enum.StrEnum):
+    """Codes carried by ``error`` frames and HTTP error bodies."""
+
+    BAD_FRAME = "bad_frame"  # not decodable with the negotiated codec, or not an object
+    UNKNOWN_FRAME = "unknown_frame"  # "op" names no frame of this protocol
+    INVALID = "invalid"  # a field is missing or has the wrong type or value
+    NOT_READY = "not_ready"  # a frame other than hello before hello
+    FORBIDDEN = "forbidden"  # the token lacks the capability or session
+    BAD_CURSOR = "bad_cursor"  # malformed cursor, or a cursor from another session
+    NOT_ATTACHED = "not_attached"  # publish/detach/presence on a session not attached
+    TOO_MANY_SESSIONS = "too_many_sessions"  # attach beyond the per-connection limit
+    RATE_LIMITED = "rate_limited"  # publish rate per connection exceeded (temporary)
+    TOO_LARGE = "too_large"  # event data larger than the maximum event size
+    UNKNOWN_EVENT_TYPE = "unknown_event_type"  # a reserved-namespace type that does not exist
+    STREAM_CLOSED = "stream_closed"  # append or end on a stream that already ended
+    UNAUTHORIZED = "unauthorized"  # HTTP only: no token or a bad one
+    NOT_FOUND = "not_found"  # HTTP only
+    STORE_UNAVAILABLE = "store_unavailable"  # temporary: the store failed this request
+    INTERNAL = "internal"
+
+
+TEMPORARY_ERRORS = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.STORE_UNAVAILABLE})
+
+HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.BAD_FRAME: 400,
+    ErrorCode.UNKNOWN_FRAME: 400,
+    ErrorCode.INVALID: 400,
+    ErrorCode.NOT_READY: 400,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.BAD_CURSOR: 400,
+    ErrorCode.NOT_ATTACHED: 400,
+    ErrorCode.TOO_MANY_SESSIONS: 429,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.TOO_LARGE: 413,
+    ErrorCode.UNKNOWN_EVENT_TYPE: 400,
+    ErrorCode.STREAM_CLOSED: 409,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.STORE_UNAVAILABLE: 503,
+    ErrorCode.INTERNAL: 500,
+}
+
+
+class RequestError(Exception):
+    """A request failed; answered with an ``error`` frame, the connection stays open."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @property
+    def temporary(self) -> bool:
+        return self.code in TEMPORARY_ERRORS
+
+
+class Disconnect(Exception):
+    """The connection must close with ``code``; ``reason`` fits a close frame (< 123 bytes)."""
+
+    def __init__(self, code: CloseCode, reason: str = "") -> None:
+        reason = reason or code.name.lower()
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason.encode()[:120].decode(errors="ignore")

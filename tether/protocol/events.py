@@ -1,0 +1,112 @@
+"""Events: the entries of a session log, and the rules for their types.
+
+An event type is an application name (``message``, ``chat.reaction``, ``doc:edit``) or one of
+the names reserved by tether. Reserved namespaces are closed: a type inside them that tether
+does not define is rejected with ``unknown_event_type`` rather than stored, so a typo never
+becomes history that later versions misread.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from tether.protocol.cursor import Cursor
+
+STREAM_APPEND = "stream.append"
+STREAM_END = "stream.end"
+PRESENCE_JOIN = "presence.join"
+PRESENCE_LEAVE = "presence.leave"
+PRESENCE_UPDATE = "presence.update"
+
+# Reserved namespaces and the types tether defines inside them. Later protocol versions add to
+# these sets; an unknown name inside a namespace is an error, not an application event.
+RESERVED_NAMESPACES = ("stream.", "presence.", "run.", "tool.", "approval.", "tether.")
+KNOWN_RESERVED_TYPES = frozenset({STREAM_APPEND, STREAM_END})
+TRANSIENT_ONLY_TYPES = frozenset({PRESENCE_JOIN, PRESENCE_LEAVE, PRESENCE_UPDATE})
+
+_TYPE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.:-]{0,63}$")
+_SESSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
+_STREAM_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+def valid_session_id(session: object) -> bool:
+    return isinstance(session, str) and _SESSION_RE.match(session) is not None
+
+
+def check_event_type(event_type: object) -> str | None:
+    """Return ``None`` if ``event_type`` may be published, else the reason it may not."""
+    if not isinstance(event_type, str) or not _TYPE_RE.match(event_type):
+        return "event type must match [A-Za-z][A-Za-z0-9_.:-]{0,63}"
+    if event_type.startswith(RESERVED_NAMESPACES) and event_type not in KNOWN_RESERVED_TYPES:
+        return f"{event_type!r} is in a reserved namespace and is not defined by tether"
+    return None
+
+
+def check_stream_data(event_type: str, data: Any) -> str | None:
+    """Validate the data of ``stream.append`` / ``stream.end``; ``None`` when valid."""
+    if not isinstance(data, dict):
+        return f"{event_type} data must be an object"
+    stream = data.get("stream")
+    if not isinstance(stream, str) or not _STREAM_ID_RE.match(stream):
+        return f"{event_type} data.stream must be a stream id ([A-Za-z0-9_.:-]{{1,64}})"
+    if event_type == STREAM_APPEND and not isinstance(data.get("text"), str):
+        return "stream.append data.text must be a string"
+    if event_type == STREAM_END and "text" in data:
+        return "stream.end must not carry text: the store fills it in from the deltas"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Sender:
+    """Who published an event: the token subject, the client id and its kind."""
+
+    sub: str
+    client: str = ""
+    kind: str = "human"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"sub": self.sub, "client": self.client, "kind": self.kind}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Sender:
+        if not isinstance(data, dict):
+            return cls(sub="")
+        return cls(
+            sub=str(data.get("sub", "")),
+            client=str(data.get("client", "")),
+            kind=str(data.get("kind", "human")),
+        )
+
+
+SYSTEM = Sender(sub="tether", client="server", kind="system")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One committed (or, when ``transient``, fanned-out-only) entry of a session log.
+
+    ``seq`` is 0 for transient events: they have no place in the log.
+    ``time`` is milliseconds since the Unix epoch, assigned by the store at commit.
+    """
+
+    session: str
+    epoch: str
+    seq: int
+    type: str
+    data: Any
+    sender: Sender
+    time: int
+    transient: bool = False
+
+    @property
+    def cursor(self) -> Cursor:
+        return Cursor(self.epoch, self.seq)
+
+    @property
+    def stream(self) -> str | None:
+        if self.type in (STREAM_APPEND, STREAM_END) and isinstance(self.data, dict):
+            stream = self.data.get("stream")
+            return stream if isinstance(stream, str) else None
+        return None

@@ -1,0 +1,194 @@
+"""The ``SessionStore`` protocol: what every store does, and what each must guarantee.
+
+Guarantees (checked by ``tests/store/test_contract.py`` against every implementation):
+
+* ``append`` returns only after the event is committed; its ``seq`` is the session's previous
+  ``seq`` + 1 (gapless, assigned at commit) within the session's current epoch.
+* Listeners see committed events only, in seq order, after the commit.
+* An idempotency key seen for (session, sender subject) within the window returns the original
+  event with ``duplicate=True`` and appends nothing.
+* ``stream.end`` is stored with ``data.text`` set to the concatenation of the stream's
+  ``stream.append`` texts, byte for byte; appending to or ending a closed stream raises
+  :class:`StreamClosedError`.
+* Retention trims the oldest events by count and age; ``head().first_seq`` tells readers
+  whether their cursor is still covered.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from tether.protocol.events import STREAM_APPEND, STREAM_END, Event, Sender
+
+
+class StoreError(Exception):
+    """The store could not serve a request (I/O, connection, corruption)."""
+
+
+class StreamClosedError(Exception):
+    """An append to, or an end of, a stream that has already ended."""
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """Where a session's log stands: its epoch, last seq and oldest retained seq.
+
+    ``first_seq == last_seq + 1`` when nothing is retained (a new or fully trimmed session).
+    """
+
+    epoch: str
+    last_seq: int
+    first_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    event: Event
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long a store keeps events and idempotency keys."""
+
+    max_events: int = 100_000  # per session
+    max_age: float = 30 * 86400.0  # seconds
+    idempotency_window: float = 3600.0  # seconds
+
+
+Listener = Callable[[Event], None]
+
+
+class SessionStore(Protocol):
+    """One interface for the log, live fan-out and presence (memory, sqlite, redis)."""
+
+    retention: Retention
+
+    async def start(self) -> None:
+        """Open files or connections. Must be called before any other method."""
+
+    async def close(self) -> None:
+        """Flush pending commits and release resources."""
+
+    async def append(self, session: str, type: str, data: Any, sender: Sender,
+                     key: str | None = None) -> Appended:
+        """Commit one event and return it with its seq; see the module docstring."""
+        ...
+
+    async def read(self, session: str, after: int, limit: int) -> list[Event]:
+        """Up to ``limit`` committed events with ``seq > after``, in seq order."""
+        ...
+
+    async def head(self, session: str) -> Head:
+        """The session's epoch and bounds; creates the epoch for a new session."""
+        ...
+
+    async def publish_transient(self, event: Event) -> None:
+        """Fan ``event`` out to listeners (on every node) without storing it."""
+
+    def listen(self, session: str, listener: Listener) -> None:
+        """Call ``listener`` with every committed and transient event of ``session``."""
+
+    def unlisten(self, session: str, listener: Listener) -> None:
+        """Stop calling ``listener``; unknown listeners are ignored."""
+
+    async def set_presence(self, session: str, member: str, info: dict[str, Any],
+                           ttl: float) -> None:
+        """Record ``member`` as present for ``ttl`` seconds (refresh by calling again)."""
+
+    async def clear_presence(self, session: str, member: str) -> None:
+        """Remove ``member`` from the session's presence."""
+
+    async def presence(self, session: str) -> list[dict[str, Any]]:
+        """Present members' info, expired entries excluded."""
+        ...
+
+    async def trim(self) -> int:
+        """Apply retention now; return the number of events removed."""
+        ...
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class StreamText:
+    """Open token streams of one store: the text so far, and which streams have ended.
+
+    Stores that keep state in process (memory, sqlite) use this to fill in ``stream.end``.
+    ``load`` answers a cache miss from the log (after a restart), returning the texts of the
+    stream's appends and whether it has ended.
+    """
+
+    def __init__(self, load: Callable[[str, str], tuple[list[str], bool]]) -> None:
+        self._load = load
+        self._open: dict[tuple[str, str], list[str]] = {}
+        self._closed: set[tuple[str, str]] = set()
+
+    def _parts(self, key: tuple[str, str]) -> list[str]:
+        parts = self._open.get(key)
+        if parts is None:
+            if key in self._closed:
+                raise StreamClosedError(f"stream {key[1]!r} has ended")
+            texts, closed = self._load(*key)
+            if closed:
+                self._closed.add(key)
+                raise StreamClosedError(f"stream {key[1]!r} has ended")
+            parts = self._open[key] = texts
+        return parts
+
+    def prepare(self, session: str, type: str, data: Any) -> Any:
+        """Check a stream event before commit; return the data to store."""
+        if type == STREAM_APPEND:
+            self._parts((session, data["stream"]))
+            return data
+        if type == STREAM_END:
+            parts = self._parts((session, data["stream"]))
+            return {**data, "text": "".join(parts)}
+        return data
+
+    def committed(self, session: str, type: str, data: Any) -> None:
+        """Record a committed stream event."""
+        if type == STREAM_APPEND:
+            self._open.setdefault((session, data["stream"]), []).append(data["text"])
+        elif type == STREAM_END:
+            key = (session, data["stream"])
+            self._open.pop(key, None)
+            self._closed.add(key)
+
+    def forget(self) -> None:
+        """Drop cached state (after a failed commit); it reloads from the log."""
+        self._open.clear()
+        self._closed.clear()
+
+
+class Listeners:
+    """Per-session listener registry with snapshot-safe dispatch."""
+
+    def __init__(self) -> None:
+        self._by_session: dict[str, list[Listener]] = {}
+
+    def add(self, session: str, listener: Listener) -> None:
+        self._by_session.setdefault(session, []).append(listener)
+
+    def remove(self, session: str, listener: Listener) -> None:
+        listeners = self._by_session.get(session)
+        if listeners and listener in listeners:
+            listeners.remove(listener)
+            if not listeners:
+                del self._by_session[session]
+
+    def has(self, session: str) -> bool:
+        return session in self._by_session
+
+    def sessions(self) -> list[str]:
+        return list(self._by_session)
+
+    def dispatch(self, event: Event) -> None:
+        listeners = self._by_session.get(event.session)
+        if listeners:
+            for listener in tuple(listeners):
+                listener(event)

@@ -1,0 +1,124 @@
+"""An in-process store for unit tests: the reference behaviour of the contract, no durability."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tether.protocol.cursor import new_epoch
+from tether.protocol.events import Event, Sender
+from tether.store.base import (
+    Appended,
+    Head,
+    Listener,
+    Listeners,
+    Retention,
+    StreamText,
+    now_ms,
+)
+
+
+class _Log:
+    __slots__ = ("epoch", "events", "first_seq", "keys", "last_seq")
+
+    def __init__(self) -> None:
+        self.epoch = new_epoch()
+        self.events: list[Event] = []
+        self.last_seq = 0
+        self.first_seq = 1
+        self.keys: dict[tuple[str, str], tuple[Event, float]] = {}
+
+
+class MemoryStore:
+    def __init__(self, retention: Retention | None = None) -> None:
+        self.retention = retention or Retention()
+        self._logs: dict[str, _Log] = {}
+        self._listeners = Listeners()
+        self._presence: dict[str, dict[str, tuple[dict[str, Any], float]]] = {}
+        self._streams = StreamText(lambda session, stream: ([], False))
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def _log(self, session: str) -> _Log:
+        log = self._logs.get(session)
+        if log is None:
+            log = self._logs[session] = _Log()
+        return log
+
+    async def append(self, session: str, type: str, data: Any, sender: Sender,
+                     key: str | None = None) -> Appended:
+        log = self._log(session)
+        if key is not None:
+            seen = log.keys.get((sender.sub, key))
+            if seen is not None and time.monotonic() - seen[1] < self.retention.idempotency_window:
+                return Appended(seen[0], duplicate=True)
+        data = self._streams.prepare(session, type, data)
+        log.last_seq += 1
+        event = Event(session, log.epoch, log.last_seq, type, data, sender, now_ms())
+        log.events.append(event)
+        self._streams.committed(session, type, data)
+        if key is not None:
+            log.keys[(sender.sub, key)] = (event, time.monotonic())
+        self._enforce_count(log)
+        self._listeners.dispatch(event)
+        return Appended(event, duplicate=False)
+
+    def _enforce_count(self, log: _Log) -> int:
+        excess = len(log.events) - self.retention.max_events
+        if excess > 0:
+            del log.events[:excess]
+            log.first_seq = log.events[0].seq if log.events else log.last_seq + 1
+            return excess
+        return 0
+
+    async def read(self, session: str, after: int, limit: int) -> list[Event]:
+        log = self._logs.get(session)
+        if log is None or limit <= 0:
+            return []
+        start = max(0, after + 1 - log.first_seq)
+        return log.events[start:start + limit]
+
+    async def head(self, session: str) -> Head:
+        log = self._log(session)
+        return Head(log.epoch, log.last_seq, log.first_seq)
+
+    async def publish_transient(self, event: Event) -> None:
+        self._listeners.dispatch(event)
+
+    def listen(self, session: str, listener: Listener) -> None:
+        self._listeners.add(session, listener)
+
+    def unlisten(self, session: str, listener: Listener) -> None:
+        self._listeners.remove(session, listener)
+
+    async def set_presence(self, session: str, member: str, info: dict[str, Any],
+                           ttl: float) -> None:
+        self._presence.setdefault(session, {})[member] = (info, time.monotonic() + ttl)
+
+    async def clear_presence(self, session: str, member: str) -> None:
+        self._presence.get(session, {}).pop(member, None)
+
+    async def presence(self, session: str) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        members = self._presence.get(session, {})
+        return [info for info, expires in members.values() if expires > now]
+
+    async def trim(self) -> int:
+        removed = 0
+        cutoff = now_ms() - int(self.retention.max_age * 1000)
+        key_cutoff = time.monotonic() - self.retention.idempotency_window
+        for log in self._logs.values():
+            removed += self._enforce_count(log)
+            old = 0
+            while old < len(log.events) and log.events[old].time < cutoff:
+                old += 1
+            if old:
+                del log.events[:old]
+                log.first_seq = log.events[0].seq if log.events else log.last_seq + 1
+                removed += old
+            log.keys = {k: v for k, v in log.keys.items() if v[1] >= key_cutoff}
+        return removed
