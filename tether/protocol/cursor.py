@@ -7,6 +7,8 @@ sequence number the store assigned at commit. The string form is usable as an SS
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 import secrets
 from dataclasses import dataclass
@@ -38,6 +40,27 @@ class Cursor:
         return cls(epoch, int(seq_text))
 
 
-def new_epoch() -> str:
-    """A fresh random epoch (64 bits, URL-safe)."""
-    return secrets.token_urlsafe(8)
+def _session_tag(session: str) -> str:
+    digest = hashlib.blake2b(session.encode(), digest_size=4).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+_RANDOM_LEN = 8  # token_urlsafe(6)
+_TAG_LEN = 6
+
+
+def new_epoch(session: str | None = None) -> str:
+    """A fresh epoch: 48 random bits, then a 32-bit tag of ``session`` when given.
+
+    The tag lets a server tell a cursor of *another* session (an error) from a cursor of an
+    earlier incarnation of *this* session (``resumed: false``) even after the log was lost.
+    """
+    random_part = secrets.token_urlsafe(6)
+    return random_part + _session_tag(session) if session is not None else random_part
+
+
+def epoch_belongs(epoch: str, session: str) -> bool:
+    """False only when ``epoch`` carries a session tag, and it is another session's."""
+    if len(epoch) != _RANDOM_LEN + _TAG_LEN:
+        return True
+    return epoch[_RANDOM_LEN:] == _session_tag(session)

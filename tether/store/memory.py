@@ -21,8 +21,8 @@ from tether.store.base import (
 class _Log:
     __slots__ = ("epoch", "events", "first_seq", "keys", "last_seq")
 
-    def __init__(self) -> None:
-        self.epoch = new_epoch()
+    def __init__(self, session: str) -> None:
+        self.epoch = new_epoch(session)
         self.events: list[Event] = []
         self.last_seq = 0
         self.first_seq = 1
@@ -46,7 +46,7 @@ class MemoryStore:
     def _log(self, session: str) -> _Log:
         log = self._logs.get(session)
         if log is None:
-            log = self._logs[session] = _Log()
+            log = self._logs[session] = _Log(session)
         return log
 
     async def append(self, session: str, type: str, data: Any, sender: Sender,

@@ -1,0 +1,140 @@
+"""The tether server: an aiohttp application assembling store, hub, connections and HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import Any
+
+from aiohttp import web
+
+from tether.protocol.codec import CODECS, SUBPROTOCOLS
+from tether.protocol.codes import CloseCode
+from tether.protocol.events import SYSTEM, Event
+from tether.server.auth import load_secret
+from tether.server.config import ServerConfig
+from tether.server.connection import Connection
+from tether.server.http import SERVER_KEY, add_routes
+from tether.server.hub import Hub
+from tether.server.metrics import Metrics
+from tether.store import SessionStore, open_store
+
+log = logging.getLogger("tether.server")
+
+
+class Server:
+    """One tether node. ``await start()`` binds; ``await stop()`` closes every connection."""
+
+    def __init__(self, config: ServerConfig | None = None, store: SessionStore | None = None,
+                 ) -> None:
+        self.config = config or ServerConfig()
+        self.metrics = Metrics()
+        self.store = store or self._open_store()
+        self.secret = load_secret(self.config.secret, self.config.data_dir)
+        self.hub = Hub(self.store, self.metrics, self.config.catchup_page)
+        self.node_id = self.config.node_id or secrets.token_hex(4)
+        self.connections: set[Connection] = set()
+        self.app = self._make_app()
+        self._runner: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.port = self.config.port
+
+    def _open_store(self) -> SessionStore:
+        store = open_store(self.config.resolved_store_url(), self.config.retention)
+        # Stores that batch report each commit's size.
+        if hasattr(store, "on_batch"):
+            store.on_batch = self.metrics.batch_size.observe
+        return store
+
+    def _make_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.max_frame_bytes)
+        app[SERVER_KEY] = self
+        app.router.add_get("/v1/ws", self._websocket)
+        add_routes(app)
+        return app
+
+    async def _websocket(self, request: web.Request) -> web.StreamResponse:
+        config = self.config
+        ws = web.WebSocketResponse(
+            protocols=SUBPROTOCOLS,
+            heartbeat=config.heartbeat or None,
+            max_msg_size=config.max_frame_bytes,
+            compress=config.compression,
+            autoping=True,
+        )
+        if not ws.can_prepare(request).ok:
+            return web.json_response(
+                {"error": {"code": "invalid", "message": "expected a WebSocket upgrade"}},
+                status=400)
+        await ws.prepare(request)
+        codec = CODECS.get(ws.ws_protocol or "")
+        if codec is None:
+            self.metrics.errors.labels("unsupported_codec").inc()
+            await ws.close(code=CloseCode.UNSUPPORTED_CODEC,
+                           message=b"offer tether.v1.json or tether.v1.msgpack")
+            return ws
+        conn = Connection(self, ws, codec, request.remote or "")
+        self.connections.add(conn)
+        self.metrics.hot.connections_ws += 1
+        try:
+            await conn.run()
+        finally:
+            self.metrics.hot.connections_ws -= 1
+            self.connections.discard(conn)
+        return ws
+
+    async def publish_presence(self, session: str, kind: str, info: dict[str, Any]) -> None:
+        await self.store.publish_transient(
+            Event(session, "", 0, kind, info, SYSTEM, int(time.time() * 1000), transient=True))
+
+    async def _periodic(self, interval: float, action: Any, name: str) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await action()
+            except Exception:
+                log.exception("%s failed", name)
+
+    async def _refresh_presence(self) -> None:
+        for conn in list(self.connections):
+            await conn.refresh_presence()
+
+    async def _trim(self) -> None:
+        removed = await self.store.trim()
+        if removed:
+            log.info("retention removed %d events", removed)
+
+    async def start(self) -> None:
+        await self.store.start()
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.host, self.config.port,
+                           reuse_address=True, backlog=4096)
+        await site.start()
+        server = site._server  # noqa: SLF001 - the bound port when port=0
+        if server is not None and server.sockets:
+            self.port = server.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._periodic(self.config.presence_ttl / 3,
+                                            self._refresh_presence, "presence refresh")),
+            loop.create_task(self._periodic(self.config.trim_interval, self._trim, "retention")),
+        ]
+        log.info("tether listening", extra={"host": self.config.host, "port": self.port,
+                                            "store": self.config.resolved_store_url(),
+                                            "node": self.node_id})
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for conn in list(self.connections):
+            conn.close(CloseCode.SHUTDOWN, "server shutting down")
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.store.close()
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.config.host}:{self.port}"

@@ -1,0 +1,110 @@
+"""Tokens: HS256 JWTs naming a subject, the sessions it may touch and what it may do there.
+
+Claims: ``sub`` (subject), ``sessions`` (exact ids or ``fnmatch`` globs such as ``demo-*``),
+``caps`` (a subset of :data:`CAPABILITIES`), ``exp`` (expiry, seconds since the epoch).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jwt
+
+from tether.protocol.codes import CloseCode
+
+CAPABILITIES = ("subscribe", "publish", "presence", "admin")
+ALGORITHM = "HS256"
+SECRET_FILE = "secret"
+
+
+class AuthError(Exception):
+    """A token was refused; ``close_code`` tells the client whether a retry can help."""
+
+    def __init__(self, close_code: CloseCode, message: str) -> None:
+        super().__init__(message)
+        self.close_code = close_code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a verified token allows."""
+
+    sub: str
+    sessions: tuple[str, ...]
+    caps: frozenset[str]
+    exp: float | None
+
+    def allows(self, session: str, cap: str) -> bool:
+        if "admin" not in self.caps and cap not in self.caps:
+            return False
+        return any(
+            pattern == session or fnmatch.fnmatchcase(session, pattern)
+            for pattern in self.sessions
+        )
+
+
+def issue_token(secret: str, sub: str, sessions: list[str], caps: list[str],
+                ttl: float | None = 3600.0) -> str:
+    unknown = set(caps) - set(CAPABILITIES)
+    if unknown:
+        raise ValueError(f"unknown capabilities: {', '.join(sorted(unknown))}")
+    claims: dict[str, object] = {"sub": sub, "sessions": sessions, "caps": caps,
+                                 "iat": int(time.time())}
+    if ttl is not None:
+        claims["exp"] = int(time.time() + ttl)
+    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+
+
+def verify_token(secret: str, token: str | None) -> Grant:
+    if not token:
+        raise AuthError(CloseCode.UNAUTHORIZED, "no token")
+    try:
+        claims = jwt.decode(token, secret, algorithms=[ALGORITHM],
+                            options={"require": ["sub"]})
+    except jwt.ExpiredSignatureError:
+        raise AuthError(CloseCode.TOKEN_EXPIRED, "token expired") from None
+    except jwt.InvalidTokenError as exc:
+        raise AuthError(CloseCode.UNAUTHORIZED, f"invalid token: {exc}") from None
+    sessions = claims.get("sessions", [])
+    caps = claims.get("caps", [])
+    if (not isinstance(claims["sub"], str) or not isinstance(sessions, list)
+            or not isinstance(caps, list)
+            or not all(isinstance(s, str) for s in sessions + caps)):
+        raise AuthError(CloseCode.UNAUTHORIZED, "invalid token: malformed claims")
+    exp = claims.get("exp")
+    return Grant(claims["sub"], tuple(sessions), frozenset(caps),
+                 float(exp) if isinstance(exp, int | float) else None)
+
+
+def parse_ttl(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``1h``, ``7d`` → seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    if text and text[-1] in units:
+        return float(text[:-1]) * units[text[-1]]
+    return float(text)
+
+
+def load_secret(explicit: str | None, data_dir: Path) -> str:
+    """The signing secret: ``explicit``, else ``TETHER_SECRET``, else ``DATA/secret`` (created)."""
+    if explicit:
+        return explicit
+    env = os.environ.get("TETHER_SECRET")
+    if env:
+        return env
+    path = data_dir / SECRET_FILE
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(32)
+    # Create with 0600 before writing so the secret is never world-readable.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    return secret

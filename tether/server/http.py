@@ -1,0 +1,253 @@
+"""HTTP API: publish, history pages, SSE with ``Last-Event-ID`` resume, health, metrics.
+
+Errors are JSON bodies ``{"error": {"code": ..., "message": ...}}`` with the status from
+:data:`~tether.protocol.codes.HTTP_STATUS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from tether.protocol.codes import HTTP_STATUS, ErrorCode, RequestError
+from tether.protocol.cursor import Cursor, CursorError, epoch_belongs
+from tether.protocol.events import STREAM_APPEND, STREAM_END, Event, Sender, valid_session_id
+from tether.protocol.frames import attached_frame, event_frame
+from tether.server.auth import AuthError, Grant, verify_token
+from tether.server.connection import build_snapshot, resume_decision, validate_event
+from tether.server.hub import FORMAT_SSE, Outbox
+from tether.store.base import StoreError, StreamClosedError, now_ms
+
+if TYPE_CHECKING:
+    from tether.server.app import Server
+
+SERVER_KEY: web.AppKey[Server] = web.AppKey("tether_server")
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+def error_response(server: Server, code: ErrorCode, message: str) -> web.Response:
+    server.metrics.errors.labels(str(code)).inc()
+    return json_response({"error": {"code": str(code), "message": message}}, HTTP_STATUS[code])
+
+
+class HttpError(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _grant(server: Server, request: web.Request, session: str, cap: str) -> Grant:
+    header = request.headers.get("Authorization", "")
+    token = header[7:] if header.lower().startswith("bearer ") else request.query.get("token")
+    try:
+        grant = verify_token(server.secret, token)
+    except AuthError as exc:
+        raise HttpError(ErrorCode.UNAUTHORIZED, exc.message) from None
+    if not grant.allows(session, cap):
+        raise HttpError(ErrorCode.FORBIDDEN, f"token does not allow {cap!r} on {session!r}")
+    return grant
+
+
+def _session(request: web.Request) -> str:
+    session = request.match_info["session"]
+    if not valid_session_id(session):
+        raise HttpError(ErrorCode.INVALID, "invalid session id")
+    return session
+
+
+def _cursor(text: str | None, session: str) -> Cursor | None:
+    if not text:
+        return None
+    try:
+        cursor = Cursor.parse(text)
+    except CursorError as exc:
+        raise HttpError(ErrorCode.BAD_CURSOR, str(exc)) from None
+    if not epoch_belongs(cursor.epoch, session):
+        raise HttpError(ErrorCode.BAD_CURSOR, "cursor belongs to another session")
+    return cursor
+
+
+def handle_errors(
+    handler: Any,
+) -> Any:
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        server = request.app[SERVER_KEY]
+        try:
+            return await handler(server, request)  # type: ignore[no-any-return]
+        except HttpError as exc:
+            return error_response(server, exc.code, exc.message)
+        except RequestError as exc:
+            return error_response(server, exc.code, exc.message)
+        except StoreError as exc:
+            return error_response(server, ErrorCode.STORE_UNAVAILABLE, str(exc))
+
+    return wrapped
+
+
+@handle_errors
+async def post_event(server: Server, request: web.Request) -> web.Response:
+    session = _session(request)
+    grant = _grant(server, request, session, "publish")
+    raw = await request.read()
+    if len(raw) > server.config.max_frame_bytes:
+        raise HttpError(ErrorCode.TOO_LARGE, "request body too large")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise HttpError(ErrorCode.BAD_FRAME, f"malformed JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise HttpError(ErrorCode.INVALID, "body must be a JSON object")
+    event_type = body.get("type")
+    key = body.get("key")
+    transient = body.get("transient", False)
+    if not isinstance(event_type, str):
+        raise HttpError(ErrorCode.INVALID, "'type' must be a string")
+    if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 128):
+        raise HttpError(ErrorCode.INVALID, "'key' must be a string of 1–128 characters")
+    if not isinstance(transient, bool):
+        raise HttpError(ErrorCode.INVALID, "'transient' must be a boolean")
+    data = body.get("data")
+    validate_event(event_type, data, server.config.max_event_bytes, transient)
+    sender = Sender(grant.sub, request.headers.get("X-Tether-Client", "http"), "human")
+    if transient:
+        event = Event(session, "", 0, event_type, data, sender, now_ms(), transient=True)
+        await server.store.publish_transient(event)
+        return json_response({"seq": 0, "cursor": None, "duplicate": False, "transient": True})
+    try:
+        appended = await server.store.append(session, event_type, data, sender, key)
+    except StreamClosedError as exc:
+        raise HttpError(ErrorCode.STREAM_CLOSED, str(exc)) from None
+    server.metrics.published.labels("false").inc()
+    ev = appended.event
+    return json_response({"seq": ev.seq, "cursor": str(ev.cursor),
+                          "duplicate": appended.duplicate},
+                         200 if appended.duplicate else 201)
+
+
+@handle_errors
+async def get_events(server: Server, request: web.Request) -> web.Response:
+    session = _session(request)
+    _grant(server, request, session, "subscribe")
+    cursor = _cursor(request.query.get("after"), session)
+    try:
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        raise HttpError(ErrorCode.INVALID, "'limit' must be an integer") from None
+    if not 1 <= limit <= 1000:
+        raise HttpError(ErrorCode.INVALID, "'limit' must be between 1 and 1000")
+    compact = request.query.get("compact", "").lower() in ("1", "true", "yes")
+    head = await server.store.head(session)
+    resumed, after, reason = resume_decision(cursor, head)
+    if not resumed:
+        after = head.first_seq - 1  # continuity lost: serve what is retained, and say so
+    events = await server.store.read(session, after, limit)
+    if compact:
+        ended = {e.stream for e in events if e.type == STREAM_END}
+        events = [e for e in events if not (e.type == STREAM_APPEND and e.stream in ended)]
+    last = events[-1].seq if events else after
+    body: dict[str, Any] = {
+        "session": session,
+        "events": [event_frame(e) for e in events],
+        "cursor": str(Cursor(head.epoch, last)),
+        "head": str(Cursor(head.epoch, head.last_seq)),
+        "more": last < head.last_seq,
+        "resumed": resumed,
+    }
+    if reason:
+        body["reason"] = reason
+    return json_response(body)
+
+
+class SseSink:
+    __slots__ = ("response",)
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        self.response = response
+
+    async def send(self, data: bytes) -> None:
+        await self.response.write(data)
+
+    def abort(self) -> None:
+        transport = self.response._req.transport if self.response._req else None  # noqa: SLF001
+        if transport is not None:
+            transport.abort()
+
+
+class SsePeer:
+    format = FORMAT_SSE
+
+    def __init__(self, server: Server, response: web.StreamResponse) -> None:
+        self.outbox = Outbox(SseSink(response), server.config.outbound_buffer_bytes,
+                             server.metrics)
+
+
+@handle_errors
+async def get_stream(server: Server, request: web.Request) -> web.StreamResponse:
+    session = _session(request)
+    _grant(server, request, session, "subscribe")
+    cursor = _cursor(request.headers.get("Last-Event-ID") or request.query.get("after"), session)
+    head = await server.store.head(session)
+    resumed, after, reason = resume_decision(cursor, head)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    peer = SsePeer(server, response)
+    sub = server.hub.subscribe(peer, session, head.epoch, after)
+    server.metrics.hot.connections_sse += 1
+    try:
+        snapshot = None
+        if not resumed:
+            events, sub.last_seq = await build_snapshot(server, session, head)
+            snapshot = {"events": events, "presence": await server.store.presence(session)}
+        if cursor is not None or not resumed:
+            server.metrics.resumes.labels("true" if resumed else "false").inc()
+        attached = attached_frame(None, session, Cursor(head.epoch, sub.last_seq), resumed,
+                                  snapshot, reason)
+        peer.outbox.push(b"event: attached\ndata: " + orjson.dumps(attached) + b"\n\n")
+        sub.catch_up("attach")
+        # Comment lines keep proxies from timing the stream out and reveal a dead client.
+        while not peer.outbox.closed:
+            await asyncio.sleep(server.config.heartbeat)
+            peer.outbox.push(b": keep-alive\n\n")
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        server.metrics.hot.connections_sse -= 1
+        server.hub.unsubscribe(sub)
+        peer.outbox.close()
+    return response
+
+
+async def healthz(request: web.Request) -> web.Response:
+    server = request.app[SERVER_KEY]
+    try:
+        await asyncio.wait_for(server.store.head("tether.healthz"), 2.0)
+    except (StoreError, TimeoutError) as exc:
+        return json_response({"status": "unavailable", "store": str(exc)}, 503)
+    return json_response({"status": "ok", "node": server.node_id,
+                          "connections": server.metrics.hot.connections_ws})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    server = request.app[SERVER_KEY]
+    return web.Response(body=generate_latest(server.metrics.registry),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/sessions/{session}/events", post_event)
+    app.router.add_get("/v1/sessions/{session}/events", get_events)
+    app.router.add_get("/v1/sessions/{session}/stream", get_stream)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+
+
