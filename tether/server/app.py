@@ -129,8 +129,12 @@ class Server:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for conn in list(self.connections):
-            conn.close(CloseCode.SHUTDOWN, "server shutting down")
+        closes = [conn.ws.close(code=CloseCode.SHUTDOWN, message=b"server shutting down")
+                  for conn in list(self.connections) if not conn.ws.closed]
+        if closes:
+            self.metrics.closes.labels(str(int(CloseCode.SHUTDOWN))).inc(len(closes))
+            # Wait (briefly) for the close handshakes so clients see 4000, not a dropped socket.
+            await asyncio.wait([asyncio.ensure_future(c) for c in closes], timeout=2.0)
         if self._runner is not None:
             await self._runner.cleanup()
         await self.store.close()

@@ -1,0 +1,155 @@
+"""Test helpers: a raw protocol peer (no SDK) and a `tether serve` subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from tether.protocol.codec import CODECS, JSON_SUBPROTOCOL
+from tether.server.auth import issue_token
+from tests.conftest import free_port, wait_for_port
+
+SECRET = "test-secret-" + "x" * 32
+ALL_CAPS = ["subscribe", "publish", "presence"]
+
+
+def token(sub: str = "alice", sessions: list[str] | None = None,
+          caps: list[str] | None = None, ttl: float | None = 3600) -> str:
+    return issue_token(SECRET, sub, sessions or ["*"], ALL_CAPS if caps is None else caps, ttl)
+
+
+class Peer:
+    """A raw WebSocket peer speaking the wire protocol by hand."""
+
+    def __init__(self, http: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse,
+                 subprotocol: str) -> None:
+        self.http = http
+        self.ws = ws
+        self.codec = CODECS[subprotocol]
+        self._next_id = 0
+        self.frames: list[dict[str, Any]] = []
+
+    @classmethod
+    async def connect(cls, port: int, subprotocol: str = JSON_SUBPROTOCOL,
+                      **kwargs: Any) -> Peer:
+        http = aiohttp.ClientSession()
+        ws = await http.ws_connect(f"http://127.0.0.1:{port}/v1/ws", protocols=[subprotocol],
+                                   **kwargs)
+        return cls(http, ws, subprotocol)
+
+    def next_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        data = self.codec.encode(frame)
+        if self.codec.binary:
+            await self.ws.send_bytes(data)
+        else:
+            await self.ws.send_str(data.decode())
+
+    async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
+        msg = await asyncio.wait_for(self.ws.receive(), timeout)
+        if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                        aiohttp.WSMsgType.CLOSING):
+            raise ConnectionError(f"closed with {self.ws.close_code}")
+        if msg.type == aiohttp.WSMsgType.ERROR:
+            raise ConnectionError(f"socket error {msg.data!r}")
+        frame = self.codec.decode(msg.data)
+        self.frames.append(frame)
+        return frame
+
+    async def expect(self, op: str, timeout: float = 10.0, **match: Any) -> dict[str, Any]:
+        """The next frame with ``op`` (and matching fields); other frames are kept in order."""
+        while True:
+            frame = await self.recv(timeout)
+            if frame.get("op") == op and all(frame.get(k) == v for k, v in match.items()):
+                return frame
+
+    async def request(self, frame: dict[str, Any], reply: str | None = None) -> dict[str, Any]:
+        rid = self.next_id()
+        await self.send({**frame, "id": rid})
+        while True:
+            got = await self.recv()
+            if got.get("id") == rid and got.get("op") in (reply, "error"):
+                return got
+
+    async def hello(self, tok: str | None = None, **extra: Any) -> dict[str, Any]:
+        return await self.request({"op": "hello", "token": token() if tok is None else tok,
+                                   **extra}, "welcome")
+
+    async def attach(self, session: str, cursor: str | None = None,
+                     **extra: Any) -> dict[str, Any]:
+        return await self.request({"op": "attach", "session": session, "cursor": cursor,
+                                   **extra}, "attached")
+
+    async def publish(self, session: str, type: str = "message", data: Any = None,
+                      **extra: Any) -> dict[str, Any]:
+        return await self.request({"op": "publish", "session": session, "type": type,
+                                   "data": data, **extra}, "published")
+
+    async def events(self, session: str, count: int, timeout: float = 10.0
+                     ) -> list[dict[str, Any]]:
+        got = [f for f in self.frames if f.get("op") == "event" and f["session"] == session]
+        self.frames = [f for f in self.frames if f not in got]
+        while len(got) < count:
+            frame = await self.recv(timeout)
+            if frame.get("op") == "event" and frame["session"] == session:
+                got.append(frame)
+                self.frames.remove(frame)
+        return got
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await self.http.close()
+
+
+class ServerProcess:
+    """``python -m tether serve`` in a subprocess, for crash and multi-node tests."""
+
+    def __init__(self, data: Path, store: str | None = None, port: int | None = None,
+                 extra: list[str] | None = None) -> None:
+        self.data = data
+        self.store = store
+        self.port = port or free_port()
+        self.extra = extra or []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ServerProcess:
+        args = [sys.executable, "-m", "tether", "serve", "--port", str(self.port),
+                "--data", str(self.data), "--secret", SECRET, "--log-level", "warning",
+                *self.extra]
+        if self.store:
+            args += ["--store", self.store]
+        self.log = open(self.data.parent / f"server-{self.port}.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=self.log,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        wait_for_port(self.port, 30)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if hasattr(self, "log"):
+            self.log.close()

@@ -1,0 +1,178 @@
+"""The ``tether`` command: serve, token, tail, publish."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from tether.server.auth import CAPABILITIES, issue_token, load_secret, parse_ttl
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one-line reason, non-zero exit
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"tether: error: {message}\n")
+        raise SystemExit(2)
+
+
+def _install_uvloop() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from tether import logs
+    from tether.server import Server, ServerConfig
+
+    config = ServerConfig.from_env(
+        host=args.host, port=args.port, data_dir=Path(args.data) if args.data else None,
+        store_url=args.store, secret=args.secret, heartbeat=args.heartbeat,
+        outbound_buffer_bytes=args.buffer, log_level=args.log_level, node_id=args.node,
+    )
+    logs.configure(config.log_level)
+    _install_uvloop()
+
+    async def run() -> None:
+        server = Server(config)
+        await server.start()
+        print(f"tether serving on http://{config.host}:{server.port} "
+              f"(WebSocket {server.url}/v1/ws, store {config.resolved_store_url()})",
+              flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.stop()
+
+    asyncio.run(run())
+    return 0
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    data = Path(args.data or os.environ.get("TETHER_DATA", "tether-data"))
+    secret = load_secret(args.secret, data)
+    caps = [c.strip() for c in args.caps.split(",") if c.strip()]
+    unknown = set(caps) - set(CAPABILITIES)
+    if unknown:
+        raise SystemExit(f"tether: error: unknown capability {sorted(unknown)[0]!r} "
+                         f"(choose from {', '.join(CAPABILITIES)})")
+    try:
+        ttl = None if args.ttl in ("0", "none", "never") else parse_ttl(args.ttl)
+    except ValueError:
+        raise SystemExit(f"tether: error: bad --ttl {args.ttl!r} (e.g. 90s, 15m, 1h, 7d)")
+    print(issue_token(secret, args.sub, args.session or ["*"], caps, ttl))
+    return 0
+
+
+def _token_for(args: argparse.Namespace) -> str:
+    if args.token:
+        return str(args.token)
+    if os.environ.get("TETHER_TOKEN"):
+        return os.environ["TETHER_TOKEN"]
+    data = Path(args.data or os.environ.get("TETHER_DATA", "tether-data"))
+    secret = load_secret(args.secret, data)
+    return issue_token(secret, "cli", [args.session_id], ["subscribe", "publish"], 3600)
+
+
+def _cmd_tail(args: argparse.Namespace) -> int:
+    from tether.client import Client
+
+    _install_uvloop()
+
+    async def run() -> None:
+        async with Client(args.url, token=_token_for(args)) as client:
+            session = await client.attach(args.session_id, cursor=args.cursor)
+            async for event in session:
+                line = {"seq": event.seq, "cursor": event.cursor, "type": event.type,
+                        "data": event.data, "sender": event.sender, "time": event.time}
+                print(orjson.dumps(line).decode(), flush=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+    return 0
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from tether.client import Client
+
+    try:
+        data = orjson.loads(args.json)
+    except orjson.JSONDecodeError as exc:
+        raise SystemExit(f"tether: error: JSON argument does not parse: {exc}")
+
+    async def run() -> str | None:
+        async with Client(args.url, token=_token_for(args)) as client:
+            session = await client.attach(args.session_id)
+            return await session.publish(args.type, data)
+
+    print(asyncio.run(run()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tether", description="Durable sessions over WebSocket for AI agents.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    serve = sub.add_parser("serve", help="run a tether server")
+    serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default 8765)")
+    serve.add_argument("--data", default=None, help="data folder (default ./tether-data)")
+    serve.add_argument("--store", default=None,
+                       help="store URL: sqlite:///DIR (default: sqlite in --data), redis://HOST:PORT/DB")
+    serve.add_argument("--secret", default=None,
+                       help="token signing secret (default TETHER_SECRET, else DATA/secret)")
+    serve.add_argument("--heartbeat", type=float, default=None, help="ping interval, seconds")
+    serve.add_argument("--buffer", type=int, default=None,
+                       help="outbound buffer per connection, bytes (default 1 MiB)")
+    serve.add_argument("--node", default=None, help="node id shown in /healthz and logs")
+    serve.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=_cmd_serve)
+
+    token = sub.add_parser("token", help="print a signed access token")
+    token.add_argument("--sub", required=True, help="subject (user or agent id)")
+    token.add_argument("--session", action="append",
+                       help="allowed session id or glob, repeatable (default '*')")
+    token.add_argument("--caps", default="subscribe,publish,presence",
+                       help=f"comma-separated capabilities from {','.join(CAPABILITIES)}")
+    token.add_argument("--ttl", default="1h", help="lifetime: 90s, 15m, 1h, 7d, or 'never'")
+    token.add_argument("--secret", default=None)
+    token.add_argument("--data", default=None)
+    token.set_defaults(func=_cmd_token)
+
+    for name, func, text in (("tail", _cmd_tail, "print a session's events live, resuming"),
+                             ("publish", _cmd_publish, "publish one event and print its cursor")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("session_id", metavar="SESSION")
+        if name == "publish":
+            p.add_argument("type", metavar="TYPE")
+            p.add_argument("json", metavar="JSON")
+        else:
+            p.add_argument("--cursor", default=None, help="resume after this cursor")
+        p.add_argument("--url", default="ws://127.0.0.1:8765", help="server URL")
+        p.add_argument("--token", default=None,
+                       help="access token (default TETHER_TOKEN, else minted from the data folder)")
+        p.add_argument("--secret", default=None)
+        p.add_argument("--data", default=None)
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
