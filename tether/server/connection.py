@@ -185,7 +185,8 @@ class Connection:
                     await self._on_data(msg.data)
                 elif msg.type == WSMsgType.ERROR:
                     # aiohttp closed the socket already: oversized frame (1009) or bad framing.
-                    code = "frame_too_large" if ws.close_code == 1009 else "ws_protocol"
+                    too_large = getattr(msg.data, "code", None) == 1009 or ws.close_code == 1009
+                    code = "frame_too_large" if too_large else "ws_protocol"
                     self.server.metrics.errors.labels(code).inc()
                     log.info("connection %s error: %s", self.id, msg.data)
                     break
