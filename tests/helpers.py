@@ -12,9 +12,9 @@ from typing import Any
 
 import aiohttp
 
+from tests.conftest import free_port, wait_for_port
 from tether.protocol.codec import CODECS, JSON_SUBPROTOCOL
 from tether.server.auth import issue_token
-from tests.conftest import free_port, wait_for_port
 
 SECRET = "test-secret-" + "x" * 32
 ALL_CAPS = ["subscribe", "publish", "presence"]

@@ -71,7 +71,8 @@ def _cmd_token(args: argparse.Namespace) -> int:
     try:
         ttl = None if args.ttl in ("0", "none", "never") else parse_ttl(args.ttl)
     except ValueError:
-        raise SystemExit(f"tether: error: bad --ttl {args.ttl!r} (e.g. 90s, 15m, 1h, 7d)")
+        raise SystemExit(
+            f"tether: error: bad --ttl {args.ttl!r} (e.g. 90s, 15m, 1h, 7d)") from None
     print(issue_token(secret, args.sub, args.session or ["*"], caps, ttl))
     return 0
 
@@ -110,7 +111,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     try:
         data = orjson.loads(args.json)
     except orjson.JSONDecodeError as exc:
-        raise SystemExit(f"tether: error: JSON argument does not parse: {exc}")
+        raise SystemExit(f"tether: error: JSON argument does not parse: {exc}") from None
 
     async def run() -> str | None:
         async with Client(args.url, token=_token_for(args)) as client:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_store
+from tests.conftest import STORE_KINDS, make_store
 from tether.protocol.events import Event, Sender
 from tether.store import Retention, SessionStore, StreamClosedError
 
@@ -153,7 +153,7 @@ async def test_presence_expires(store: SessionStore) -> None:
     await asyncio.wait_for(gone(), 5)
 
 
-@pytest.mark.parametrize("kind", ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.mark.parametrize("kind", STORE_KINDS)
 async def test_retention_by_count(kind: str, request: pytest.FixtureRequest,
                                   tmp_path: Path) -> None:
     store = await make_store(kind, request, tmp_path, Retention(max_events=10))
@@ -171,7 +171,7 @@ async def test_retention_by_count(kind: str, request: pytest.FixtureRequest,
         await store.close()
 
 
-@pytest.mark.parametrize("kind", ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.mark.parametrize("kind", STORE_KINDS)
 async def test_retention_by_age(kind: str, request: pytest.FixtureRequest,
                                 tmp_path: Path) -> None:
     store = await make_store(kind, request, tmp_path, Retention(max_age=0.001))

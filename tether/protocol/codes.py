@@ -63,9 +63,7 @@ def should_reconnect(code: int | None) -> bool:
         return True
     if 4500 <= code <= 4999:
         return False
-    if code in (1002, 1003, 1007, 1008, 1009, 1010):
-        return False
-    return True
+    return code not in (1002, 1003, 1007, 1008, 1009, 1010)
 
 
 class ErrorCode(enum.StrEnum):

@@ -36,6 +36,7 @@ class Server:
         self.hub = Hub(self.store, self.metrics, self.config.catchup_page)
         self.node_id = self.config.node_id or secrets.token_hex(4)
         self.connections: set[Connection] = set()
+        self.streams: set[asyncio.Task[Any]] = set()  # SSE handlers, cancelled on stop
         self.app = self._make_app()
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -113,9 +114,10 @@ class Server:
         site = web.TCPSite(self._runner, self.config.host, self.config.port,
                            reuse_address=True, backlog=4096)
         await site.start()
-        server = site._server  # noqa: SLF001 - the bound port when port=0
-        if server is not None and server.sockets:
-            self.port = server.sockets[0].getsockname()[1]
+        # With port 0 the OS picks the port; read it back from the bound socket.
+        bound = site._server
+        if isinstance(bound, asyncio.Server) and bound.sockets:
+            self.port = int(bound.sockets[0].getsockname()[1])
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._periodic(self.config.presence_ttl / 3,
@@ -129,6 +131,8 @@ class Server:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
+        for stream in list(self.streams):
+            stream.cancel()
         closes = [conn.ws.close(code=CloseCode.SHUTDOWN, message=b"server shutting down")
                   for conn in list(self.connections) if not conn.ws.closed]
         if closes:

@@ -59,13 +59,14 @@ class ServerConfig:
                 setattr(config, f.name, Path(value))
             else:
                 setattr(config, f.name, value)
-        if "TETHER_STORE" in env:
-            config.store_url = env["TETHER_STORE"]
+        store = env.get("TETHER_STORE")
+        if store:
+            config.store_url = store
         if "TETHER_DATA" in env:
             config.data_dir = Path(env["TETHER_DATA"])
-        for name, value in overrides.items():
-            if value is not None:
-                setattr(config, name, value)
+        for name, override in overrides.items():
+            if override is not None:
+                setattr(config, name, override)
         return config
 
     def resolved_store_url(self) -> str:

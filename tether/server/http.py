@@ -176,7 +176,7 @@ class SseSink:
         await self.response.write(data)
 
     def abort(self) -> None:
-        transport = self.response._req.transport if self.response._req else None  # noqa: SLF001
+        transport = self.response._req.transport if self.response._req else None
         if transport is not None:
             transport.abort()
 
@@ -215,12 +215,21 @@ async def get_stream(server: Server, request: web.Request) -> web.StreamResponse
         peer.outbox.push(b"event: attached\ndata: " + orjson.dumps(attached) + b"\n\n")
         sub.catch_up("attach")
         # Comment lines keep proxies from timing the stream out and reveal a dead client.
-        while not peer.outbox.closed:
-            await asyncio.sleep(server.config.heartbeat)
-            peer.outbox.push(b": keep-alive\n\n")
+        task = asyncio.current_task()
+        assert task is not None
+        server.streams.add(task)
+        transport = request.transport
+        ticks = 0
+        while not peer.outbox.closed and transport is not None and not transport.is_closing():
+            await asyncio.sleep(1.0)
+            ticks += 1
+            if ticks >= server.config.heartbeat:
+                ticks = 0
+                peer.outbox.push(b": keep-alive\n\n")
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:
+        server.streams.discard(asyncio.current_task())
         server.metrics.hot.connections_sse -= 1
         server.hub.unsubscribe(sub)
         peer.outbox.close()

@@ -54,7 +54,7 @@ def encode_event(fmt: str, event: Event) -> bytes:
         return MSGPACK.encode(frame)
     body = orjson.dumps(frame)
     if event.transient:
-        return b"event: " + frame["op"].encode() + b"\ndata: " + body + b"\n\n"  # type: ignore[union-attr]
+        return b"event: " + str(frame["op"]).encode() + b"\ndata: " + body + b"\n\n"
     return b"id: " + f"{event.epoch}:{event.seq}".encode() + b"\ndata: " + body + b"\n\n"
 
 

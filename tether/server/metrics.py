@@ -17,8 +17,15 @@ from prometheus_client.registry import Collector
 class HotCounters:
     """Integers bumped on the hot path; exported by :class:`_HotCollector`."""
 
-    __slots__ = ("bytes_in", "bytes_out", "connections_ws", "connections_sse",
-                 "events_delivered", "frames_in", "frames_out")
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "connections_sse",
+        "connections_ws",
+        "events_delivered",
+        "frames_in",
+        "frames_out",
+    )
 
     def __init__(self) -> None:
         self.frames_in = 0
