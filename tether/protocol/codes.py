@@ -13,20 +13,15 @@ import enum
 
 
 class CloseCode(enum.IntEnum):
-    # 4000–4499: transient, reconnect with backoff.
+    # 4000–4499: transient, reconnect with backoff and resume from the last cursor.
     SHUTDOWN = 4000
-    HEARTBEAT_TIMEOUT = 4001
-    SLOW_CONSUMER = 4002
-    NODE_UNAVAILABLE = 4003
-    STORE_UNAVAILABLE = 4004
+    SLOW_CONSUMER = 4001
     # 4500–4999: permanent, do not reconnect without changing something.
-    PROTOCOL_ERROR = 4500
-    UNAUTHORIZED = 4501
-    TOKEN_EXPIRED = 4502
-    HELLO_TIMEOUT = 4503
-    FRAME_TOO_LARGE = 4504
-    UNSUPPORTED_CODEC = 4505
-    TOO_MANY_ERRORS = 4506
+    UNAUTHORIZED = 4500
+    TOKEN_EXPIRED = 4501
+    HELLO_TIMEOUT = 4502
+    UNSUPPORTED_CODEC = 4503
+    TOO_MANY_ERRORS = 4504
 
     @property
     def reconnect(self) -> bool:
@@ -39,16 +34,11 @@ class CloseCode(enum.IntEnum):
 
 CLOSE_CODE_MEANINGS: dict[CloseCode, str] = {
     CloseCode.SHUTDOWN: "the server is shutting down or restarting; reconnect, resume from cursor",
-    CloseCode.HEARTBEAT_TIMEOUT: "no pong within the heartbeat timeout",
-    CloseCode.SLOW_CONSUMER: "the client fell behind even the store catch-up; reconnect",
-    CloseCode.NODE_UNAVAILABLE: "this node cannot serve now (draining, overloaded)",
-    CloseCode.STORE_UNAVAILABLE: "the session store cannot be reached",
-    CloseCode.PROTOCOL_ERROR: "the client broke the protocol (e.g. a frame before hello)",
+    CloseCode.SLOW_CONSUMER: "writing to the client failed or stalled; reconnect and resume",
     CloseCode.UNAUTHORIZED: "missing, malformed, forged or wrong-secret token",
     CloseCode.TOKEN_EXPIRED: "the token expired; get a new one before reconnecting",
-    CloseCode.HELLO_TIMEOUT: "no hello within the hello timeout",
-    CloseCode.FRAME_TOO_LARGE: "a frame exceeded the maximum frame size",
-    CloseCode.UNSUPPORTED_CODEC: "no supported subprotocol was offered",
+    CloseCode.HELLO_TIMEOUT: "no hello within the hello timeout after the upgrade",
+    CloseCode.UNSUPPORTED_CODEC: "no supported subprotocol (tether.v1.json, tether.v1.msgpack)",
     CloseCode.TOO_MANY_ERRORS: "too many request errors in a row on this connection",
 }
 
