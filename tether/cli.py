@@ -34,12 +34,19 @@ def _install_uvloop() -> None:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from tether import logs
     from tether.server import Server, ServerConfig
+    from tether.store import Retention
 
     config = ServerConfig.from_env(
         host=args.host, port=args.port, data_dir=Path(args.data) if args.data else None,
         store_url=args.store, secret=args.secret, heartbeat=args.heartbeat,
         outbound_buffer_bytes=args.buffer, log_level=args.log_level, node_id=args.node,
     )
+    if args.retention_events is not None or args.retention_age is not None:
+        config.retention = Retention(
+            max_events=args.retention_events or config.retention.max_events,
+            max_age=parse_ttl(args.retention_age) if args.retention_age
+            else config.retention.max_age,
+            idempotency_window=config.retention.idempotency_window)
     logs.configure(config.log_level)
     _install_uvloop()
 
@@ -137,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--heartbeat", type=float, default=None, help="ping interval, seconds")
     serve.add_argument("--buffer", type=int, default=None,
                        help="outbound buffer per connection, bytes (default 1 MiB)")
+    serve.add_argument("--retention-events", type=int, default=None,
+                       help="events kept per session (default 100000)")
+    serve.add_argument("--retention-age", default=None,
+                       help="how long events are kept: 90s, 15m, 1h, 30d (default 30d)")
     serve.add_argument("--node", default=None, help="node id shown in /healthz and logs")
     serve.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=_cmd_serve)

@@ -59,6 +59,12 @@ class ServerConfig:
                 setattr(config, f.name, Path(value))
             else:
                 setattr(config, f.name, value)
+        config.retention = Retention(
+            max_events=int(env.get("TETHER_RETENTION_EVENTS", config.retention.max_events)),
+            max_age=float(env.get("TETHER_RETENTION_AGE", config.retention.max_age)),
+            idempotency_window=float(env.get("TETHER_IDEMPOTENCY_WINDOW",
+                                             config.retention.idempotency_window)),
+        )
         store = env.get("TETHER_STORE")
         if store:
             config.store_url = store

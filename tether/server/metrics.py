@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -68,6 +68,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.hot = HotCounters()
         self.registry.register(_HotCollector(self.hot))
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends
         r = self.registry
         self.published = Counter("tether_events_published", "Events committed by publishes",
                                  ["transient"], registry=r)
