@@ -35,6 +35,12 @@ class Peer:
         self.codec = CODECS[subprotocol]
         self._next_id = 0
         self.frames: list[dict[str, Any]] = []
+        self.received_close: int | None = None
+
+    @property
+    def close_code(self) -> int | None:
+        """The code of the server's close frame; aiohttp's own may say 1006 after it."""
+        return self.received_close if self.received_close is not None else self.ws.close_code
 
     @classmethod
     async def connect(cls, port: int, subprotocol: str = JSON_SUBPROTOCOL,
@@ -57,9 +63,11 @@ class Peer:
 
     async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
         msg = await asyncio.wait_for(self.ws.receive(), timeout)
+        if msg.type == aiohttp.WSMsgType.CLOSE:
+            self.received_close = int(msg.data)
         if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
                         aiohttp.WSMsgType.CLOSING):
-            raise ConnectionError(f"closed with {self.ws.close_code}")
+            raise ConnectionError(f"closed with {self.close_code}")
         if msg.type == aiohttp.WSMsgType.ERROR:
             raise ConnectionError(f"socket error {msg.data!r}")
         frame = self.codec.decode(msg.data)

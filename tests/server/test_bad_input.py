@@ -114,7 +114,7 @@ async def test_oversized_frame_closes_with_1009(server: Server, bystander: Peer)
     with pytest.raises(ConnectionError):
         while True:
             await peer.recv()
-    assert peer.ws.close_code == 1009
+    assert peer.close_code == 1009
     await until(lambda: counted(server, "frame_too_large") == 1)
     await peer.close()
 
@@ -145,7 +145,7 @@ async def test_bad_tokens_are_refused_with_documented_codes(
     with pytest.raises(ConnectionError):
         while True:
             await peer.recv()
-    assert peer.ws.close_code == close_code
+    assert peer.close_code == close_code
     await until(lambda: counted(server, counter) == before + 1)
     await peer.close()
 
@@ -162,7 +162,7 @@ async def test_forged_token_with_edited_claims(server: Server, bystander: Peer) 
     with pytest.raises(ConnectionError):
         while True:
             await peer.recv()
-    assert peer.ws.close_code == CloseCode.UNAUTHORIZED
+    assert peer.close_code == CloseCode.UNAUTHORIZED
     await peer.close()
 
 

@@ -238,7 +238,7 @@ async def test_hello_timeout_closes(server: Server) -> None:
     peer = await Peer.connect(server.port)
     with pytest.raises(ConnectionError):
         await peer.recv()
-    assert peer.ws.close_code == CloseCode.HELLO_TIMEOUT
+    assert peer.close_code == CloseCode.HELLO_TIMEOUT
     await peer.close()
 
 
@@ -250,5 +250,43 @@ async def test_shutdown_closes_with_reconnect_code(server: Server) -> None:
         while True:
             await peer.recv()
     await stopping
-    assert peer.ws.close_code == CloseCode.SHUTDOWN
+    assert peer.close_code == CloseCode.SHUTDOWN
+    await peer.close()
+
+
+async def test_peer_that_misses_pongs_is_dropped(server: Server) -> None:
+    server.config.heartbeat = 0.2
+    peer = await Peer.connect(server.port, autoping=False)
+    await peer.hello()
+    # Never answer pings: the server must give up on this peer.
+    with pytest.raises(ConnectionError):
+        while True:
+            msg = await asyncio.wait_for(peer.ws.receive(), 10)
+            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                            aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.ERROR):
+                raise ConnectionError
+    await peer.close()
+    assert not server.connections
+
+
+async def test_token_expiry_closes_a_live_connection(server: Server) -> None:
+    peer = await Peer.connect(server.port)
+    await peer.hello(token(ttl=1))
+    with pytest.raises(ConnectionError):
+        while True:
+            await peer.recv()
+    assert peer.close_code == CloseCode.TOKEN_EXPIRED
+    await peer.close()
+
+
+async def test_too_many_errors_in_a_row_closes(server: Server) -> None:
+    server.config.max_errors_in_row = 5
+    peer = await Peer.connect(server.port)
+    await peer.hello()
+    for _ in range(5):
+        await peer.ws.send_str("nonsense")
+    with pytest.raises(ConnectionError):
+        while True:
+            await peer.recv()
+    assert peer.close_code == CloseCode.TOO_MANY_ERRORS
     await peer.close()

@@ -148,6 +148,7 @@ class Connection:
         config = server.config
         self.bucket = TokenBucket(config.publish_rate, config.publish_burst)
         self._timers: list[asyncio.TimerHandle] = []
+        self._closing: asyncio.Task[bool] | None = None
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -166,8 +167,17 @@ class Connection:
     def close(self, code: CloseCode, reason: str = "") -> None:
         self.server.metrics.closes.labels(str(int(code))).inc()
         message = (reason or code.name.lower()).encode()[:120]
-        if not self.ws.closed:
-            asyncio.get_running_loop().create_task(self.ws.close(code=code, message=message))
+        if not self.ws.closed and self._closing is None:
+            # The receive loop awaits this before its handler returns; otherwise aiohttp would
+            # tear the transport down before the close frame is written.
+            self._closing = asyncio.get_running_loop().create_task(self._close(code, message))
+
+    async def _close(self, code: CloseCode, message: bytes) -> bool:
+        # Frames already queued (the error that caused the close, say) go out first; nothing
+        # may follow the close frame.
+        await self.outbox.flush(timeout=1.0)
+        self.outbox.close()
+        return await self.ws.close(code=code, message=message)
 
     # --- the receive loop -------------------------------------------------------------------
 
@@ -193,6 +203,8 @@ class Connection:
                 else:  # CLOSE, CLOSING, CLOSED
                     break
         finally:
+            if self._closing is not None:
+                await asyncio.wait([self._closing], timeout=2.0)
             await self._cleanup()
 
     async def _on_data(self, data: bytes | str) -> None:

@@ -128,6 +128,11 @@ class Outbox:
             self._drain_waiters.append(waiter)
             await waiter
 
+    async def flush(self, timeout: float) -> None:
+        """Wait (up to ``timeout``) until everything queued so far has been written."""
+        if self._writer is not None:
+            await asyncio.wait([self._writer], timeout=timeout)
+
     def close(self) -> None:
         self.closed = True
         self.queue.clear()
