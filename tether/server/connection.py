@@ -8,6 +8,7 @@ abuse and shutdown close it, with a code from :class:`~tether.protocol.codes.Clo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -175,7 +176,9 @@ class Connection:
     async def _close(self, code: CloseCode, message: bytes) -> bool:
         # Frames already queued (the error that caused the close, say) go out first; nothing
         # may follow the close frame.
-        await self.outbox.flush(timeout=1.0)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await self.outbox.flush()
         self.outbox.close()
         return await self.ws.close(code=code, message=message)
 

@@ -128,10 +128,10 @@ class Outbox:
             self._drain_waiters.append(waiter)
             await waiter
 
-    async def flush(self, timeout: float) -> None:
-        """Wait (up to ``timeout``) until everything queued so far has been written."""
+    async def flush(self) -> None:
+        """Wait until everything queued so far has been written."""
         if self._writer is not None:
-            await asyncio.wait([self._writer], timeout=timeout)
+            await asyncio.wait([self._writer])
 
     def close(self) -> None:
         self.closed = True
