@@ -123,7 +123,8 @@ class ServerProcess:
     """``python -m tether serve`` in a subprocess, for crash and multi-node tests."""
 
     def __init__(self, data: Path, store: str | None = None, port: int | None = None,
-                 extra: list[str] | None = None) -> None:
+                 extra: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+        self.env = env or {}
         self.data = data
         self.store = store
         self.port = port or free_port()
@@ -138,7 +139,7 @@ class ServerProcess:
             args += ["--store", self.store]
         self.log = open(self.data.parent / f"server-{self.port}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=self.log,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
         wait_for_port(self.port, 30)
         return self
 
