@@ -88,12 +88,14 @@ async def test_sigkill_mid_stream_loses_no_acknowledged_event(tmp_path: Path) ->
     seen: list[dict[str, Any]] = []
     kill: asyncio.Queue[int] = asyncio.Queue()
     restarted = asyncio.Event()
+    kills: list[int] = []
 
     async def killer() -> None:
         for _ in KILL_AT:
-            await kill.get()
+            progress = await kill.get()
             restarted.clear()
             server.kill()
+            kills.append(progress)
             server.start()
             restarted.set()
 
@@ -104,6 +106,7 @@ async def test_sigkill_mid_stream_loses_no_acknowledged_event(tmp_path: Path) ->
         await asyncio.wait_for(asyncio.gather(*tasks), 240)
     finally:
         server.stop()
+    assert kills == list(KILL_AT)
     assert len(acked) == TOTAL
     seqs = [e["seq"] for e in seen]
     assert seqs == list(range(1, TOTAL + 1)), "gap or duplicate in delivery"
