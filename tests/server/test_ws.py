@@ -12,6 +12,7 @@ from tests.helpers import Peer, token
 from tether.protocol.codec import MSGPACK_SUBPROTOCOL
 from tether.protocol.codes import CloseCode
 from tether.protocol.cursor import Cursor, new_epoch
+from tether.protocol.events import Event
 from tether.server import Server
 
 
@@ -290,3 +291,35 @@ async def test_too_many_errors_in_a_row_closes(server: Server) -> None:
             await peer.recv()
     assert peer.close_code == CloseCode.TOO_MANY_ERRORS
     await peer.close()
+
+
+async def test_a_lost_live_event_is_healed_from_the_log(server: Server) -> None:
+    """An at-most-once live channel (Redis pub/sub) may drop events; the log may not."""
+    peer = await Peer.connect(server.port)
+    await peer.hello()
+    await peer.attach("s")
+    channel = server.hub.channels["s"]
+    deliver = channel.on_event
+    dropped: list[int] = []
+
+    def lossy(event: Event) -> None:
+        if event.seq in (2, 5):  # lose one in the middle and the last one
+            dropped.append(event.seq)
+            return
+        deliver(event)
+
+    server.store.unlisten("s", deliver)
+    server.store.listen("s", lossy)
+    writer = await Peer.connect(server.port)
+    await writer.hello()
+    for i in range(5):
+        await writer.publish("s", "message", i)
+    got = await peer.events("s", 4)  # seq 2 is healed at the gap, seq 5 not yet
+    assert [e["seq"] for e in got] == [1, 2, 3, 4]
+    await server.hub.check_tails()  # first pass: notes the head
+    await server.hub.check_tails()  # second pass: still behind it, read the store
+    (last,) = await peer.events("s", 1)
+    assert last["seq"] == 5 and dropped == [2, 5]
+    server.store.unlisten("s", lossy)
+    await peer.close()
+    await writer.close()

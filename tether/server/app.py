@@ -124,6 +124,9 @@ class Server:
                                             self._refresh_presence, "presence refresh")),
             loop.create_task(self._periodic(self.config.trim_interval, self._trim, "retention")),
         ]
+        if getattr(self.store, "live_is_lossy", False):
+            self._tasks.append(loop.create_task(self._periodic(
+                self.config.tail_check_interval, self.hub.check_tails, "tail check")))
         log.info("tether listening", extra={"host": self.config.host, "port": self.port,
                                             "store": self.config.resolved_store_url(),
                                             "node": self.node_id})

@@ -262,12 +262,13 @@ class Subscription:
 class Channel:
     """All local subscriptions of one session, fed by one store listener."""
 
-    __slots__ = ("hub", "session", "subs")
+    __slots__ = ("hub", "observed_head", "session", "subs")
 
     def __init__(self, hub: Hub, session: str) -> None:
         self.hub = hub
         self.session = session
         self.subs: list[Subscription] = []
+        self.observed_head = 0  # the log's head at the previous tail check
 
     def on_event(self, event: Event) -> None:
         hub = self.hub
@@ -302,6 +303,20 @@ class Hub:
         channel.subs.append(sub)
         self.metrics.attached.inc()
         return sub
+
+    async def check_tails(self) -> None:
+        """Heal a lost *last* event of an at-most-once live channel.
+
+        A lost event in the middle shows as a gap at the next one; a lost last event shows
+        nothing. So, periodically: a live subscription still behind the head that the previous
+        check saw has had a whole interval for that event to arrive, and reads the store.
+        """
+        for channel in list(self.channels.values()):
+            head = await self.store.head(channel.session)
+            for sub in tuple(channel.subs):
+                if not sub.catching_up and sub.last_seq < channel.observed_head:
+                    sub.catch_up("stale")
+            channel.observed_head = head.last_seq
 
     def unsubscribe(self, sub: Subscription) -> None:
         sub.cancel()
