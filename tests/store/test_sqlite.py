@@ -1,0 +1,361 @@
+"""Behaviour only the SQLite store has: restarts, group commit, failed commits, SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from tether.protocol.events import STREAM_APPEND, STREAM_END, Event, Sender
+from tether.store import Retention, StoreError, StreamClosedError, open_store
+from tether.store.sqlite import SqliteStore
+
+ALICE = Sender("alice", "c1", "human")
+
+
+async def opened(path: Path, retention: Retention | None = None, *,
+                 on_batch: Callable[[int], None] | None = None,
+                 busy_timeout: float = 5.0) -> SqliteStore:
+    store = SqliteStore(str(path), retention, on_batch=on_batch, busy_timeout=busy_timeout)
+    await store.start()
+    return store
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    store = await opened(tmp_path / "data")
+    yield store
+    await store.close()
+
+
+def side_connection(path: Path) -> sqlite3.Connection:
+    """A second connection to the store's database, as another process would have."""
+    return sqlite3.connect(path / "tether.db", isolation_level=None)
+
+
+async def test_open_store_url_creates_the_folder_and_database(tmp_path: Path) -> None:
+    folder = tmp_path / "nested" / "data"
+    store = open_store(f"sqlite://{folder}")
+    assert isinstance(store, SqliteStore)
+    await store.start()
+    try:
+        await store.append("s1", "message", "hi", ALICE)
+        assert (folder / "tether.db").is_file()
+    finally:
+        await store.close()
+
+
+async def test_reopen_keeps_epoch_events_and_idempotency_keys(tmp_path: Path) -> None:
+    path = tmp_path / "data"
+    store = await opened(path)
+    keyed = await store.append("s1", "message", {"n": 1}, ALICE, key="k1")
+    for i in range(2, 6):
+        await store.append("s1", "message", {"n": i}, ALICE)
+    await store.append("s2", "message", "other", ALICE)
+    empty_head = await store.head("empty")
+    before = await store.read("s1", 0, 100)
+    head = await store.head("s1")
+    await store.close()
+
+    store = await opened(path)
+    try:
+        assert await store.head("s1") == head
+        assert await store.head("empty") == empty_head
+        assert await store.read("s1", 0, 100) == before
+        again = await store.append("s1", "message", {"n": 1}, ALICE, key="k1")
+        assert again.duplicate and again.event == keyed.event
+        after = await store.append("s1", "message", {"n": 6}, ALICE)
+        assert (after.event.seq, after.event.epoch) == (6, head.epoch)
+        assert (await store.append("s2", "message", "x", ALICE)).event.seq == 2
+    finally:
+        await store.close()
+
+
+async def test_reopen_keeps_closed_and_open_streams(tmp_path: Path) -> None:
+    path = tmp_path / "data"
+    store = await opened(path)
+    for text in ("a", "b"):
+        await store.append("s1", STREAM_APPEND, {"stream": "done", "text": text}, ALICE)
+    await store.append("s1", STREAM_END, {"stream": "done"}, ALICE)
+    for text in ("Hel", "lo, ", "wörld 🎉"):
+        await store.append("s1", STREAM_APPEND, {"stream": "open", "text": text}, ALICE)
+    await store.close()
+
+    store = await opened(path)
+    try:
+        with pytest.raises(StreamClosedError):
+            await store.append("s1", STREAM_APPEND, {"stream": "done", "text": "late"}, ALICE)
+        with pytest.raises(StreamClosedError):
+            await store.append("s1", STREAM_END, {"stream": "done"}, ALICE)
+        await store.append("s1", STREAM_APPEND, {"stream": "open", "text": "!"}, ALICE)
+        end = await store.append("s1", STREAM_END, {"stream": "open"}, ALICE)
+        assert end.event.data["text"] == "Hello, wörld 🎉!"
+        assert (await store.read("s1", end.event.seq - 1, 1))[0].data["text"] == "Hello, wörld 🎉!"
+    finally:
+        await store.close()
+
+
+async def test_concurrent_appends_are_committed_in_few_batches(tmp_path: Path) -> None:
+    batches: list[int] = []
+    store = await opened(tmp_path / "data", on_batch=batches.append)
+    try:
+        results = await asyncio.gather(
+            *(store.append(f"s{i % 7}", "message", {"i": i}, ALICE) for i in range(500))
+        )
+        assert sum(batches) == 500
+        assert len(batches) <= 5
+        for s in range(7):
+            seqs = [r.event.seq for r in results if r.event.session == f"s{s}"]
+            assert seqs == list(range(1, len(seqs) + 1))
+    finally:
+        await store.close()
+
+
+async def test_one_batch_sees_its_own_stream_events(store: SqliteStore) -> None:
+    results = await asyncio.gather(
+        store.append("s1", STREAM_APPEND, {"stream": "m", "text": "a"}, ALICE),
+        store.append("s1", STREAM_APPEND, {"stream": "m", "text": "b"}, ALICE),
+        store.append("s1", STREAM_END, {"stream": "m"}, ALICE),
+        store.append("s1", STREAM_APPEND, {"stream": "m", "text": "late"}, ALICE),
+        store.append("s1", STREAM_APPEND, {"stream": "n", "text": "x"}, ALICE),
+        return_exceptions=True,
+    )
+    assert isinstance(results[3], StreamClosedError)
+    ok = [r for r in results if not isinstance(r, BaseException)]
+    assert [r.event.seq for r in ok] == [1, 2, 3, 4]
+    assert ok[2].event.data["text"] == "ab"
+    assert (await store.head("s1")).last_seq == 4
+
+
+async def test_one_batch_mixes_known_new_and_repeated_keys(store: SqliteStore) -> None:
+    known = [await store.append("s1", "message", i, ALICE, key=f"k{i}") for i in range(3)]
+    results = await asyncio.gather(
+        *(store.append("s1", "message", i, ALICE, key=f"k{i}") for i in range(6)),
+        store.append("s1", "message", 5, ALICE, key="k5"),
+        store.append("s1", "message", 0, Sender("bob"), key="k0"),
+    )
+    assert [(r.event.seq, r.duplicate) for r in results] == [
+        (1, True), (2, True), (3, True), (4, False), (5, False), (6, False), (6, True),
+        (7, False),
+    ]
+    assert [r.event for r in results[:3]] == [a.event for a in known]
+    assert (await store.head("s1")).last_seq == 7
+
+
+async def test_unencodable_data_fails_only_its_own_append(store: SqliteStore) -> None:
+    results = await asyncio.gather(
+        store.append("s1", "message", 1, ALICE),
+        store.append("s1", "message", {"bad": object()}, ALICE),
+        store.append("s1", "message", 3, ALICE),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], TypeError)
+    assert [e.data for e in await store.read("s1", 0, 10)] == [1, 3]
+
+
+async def test_failed_batch_rejects_every_append_and_keeps_the_log(tmp_path: Path) -> None:
+    path = tmp_path / "data"
+    seen: list[Event] = []
+    store = await opened(path)
+    try:
+        store.listen("s1", seen.append)
+        for text in ("a", "b"):
+            await store.append("s1", STREAM_APPEND, {"stream": "m", "text": text}, ALICE)
+        before = await store.read("s1", 0, 10)
+
+        side = side_connection(path)
+        side.execute("CREATE TRIGGER boom BEFORE INSERT ON events WHEN NEW.type = 'boom'"
+                     " BEGIN SELECT RAISE(ABORT, 'boom'); END")
+        results = await asyncio.gather(
+            store.append("s1", "message", "ok", ALICE, key="k"),
+            store.append("s1", STREAM_APPEND, {"stream": "m", "text": "lost"}, ALICE),
+            store.append("s2", "message", "new session", ALICE),
+            store.append("s1", "boom", {}, ALICE),
+            store.append("s1", "message", "ok too", ALICE),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, StoreError) for r in results), results
+        assert [e.seq for e in seen] == [1, 2]
+        assert await store.read("s1", 0, 10) == before
+        assert (await store.head("s1")).last_seq == 2
+        assert side.execute("SELECT COUNT(*) FROM sessions WHERE session = 's2'").fetchone() == (0,)
+
+        side.execute("DROP TRIGGER boom")
+        side.close()
+        # Seqs, keys and stream text continue from what was committed, not from the failure.
+        retry = await store.append("s1", "message", "ok", ALICE, key="k")
+        assert (retry.event.seq, retry.duplicate) == (3, False)
+        end = await store.append("s1", STREAM_END, {"stream": "m"}, ALICE)
+        assert (end.event.seq, end.event.data["text"]) == (4, "ab")
+        assert [e.seq for e in seen] == [1, 2, 3, 4]
+    finally:
+        await store.close()
+
+
+async def test_locked_database_fails_the_batch_then_recovers(tmp_path: Path) -> None:
+    path = tmp_path / "data"
+    store = await opened(path, busy_timeout=0.05)
+    try:
+        await store.append("s1", "message", 1, ALICE)
+        side = side_connection(path)
+        side.execute("BEGIN IMMEDIATE")  # holds the write lock, as a stuck writer would
+        with pytest.raises(StoreError):
+            await store.append("s1", "message", 2, ALICE)
+        side.execute("ROLLBACK")
+        side.close()
+        assert (await store.append("s1", "message", 2, ALICE)).event.seq == 2
+        assert [e.data for e in await store.read("s1", 0, 10)] == [1, 2]
+    finally:
+        await store.close()
+
+
+async def test_second_store_on_the_same_folder_is_refused(store: SqliteStore) -> None:
+    other = SqliteStore(str(store.path))
+    with pytest.raises(StoreError, match="in use"):
+        await other.start()
+    await store.append("s1", "message", 1, ALICE)
+
+
+async def test_close_commits_appends_still_queued(tmp_path: Path) -> None:
+    path = tmp_path / "data"
+    store = await opened(path)
+    # gather starts the append before close runs, and close runs before the scheduled flush.
+    appended, _ = await asyncio.gather(store.append("s1", "message", "last", ALICE),
+                                       store.close())
+    assert appended.event.seq == 1
+    with pytest.raises(StoreError):
+        await store.append("s1", "message", "after close", ALICE)
+    store = await opened(path)
+    try:
+        assert [e.data for e in await store.read("s1", 0, 10)] == ["last"]
+    finally:
+        await store.close()
+
+
+async def test_count_is_enforced_while_appending(tmp_path: Path) -> None:
+    store = await opened(tmp_path / "data", Retention(max_events=100))
+    try:
+        for i in range(50):
+            await asyncio.gather(*(store.append("s1", "message", i * 20 + j, ALICE)
+                                   for j in range(20)))
+        head = await store.head("s1")
+        assert head.last_seq == 1000
+        assert 100 <= head.last_seq - head.first_seq + 1 <= 200
+        events = await store.read("s1", 0, 1000)
+        assert [e.seq for e in events] == list(range(head.first_seq, 1001))
+        assert await store.trim() == head.last_seq - head.first_seq + 1 - 100
+        assert (await store.head("s1")).first_seq == 901
+    finally:
+        await store.close()
+
+
+async def test_trim_survives_reopen_even_when_everything_was_removed(tmp_path: Path) -> None:
+    path = tmp_path / "data"
+    # A negative age puts the cutoff in the future: every event is old, deterministically.
+    store = await opened(path, Retention(max_age=-60.0, idempotency_window=-60.0))
+    for i in range(5):
+        await store.append("s1", "message", i, ALICE, key=f"k{i}")
+    await store.append("s2", "message", "x", ALICE)
+    assert await store.trim() == 6
+    assert await store.trim() == 0
+    head = await store.head("s1")
+    assert (head.last_seq, head.first_seq) == (5, 6)
+    await store.close()
+
+    side = side_connection(path)
+    assert side.execute("SELECT COUNT(*) FROM idempotency").fetchone() == (0,)
+    side.close()
+    store = await opened(path)
+    try:
+        assert await store.head("s1") == head
+        assert await store.read("s1", 0, 10) == []
+        again = await store.append("s1", "message", 0, ALICE, key="k0")
+        assert (again.event.seq, again.duplicate) == (6, False)
+        assert (await store.head("s1")).first_seq == 6
+    finally:
+        await store.close()
+
+
+async def test_key_outlives_its_trimmed_event(tmp_path: Path) -> None:
+    store = await opened(tmp_path / "data", Retention(max_events=2))
+    try:
+        first = await store.append("s1", "message", "original", ALICE, key="k")
+        for i in range(5):
+            await store.append("s1", "message", i, ALICE)
+        await store.trim()
+        assert (await store.head("s1")).first_seq == 5
+        again = await store.append("s1", "message", "original", ALICE, key="k")
+        assert again.duplicate and again.event.seq == first.event.seq == 1
+        assert (await store.head("s1")).last_seq == 6
+    finally:
+        await store.close()
+
+
+CHILD = """
+import asyncio, sys
+from tether.protocol.events import Sender
+from tether.store.sqlite import SqliteStore
+
+async def main() -> None:
+    store = SqliteStore(sys.argv[1])
+    await store.start()
+    sender = Sender("child", "c", "agent")
+
+    async def worker(w: int) -> None:
+        session = f"s{w % 4}"
+        for i in range(10_000_000):
+            appended = await store.append(session, "message", {"w": w, "i": i}, sender)
+            # One write per acknowledged append, after the store said it is committed.
+            sys.stdout.write(f"{session} {appended.event.seq}\\n")
+            sys.stdout.flush()
+
+    await asyncio.gather(*(worker(w) for w in range(16)))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+async def test_sigkill_loses_no_acknowledged_append(tmp_path: Path) -> None:
+    path = tmp_path / "data"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CHILD, str(path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    acked: dict[str, set[int]] = {}
+
+    async def read_acks(until: int | None) -> None:
+        assert proc.stdout is not None
+        count = 0
+        while until is None or count < until:
+            line = await proc.stdout.readline()
+            if not line.endswith(b"\n"):
+                return  # EOF
+            session, seq = line.decode().split()
+            acked.setdefault(session, set()).add(int(seq))
+            count += 1
+
+    try:
+        await asyncio.wait_for(read_acks(3000), 60)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+    await asyncio.wait_for(read_acks(None), 60)
+    stderr = await proc.stderr.read()
+    assert await proc.wait() == -signal.SIGKILL, stderr.decode()
+    assert sum(len(seqs) for seqs in acked.values()) >= 3000, stderr.decode()
+
+    store = await opened(path)
+    try:
+        for session, seqs in acked.items():
+            head = await store.head(session)
+            stored = [e.seq for e in await store.read(session, 0, head.last_seq + 1)]
+            assert stored == list(range(1, head.last_seq + 1))
+            assert seqs <= set(stored)
+    finally:
+        await store.close()
