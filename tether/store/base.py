@@ -16,7 +16,9 @@ Guarantees (checked by ``tests/store/test_contract.py`` against every implementa
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -119,26 +121,38 @@ class StreamText:
     """Open token streams of one store: the text so far, and which streams have ended.
 
     Stores that keep state in process (memory, sqlite) use this to fill in ``stream.end``.
-    ``load`` answers a cache miss from the log (after a restart), returning the texts of the
-    stream's appends and whether it has ended.
+    ``load`` answers a cache miss from the log (after a restart, or after eviction), returning
+    the texts of the stream's appends and whether it has ended. Both caches are bounded, least
+    recently used first out, since the log can always answer again.
     """
 
-    def __init__(self, load: Callable[[str, str], tuple[list[str], bool]]) -> None:
+    def __init__(self, load: Callable[[str, str], tuple[list[str], bool]],
+                 max_entries: int = 10_000) -> None:
         self._load = load
-        self._open: dict[tuple[str, str], list[str]] = {}
-        self._closed: set[tuple[str, str]] = set()
+        self._max = max_entries
+        self._open: OrderedDict[tuple[str, str], list[str]] = OrderedDict()
+        self._closed: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     def _parts(self, key: tuple[str, str]) -> list[str]:
         parts = self._open.get(key)
-        if parts is None:
-            if key in self._closed:
-                raise StreamClosedError(f"stream {key[1]!r} has ended")
-            texts, closed = self._load(*key)
-            if closed:
-                self._closed.add(key)
-                raise StreamClosedError(f"stream {key[1]!r} has ended")
-            parts = self._open[key] = texts
-        return parts
+        if parts is not None:
+            self._open.move_to_end(key)
+            return parts
+        if key in self._closed:
+            raise StreamClosedError(f"stream {key[1]!r} has ended")
+        texts, closed = self._load(*key)
+        if closed:
+            self._remember_closed(key)
+            raise StreamClosedError(f"stream {key[1]!r} has ended")
+        self._open[key] = texts
+        if len(self._open) > self._max:
+            self._open.popitem(last=False)
+        return texts
+
+    def _remember_closed(self, key: tuple[str, str]) -> None:
+        self._closed[key] = None
+        if len(self._closed) > self._max:
+            self._closed.popitem(last=False)
 
     def prepare(self, session: str, type: str, data: Any) -> Any:
         """Check a stream event before commit; return the data to store."""
@@ -151,13 +165,18 @@ class StreamText:
         return data
 
     def committed(self, session: str, type: str, data: Any) -> None:
-        """Record a committed stream event."""
+        """Record a committed stream event (after :meth:`prepare` admitted it)."""
+        key = (session, data["stream"]) if type in (STREAM_APPEND, STREAM_END) else None
+        if key is None:
+            return
         if type == STREAM_APPEND:
-            self._open.setdefault((session, data["stream"]), []).append(data["text"])
-        elif type == STREAM_END:
-            key = (session, data["stream"])
+            parts = self._open.get(key)
+            if parts is None:  # evicted between prepare and commit: reload on next use
+                return
+            parts.append(data["text"])
+        else:
             self._open.pop(key, None)
-            self._closed.add(key)
+            self._remember_closed(key)
 
     def forget(self) -> None:
         """Drop cached state (after a failed commit); it reloads from the log."""
@@ -191,4 +210,8 @@ class Listeners:
         listeners = self._by_session.get(event.session)
         if listeners:
             for listener in tuple(listeners):
-                listener(event)
+                try:
+                    listener(event)
+                except Exception as exc:  # one broken listener must not starve the others
+                    asyncio.get_running_loop().call_exception_handler(
+                        {"message": f"listener of {event.session!r} failed", "exception": exc})

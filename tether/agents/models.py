@@ -1,0 +1,244 @@
+"""Model adapters: one streaming interface over the built-in simulation and real upstreams.
+
+A model turns a conversation (messages plus tool specs) into a stream of chunks: text deltas,
+tool-call deltas, and one finish. Two adapters:
+
+* :class:`SimulatedModel` — a deterministic **simulation** of an LLM (no network, no weights),
+  the default for the demo agent and for benchmarks. Text comes from a seeded generator at a
+  configurable time-to-first-token and tokens/s; tool calls come from a script.
+* :class:`OpenAIChatModel` — OpenAI-compatible Chat Completions with streaming and tools
+  (OpenAI, vLLM, Ollama, llama.cpp's server), over httpx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import httpx
+import orjson
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+    def openai(self) -> dict[str, Any]:
+        return {"type": "function", "function": {"name": self.name,
+                                                 "description": self.description,
+                                                 "parameters": self.parameters}}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text, as models produce it
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    role: str  # system | user | assistant | tool
+    content: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+
+    def openai(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.name, "arguments": c.arguments}}
+                                 for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    reason: str  # stop | tool_calls | length | error
+    usage: dict[str, int] = field(default_factory=dict)
+
+
+Chunk = TextDelta | ToolCallDelta | Finish
+
+
+class Model(Protocol):
+    name: str
+
+    def stream(self, messages: Sequence[Message], tools: Sequence[ToolSpec]
+               ) -> AsyncIterator[Chunk]: ...
+
+
+class ModelError(Exception):
+    """The upstream failed (HTTP error, malformed stream)."""
+
+
+# --- the simulation ---------------------------------------------------------------------------
+
+_PROSE = (
+    "the session log keeps every event in order so a client that reconnects resumes from its "
+    "cursor with nothing lost and nothing doubled while the agent keeps working on the server "
+    "tokens stream into the log and each device sees the same text tools run approvals wait "
+    "and results arrive when they are ready"
+)
+_WORDS = _PROSE.split()
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptedCall:
+    """A tool call the simulated model makes when ``when`` matches the conversation."""
+
+    name: str
+    arguments: dict[str, Any]
+
+
+Script = Callable[[Sequence[Message]], ScriptedCall | None]
+
+
+def call_tools_in_order(calls: Sequence[ScriptedCall]) -> Script:
+    """A script that, per user turn, makes each call once (after the previous one's result)."""
+
+    def script(messages: Sequence[Message]) -> ScriptedCall | None:
+        turn_start = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
+        made = sum(len(m.tool_calls) for m in messages[turn_start + 1:] if m.role == "assistant")
+        return calls[made] if made < len(calls) else None
+
+    return script
+
+
+class SimulatedModel:
+    """A deterministic simulated LLM. It is a stand-in: it does not understand anything.
+
+    ``ttft`` seconds pass before the first chunk, then tokens arrive at ``tokens_per_second``
+    (0 = as fast as possible). ``input_token_cost`` seconds per input token model prompt
+    processing. The text depends only on ``seed`` and the conversation length, so a rerun of a
+    step produces the same text.
+    """
+
+    def __init__(self, *, seed: int = 0, ttft: float = 0.05, tokens_per_second: float = 65.0,
+                 answer_tokens: int = 40, script: Script | None = None,
+                 input_token_cost: float = 0.0, name: str = "tether-simulated") -> None:
+        self.seed = seed
+        self.ttft = ttft
+        self.tokens_per_second = tokens_per_second
+        self.answer_tokens = answer_tokens
+        self.script = script
+        self.input_token_cost = input_token_cost
+        self.name = name
+
+    def answer(self, messages: Sequence[Message]) -> list[str]:
+        """The tokens of the text answer to ``messages``."""
+        last = messages[-1].content[:64] if messages else ""
+        rng = random.Random(f"{self.seed}:{len(messages)}:{last}")
+        words = [rng.choice(_WORDS) for _ in range(self.answer_tokens)]
+        tokens = [(" " if i else "") + w for i, w in enumerate(words)]
+        tokens[0] = tokens[0].capitalize()
+        tokens[-1] += "."
+        return tokens
+
+    async def stream(self, messages: Sequence[Message], tools: Sequence[ToolSpec]
+                     ) -> AsyncIterator[Chunk]:
+        input_tokens = sum(len(m.content) // 4 + 1 for m in messages)
+        await asyncio.sleep(self.ttft + input_tokens * self.input_token_cost)
+        call = self.script(messages) if self.script is not None else None
+        if call is not None and any(t.name == call.name for t in tools):
+            arguments = orjson.dumps(call.arguments).decode()
+            call_id = f"call_{random.Random(f'{self.seed}:{len(messages)}').getrandbits(48):012x}"
+            yield ToolCallDelta(0, call_id, call.name, "")
+            for piece in _split(arguments, 8):
+                await self._pace()
+                yield ToolCallDelta(0, None, None, piece)
+            yield Finish("tool_calls", {"input_tokens": input_tokens, "output_tokens": 8})
+            return
+        tokens = self.answer(messages)
+        for token in tokens:
+            yield TextDelta(token)
+            await self._pace()
+        yield Finish("stop", {"input_tokens": input_tokens, "output_tokens": len(tokens)})
+
+    async def _pace(self) -> None:
+        if self.tokens_per_second > 0:
+            await asyncio.sleep(1.0 / self.tokens_per_second)
+
+
+def _split(text: str, size: int) -> list[str]:
+    return [text[i:i + size] for i in range(0, len(text), size)] or [""]
+
+
+# --- OpenAI-compatible Chat Completions -------------------------------------------------------
+
+
+class OpenAIChatModel:
+    """Streaming Chat Completions with tools against any OpenAI-compatible server."""
+
+    def __init__(self, model: str, *, base_url: str = "https://api.openai.com/v1",
+                 api_key: str | None = None, timeout: float = 120.0,
+                 client: httpx.AsyncClient | None = None, **params: Any) -> None:
+        self.name = model
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.params = params
+        self._client = client or httpx.AsyncClient(timeout=timeout)
+
+    async def stream(self, messages: Sequence[Message], tools: Sequence[ToolSpec]
+                     ) -> AsyncIterator[Chunk]:
+        body: dict[str, Any] = {"model": self.name, "stream": True,
+                                "messages": [m.openai() for m in messages], **self.params}
+        if tools:
+            body["tools"] = [t.openai() for t in tools]
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        started = time.monotonic()
+        async with self._client.stream("POST", f"{self.base_url}/chat/completions",
+                                       content=orjson.dumps(body), headers=headers) as resp:
+            if resp.status_code != 200:
+                detail = (await resp.aread())[:500].decode(errors="replace")
+                raise ModelError(f"upstream answered {resp.status_code}: {detail}")
+            finish: Finish | None = None
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    break
+                try:
+                    chunk = orjson.loads(payload)
+                except orjson.JSONDecodeError:
+                    raise ModelError(f"malformed stream chunk: {payload[:100]!r}") from None
+                for choice in chunk.get("choices") or ():
+                    delta = choice.get("delta") or {}
+                    if delta.get("content"):
+                        yield TextDelta(delta["content"])
+                    for call in delta.get("tool_calls") or ():
+                        function = call.get("function") or {}
+                        yield ToolCallDelta(int(call.get("index", 0)), call.get("id"),
+                                            function.get("name"), function.get("arguments") or "")
+                    if choice.get("finish_reason"):
+                        finish = Finish(choice["finish_reason"], chunk.get("usage") or {})
+                if chunk.get("usage") and finish is not None:
+                    finish = Finish(finish.reason, chunk["usage"])
+            yield finish or Finish("stop", {"elapsed_ms": int((time.monotonic() - started) * 1000)})
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
