@@ -50,8 +50,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     logs.configure(config.log_level)
     _install_uvloop()
 
+    agents = [load_agent(spec) for spec in (args.agent or ["tether.agents.demo:demo_agent"])
+              if spec != "none"]
+
     async def run() -> None:
         server = Server(config)
+        for agent in agents:
+            server.runs.register(agent)
         await server.start()
         print(f"tether serving on http://{config.host}:{server.port} "
               f"(WebSocket {server.url}/v1/ws, store {config.resolved_store_url()})",
@@ -65,6 +70,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     asyncio.run(run())
     return 0
+
+
+def load_agent(spec: str) -> Any:
+    """``module:object``: an Agent, or a callable returning one."""
+    import importlib
+
+    from tether.agents.agent import Agent
+
+    module_name, _, attr = spec.partition(":")
+    if not attr:
+        raise SystemExit(f"tether: error: --agent {spec!r} must look like module:object")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise SystemExit(f"tether: error: cannot load agent {spec!r}: {exc}") from None
+    agent = obj() if callable(obj) and not isinstance(obj, Agent) else obj
+    if not isinstance(agent, Agent):
+        raise SystemExit(f"tether: error: {spec!r} is not a tether Agent")
+    return agent
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
@@ -148,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="events kept per session (default 100000)")
     serve.add_argument("--retention-age", default=None,
                        help="how long events are kept: 90s, 15m, 1h, 30d (default 30d)")
+    serve.add_argument("--agent", action="append",
+                       help="agent to serve, module:object (repeatable; default: the demo "
+                            "agent on sessions demo* and chat-*; 'none' for no agent)")
     serve.add_argument("--node", default=None, help="node id shown in /healthz and logs")
     serve.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=_cmd_serve)

@@ -71,6 +71,10 @@ class ErrorCode(enum.StrEnum):
     TOO_LARGE = "too_large"  # event data larger than the maximum event size
     UNKNOWN_EVENT_TYPE = "unknown_event_type"  # a reserved-namespace type that does not exist
     STREAM_CLOSED = "stream_closed"  # append or end on a stream that already ended
+    RUN_NOT_FOUND = "run_not_found"  # a control event for a run the session does not have
+    RUN_FINISHED = "run_finished"  # a control event for a completed, failed or cancelled run
+    UNKNOWN_CALL = "unknown_call"  # a decision or tool result for a call nobody awaits
+    ALREADY_DECIDED = "already_decided"  # a second decision or result for the same call
     UNAUTHORIZED = "unauthorized"  # HTTP only: no token or a bad one
     NOT_FOUND = "not_found"  # HTTP only
     STORE_UNAVAILABLE = "store_unavailable"  # temporary: the store failed this request
@@ -92,6 +96,10 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.TOO_LARGE: 413,
     ErrorCode.UNKNOWN_EVENT_TYPE: 400,
     ErrorCode.STREAM_CLOSED: 409,
+    ErrorCode.RUN_NOT_FOUND: 404,
+    ErrorCode.RUN_FINISHED: 409,
+    ErrorCode.UNKNOWN_CALL: 409,
+    ErrorCode.ALREADY_DECIDED: 409,
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.STORE_UNAVAILABLE: 503,

@@ -23,7 +23,13 @@ PRESENCE_UPDATE = "presence.update"
 # Reserved namespaces and the types tether defines inside them. Later protocol versions add to
 # these sets; an unknown name inside a namespace is an error, not an application event.
 RESERVED_NAMESPACES = ("stream.", "presence.", "run.", "tool.", "approval.", "tether.")
-KNOWN_RESERVED_TYPES = frozenset({STREAM_APPEND, STREAM_END})
+# Types clients publish to steer runs; the run manager validates them before they are stored.
+CONTROL_TYPES = frozenset({"run.cancel", "run.steer", "approval.decision", "tool.result"})
+# Types only the server writes (run lifecycle, tool calls, the run index).
+SERVER_TYPES = frozenset({"run.created", "run.state", "run.snapshot", "run.index", "run.claim",
+                          "tool.call", "approval.request", "tether.schedule",
+                          "tether.webhook"})
+KNOWN_RESERVED_TYPES = frozenset({STREAM_APPEND, STREAM_END}) | CONTROL_TYPES | SERVER_TYPES
 TRANSIENT_ONLY_TYPES = frozenset({PRESENCE_JOIN, PRESENCE_LEAVE, PRESENCE_UPDATE})
 
 _TYPE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.:-]{0,63}$")

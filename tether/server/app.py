@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from tether.agents.runner import RunManager
 from tether.protocol.codec import CODECS, SUBPROTOCOLS
 from tether.protocol.codes import CloseCode
 from tether.protocol.events import SYSTEM, Event
@@ -24,6 +27,18 @@ from tether.store import SessionStore, open_store
 log = logging.getLogger("tether.server")
 
 
+def node_id(data_dir: Path) -> str:
+    """This node's id, kept in the data folder so a restarted node reclaims its own runs."""
+    path = data_dir / "node"
+    with contextlib.suppress(OSError):
+        return path.read_text().strip()
+    node = "node-" + secrets.token_hex(4)
+    with contextlib.suppress(OSError):
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(node + "\n")
+    return node
+
+
 class Server:
     """One tether node. ``await start()`` binds; ``await stop()`` closes every connection."""
 
@@ -34,7 +49,8 @@ class Server:
         self.store = store or self._open_store()
         self.secret = load_secret(self.config.secret, self.config.data_dir)
         self.hub = Hub(self.store, self.metrics, self.config.catchup_page)
-        self.node_id = self.config.node_id or secrets.token_hex(4)
+        self.node_id = self.config.node_id or node_id(self.config.data_dir)
+        self.runs = RunManager(self.store, self.node_id)
         self.connections: set[Connection] = set()
         self.streams: set[asyncio.Task[Any]] = set()  # SSE handlers, cancelled on stop
         self.app = self._make_app()
@@ -124,6 +140,7 @@ class Server:
                                             self._refresh_presence, "presence refresh")),
             loop.create_task(self._periodic(self.config.trim_interval, self._trim, "retention")),
         ]
+        await self.runs.start()
         if getattr(self.store, "live_is_lossy", False):
             self._tasks.append(loop.create_task(self._periodic(
                 self.config.tail_check_interval, self.hub.check_tails, "tail check")))
@@ -134,6 +151,7 @@ class Server:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
+        await self.runs.stop()
         for stream in list(self.streams):
             stream.cancel()
         closes = [conn.ws.close(code=CloseCode.SHUTDOWN, message=b"server shutting down")

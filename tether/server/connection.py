@@ -21,9 +21,11 @@ from tether.protocol.codec import Codec, DecodeError
 from tether.protocol.codes import CloseCode, ErrorCode, RequestError
 from tether.protocol.cursor import Cursor, epoch_belongs
 from tether.protocol.events import (
+    CONTROL_TYPES,
     PRESENCE_JOIN,
     PRESENCE_LEAVE,
     PRESENCE_UPDATE,
+    SERVER_TYPES,
     STREAM_APPEND,
     STREAM_END,
     Event,
@@ -400,6 +402,15 @@ class Connection:
         validate_event(frame.type, frame.data, self.server.config.max_event_bytes,
                        frame.transient)
         assert self.sender is not None
+        if frame.type in CONTROL_TYPES:
+            # Control frames skip the publish queue: a cancel must not wait behind data.
+            try:
+                appended = await self.server.runs.control(frame.session, frame.type,
+                                                          frame.data, self.sender, self.grant)
+            except StoreError as exc:
+                raise RequestError(ErrorCode.STORE_UNAVAILABLE, str(exc)) from None
+            self.send(published_frame(frame.id, appended.event, appended.duplicate))
+            return
         if frame.transient:
             event = Event(frame.session, "", 0, frame.type, frame.data, self.sender, now_ms(),
                           transient=True)
@@ -430,6 +441,8 @@ class Connection:
             return
         self.server.metrics.published.labels("false").inc()
         self.send(published_frame(frame.id, appended.event, appended.duplicate))
+        if not appended.duplicate:
+            await self.server.runs.on_committed(appended.event)
 
     async def _cleanup(self) -> None:
         for timer in self._timers:
@@ -455,6 +468,10 @@ def validate_event(event_type: str, data: Any, max_bytes: int, transient: bool) 
         code = (ErrorCode.UNKNOWN_EVENT_TYPE if "reserved namespace" in problem
                 else ErrorCode.INVALID)
         raise RequestError(code, problem)
+    if event_type in SERVER_TYPES:
+        raise RequestError(ErrorCode.FORBIDDEN, f"only the server writes {event_type!r} events")
+    if event_type in CONTROL_TYPES and transient:
+        raise RequestError(ErrorCode.INVALID, "run control events cannot be transient")
     if event_type in (STREAM_APPEND, STREAM_END):
         if transient:
             raise RequestError(ErrorCode.INVALID, "stream events cannot be transient")

@@ -15,7 +15,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tether.protocol.codes import HTTP_STATUS, ErrorCode, RequestError
 from tether.protocol.cursor import Cursor, CursorError, epoch_belongs
-from tether.protocol.events import STREAM_APPEND, STREAM_END, Event, Sender, valid_session_id
+from tether.protocol.events import (
+    CONTROL_TYPES,
+    STREAM_APPEND,
+    STREAM_END,
+    Event,
+    Sender,
+    valid_session_id,
+)
 from tether.protocol.frames import attached_frame, event_frame
 from tether.server.auth import AuthError, Grant, verify_token
 from tether.server.connection import build_snapshot, resume_decision, validate_event
@@ -117,6 +124,10 @@ async def post_event(server: Server, request: web.Request) -> web.Response:
     data = body.get("data")
     validate_event(event_type, data, server.config.max_event_bytes, transient)
     sender = Sender(grant.sub, request.headers.get("X-Tether-Client", "http"), "human")
+    if event_type in CONTROL_TYPES:
+        appended = await server.runs.control(session, event_type, data, sender, grant)
+        return json_response({"seq": appended.event.seq, "cursor": str(appended.event.cursor),
+                              "duplicate": appended.duplicate}, 201)
     if transient:
         event = Event(session, "", 0, event_type, data, sender, now_ms(), transient=True)
         await server.store.publish_transient(event)
@@ -126,6 +137,8 @@ async def post_event(server: Server, request: web.Request) -> web.Response:
     except StreamClosedError as exc:
         raise HttpError(ErrorCode.STREAM_CLOSED, str(exc)) from None
     server.metrics.published.labels("false").inc()
+    if not appended.duplicate:
+        await server.runs.on_committed(appended.event)
     ev = appended.event
     return json_response({"seq": ev.seq, "cursor": str(ev.cursor),
                           "duplicate": appended.duplicate},
@@ -236,6 +249,28 @@ async def get_stream(server: Server, request: web.Request) -> web.StreamResponse
     return response
 
 
+@handle_errors
+async def post_run(server: Server, request: web.Request) -> web.Response:
+    """Start a run of the session's agent (or the named one) with the given input."""
+    session = _session(request)
+    _grant(server, request, session, "publish")
+    try:
+        body = orjson.loads(await request.read() or b"{}")
+    except orjson.JSONDecodeError as exc:
+        raise HttpError(ErrorCode.BAD_FRAME, f"malformed JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise HttpError(ErrorCode.INVALID, "body must be a JSON object")
+    name = body.get("agent")
+    if name is not None and not isinstance(name, str):
+        raise HttpError(ErrorCode.INVALID, "'agent' must be a string")
+    agent = server.runs.agent_for(session, name)
+    if agent is None:
+        raise HttpError(ErrorCode.NOT_FOUND, f"no agent serves {session!r}"
+                        + (f" under the name {name!r}" if name else ""))
+    run = await server.runs.create_run(session, agent, body.get("input"), "api")
+    return json_response({"run": run, "session": session, "agent": agent.name}, 201)
+
+
 async def healthz(request: web.Request) -> web.Response:
     server = request.app[SERVER_KEY]
     try:
@@ -256,6 +291,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/sessions/{session}/events", post_event)
     app.router.add_get("/v1/sessions/{session}/events", get_events)
     app.router.add_get("/v1/sessions/{session}/stream", get_stream)
+    app.router.add_post("/v1/sessions/{session}/runs", post_run)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
 

@@ -396,6 +396,9 @@ def _fail(future: asyncio.Future[Appended], exc: BaseException) -> None:
 class RedisStore:
     """A :class:`~tether.store.base.SessionStore` on Redis streams, scripts and pub/sub."""
 
+    # Pub/sub is at-most-once: the server heals gaps from the Stream (Hub.check_tails).
+    live_is_lossy = True
+
     def __init__(self, url: str, retention: Retention | None = None, *,
                  on_batch: Callable[[int], None] | None = None,
                  prefix: str = "tether") -> None:

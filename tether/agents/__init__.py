@@ -1,0 +1,1 @@
+"""Agent runs: state machine, agents, tools, model adapters, the run manager."""

@@ -1,0 +1,69 @@
+"""Agents: a model, instructions, tools, and what to do with a message that arrives mid-run.
+
+An agent is registered with the server (``tether serve --agent module:object`` or
+``server.runs.register(agent)``) for the sessions matching its patterns. Its
+:meth:`Agent.respond` drives one run through a :class:`~tether.agents.runner.Run`: the default
+is the usual loop — stream the model, call tools, feed results back, until the model answers
+with text. Override it to drive a run some other way; everything a run can do is a method of
+``Run`` (``stream_text``, ``call_tool``, ``set_state``).
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from tether.agents.models import Model, SimulatedModel, TextDelta, ToolCallDelta
+from tether.agents.tools import Tool
+
+if TYPE_CHECKING:
+    from tether.agents.runner import Run
+
+
+class BusyPolicy(enum.StrEnum):
+    """What a new user message does while a run of the session is active."""
+
+    QUEUE = "queue"  # start a new run after the active one ends (default)
+    INTERRUPT = "interrupt"  # cancel the active run, start a new one
+    MERGE = "merge"  # inject the message into the active run (as run.steer does)
+
+
+class Agent:
+    def __init__(self, name: str, model: Model | None = None, *, instructions: str = "",
+                 tools: Sequence[Tool] = (), sessions: Sequence[str] = ("*",),
+                 busy: BusyPolicy | str = BusyPolicy.QUEUE, max_steps: int = 16,
+                 coalesce_window: float = 0.020, coalesce_bytes: int = 256) -> None:
+        self.name = name
+        self.model: Model = model or SimulatedModel()
+        self.instructions = instructions
+        self.tools = {t.name: t for t in tools}
+        self.sessions = tuple(sessions)
+        self.busy = BusyPolicy(busy)
+        self.max_steps = max_steps
+        self.coalesce_window = coalesce_window
+        self.coalesce_bytes = coalesce_bytes
+
+    def serves(self, session: str) -> bool:
+        return any(fnmatch.fnmatchcase(session, pattern) for pattern in self.sessions)
+
+    async def respond(self, run: Run) -> None:
+        """The default loop: model step, tools, repeat, until the model answers with text."""
+        for _ in range(self.max_steps):
+            calls: dict[int, list[str]] = {}  # index → [id, name, arguments]
+            async with run.stream_text() as text:
+                async for chunk in self.model.stream(run.messages(), [t.spec for t in
+                                                                      self.tools.values()]):
+                    if isinstance(chunk, TextDelta):
+                        text.write(chunk.text)
+                    elif isinstance(chunk, ToolCallDelta):
+                        call = calls.setdefault(chunk.index, ["", "", ""])
+                        call[0] = chunk.id or call[0]
+                        call[1] = chunk.name or call[1]
+                        call[2] += chunk.arguments
+            if not calls:
+                return
+            for call_id, name, arguments in calls.values():
+                await run.call_tool(call_id, name, arguments)
+        await run.fail(f"no answer after {self.max_steps} model steps")

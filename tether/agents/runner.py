@@ -1,0 +1,691 @@
+"""Runs: agent work that lives in a session and outlives whoever started it.
+
+A :class:`Run` is driven by one node (the one holding its lease) as an asyncio task. Everything
+it does is an event in the session log — ``run.created``, ``run.state`` for every transition of
+:mod:`tether.agents.state`, token streams, ``tool.call``, ``approval.request``, ``tool.result``
+— so the log alone rebuilds it: after a restart the :class:`RunManager` folds the log, ends a
+stream that was cut off with a visible ``interrupted`` marker, and continues where the run was
+(a run waiting for an approval or a front-end tool keeps waiting).
+
+Participants steer runs by publishing control events (``run.cancel``, ``run.steer``,
+``approval.decision``, ``tool.result``). :meth:`RunManager.control` validates each one against
+the run's state before anything is written, so an invalid one costs nothing; decisions and
+results are deduplicated by the store (idempotency keys), so exactly one counts even when two
+devices answer at once on two nodes.
+
+The session ``tether.runs`` is the index: which runs exist and which are active, schedules,
+webhooks, and the leases (``run.claim`` events keyed per lease period, so the store decides
+atomically who owns a run; a node that dies stops renewing and another node claims the run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from tether.agents.agent import Agent, BusyPolicy
+from tether.agents.models import Message, ToolCall
+from tether.agents.state import (
+    FINAL_STATES,
+    IllegalTransition,
+    RunRecord,
+    RunState,
+    Trigger,
+    fold,
+    next_state,
+)
+from tether.protocol.codes import ErrorCode, RequestError
+from tether.protocol.events import STREAM_APPEND, STREAM_END, Event, Sender
+from tether.store.base import Appended, SessionStore, StoreError
+
+if TYPE_CHECKING:
+    from tether.server.auth import Grant
+
+log = logging.getLogger("tether.runs")
+
+RUN_INDEX = "tether.runs"
+LEASE_SECONDS = 10.0
+
+
+def new_run_id() -> str:
+    return "run_" + secrets.token_hex(6)
+
+
+def conversation(events: list[tuple[int, str, Any, Sender]], instructions: str
+                 ) -> list[Message]:
+    """The model's view of a session: user messages, answers, tool calls and results."""
+    messages = [Message("system", instructions)] if instructions else []
+    called: set[str] = set()
+    for _, type_, data, sender in events:
+        if not isinstance(data, dict):
+            if type_ == "message" and isinstance(data, str) and sender.kind != "agent":
+                messages.append(Message("user", data))
+            continue
+        if (type_ == "message" and sender.kind != "agent") or type_ == "run.steer":
+            messages.append(Message("user", str(data.get("text", ""))))
+        elif type_ == "run.created" and data.get("trigger") != "message":
+            # Runs started by the API or a schedule carry their input instead of a message.
+            given = data.get("input")
+            text = given.get("text") if isinstance(given, dict) else given
+            if text:
+                messages.append(Message("user", str(text)))
+        elif type_ == STREAM_END and data.get("role") == "assistant" and data.get("text"):
+            messages.append(Message("assistant", data["text"]))
+        elif type_ in ("tool.call", "approval.request") and data.get("call") not in called:
+            called.add(data["call"])
+            call = ToolCall(data["call"], data["name"], orjson.dumps(data.get("arguments"))
+                            .decode())
+            last = messages[-1] if messages else None
+            if last is not None and last.role == "assistant" and last.tool_calls:
+                messages[-1] = Message("assistant", last.content, (*last.tool_calls, call))
+            else:
+                messages.append(Message("assistant", "", (call,)))
+        elif type_ == "tool.result":
+            body = data["result"] if "result" in data else {"error": data.get("error")}
+            messages.append(Message("tool", orjson.dumps(body).decode(),
+                                    tool_call_id=data["call"]))
+    return messages
+
+
+class TextStream:
+    """Coalesces token deltas: one ``stream.append`` per window or size, whichever first.
+
+    ``write`` never blocks the model; appends go out in order through one sender.
+    """
+
+    def __init__(self, run: Run, stream_id: str) -> None:
+        self.run = run
+        self.id = stream_id
+        self.window = run.agent.coalesce_window
+        self.limit = run.agent.coalesce_bytes
+        self._buffer: list[str] = []
+        self._size = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._sending: asyncio.Task[None] | None = None
+        self._queue: list[str] = []
+        self.started = False
+        self.closed = False
+        self.text_parts: list[str] = []
+
+    def write(self, text: str) -> None:
+        if not text:
+            return
+        self._buffer.append(text)
+        self._size += len(text.encode())
+        if self._size >= self.limit:
+            self._flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.window, self._flush)
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._buffer or self.closed:
+            return
+        self._queue.append("".join(self._buffer))
+        self._buffer, self._size = [], 0
+        if self._sending is None or self._sending.done():
+            self._sending = asyncio.get_running_loop().create_task(self._send())
+
+    async def _send(self) -> None:
+        while self._queue:
+            text = self._queue.pop(0)
+            self.started = True
+            self.text_parts.append(text)
+            await self.run.emit(STREAM_APPEND, {"stream": self.id, "text": text,
+                                                "run": self.run.id})
+
+    async def drain(self) -> None:
+        """Send everything written so far and wait for its commit."""
+        self._flush()
+        while self._sending is not None and not self._sending.done():
+            await asyncio.shield(self._sending)
+
+    async def end(self, **extra: Any) -> None:
+        await self.drain()
+        self.closed = True
+        if self.started:
+            await self.run.emit(STREAM_END, {"stream": self.id, "run": self.run.id,
+                                             "role": "assistant", **extra})
+            self.started = False
+
+
+class Run:
+    """One run, driven on this node."""
+
+    def __init__(self, manager: RunManager, session: str, record: RunRecord, agent: Agent,
+                 events: list[tuple[int, str, Any, Sender]]) -> None:
+        self.manager = manager
+        self.session = session
+        self.record = record
+        self.agent = agent
+        self.id = record.run
+        self.events = events  # the session log as this run has seen it, in seq order
+        self.seen = {seq for seq, *_ in events}
+        self.task: asyncio.Task[None] | None = None
+        self.text: TextStream | None = None
+        self.arrived: dict[str, Event] = {}  # decisions and results by call id
+        self._wakeup = asyncio.Event()
+        self.sender = Sender(f"agent:{agent.name}", manager.node, "agent")
+
+    # --- output ---------------------------------------------------------------------------
+
+    async def emit(self, type: str, data: Any) -> Event:
+        appended = await self.manager.store.append(self.session, type, data, self.sender)
+        self.observe(appended.event)
+        return appended.event
+
+    async def transition(self, trigger: Trigger, **extra: Any) -> None:
+        state = next_state(self.record.state, trigger)  # raises before anything is written
+        await self.emit("run.state", {"run": self.id, "state": str(state),
+                                      "trigger": str(trigger), **extra})
+        self.record.state = state
+        await self.manager.index(self, state)
+
+    def messages(self) -> list[Message]:
+        return conversation(self.events, self.agent.instructions)
+
+    @contextlib.asynccontextmanager
+    async def stream_text(self) -> AsyncIterator[TextStream]:
+        """A coalescing text stream for one model step; ended when the block exits."""
+        streams = sum(1 for _, t, d, _ in self.events
+                      if t == STREAM_END and isinstance(d, dict) and d.get("run") == self.id)
+        text = self.text = TextStream(self, f"{self.id}.{streams}")
+        # On an exception (a cancel, a failure) the stream stays in self.text: whoever stops
+        # the run ends it with an ``interrupted`` marker, after what was written so far.
+        yield text
+        await text.end()
+        self.text = None
+
+    async def set_state(self, snapshot: Any) -> None:
+        """Publish the agent's shared state (AG-UI STATE_SNAPSHOT)."""
+        await self.emit("run.snapshot", {"run": self.id, "snapshot": snapshot})
+
+    async def fail(self, error: str) -> None:
+        if self.text is not None:
+            await self.text.end(interrupted="failed")
+            self.text = None
+        await self.transition(Trigger.FAIL, error=error)
+
+    # --- tools ----------------------------------------------------------------------------
+
+    async def call_tool(self, call_id: str, name: str, arguments_json: str) -> None:
+        call_id = call_id or "call_" + secrets.token_hex(6)
+        tool = self.agent.tools.get(name)
+        try:
+            arguments = orjson.loads(arguments_json or "{}")
+        except orjson.JSONDecodeError:
+            arguments = None
+        if tool is None or not isinstance(arguments, dict):
+            await self.emit("tool.call", {"run": self.id, "call": call_id, "name": name,
+                                          "arguments": arguments, "target": "server"})
+            problem = f"unknown tool {name!r}" if tool is None else "arguments are not an object"
+            await self.emit("tool.result", {"run": self.id, "call": call_id, "error": problem})
+            return
+        if tool.requires_approval:
+            expires = (int((time.time() + tool.timeout) * 1000) if tool.timeout else None)
+            await self.emit("approval.request", {"run": self.id, "call": call_id, "name": name,
+                                                 "arguments": arguments, "expires_at": expires})
+            await self.transition(Trigger.REQUEST_APPROVAL, call=call_id)
+            decision = await self.wait_for(call_id, expires)
+            await self.transition(Trigger.DECISION, call=call_id)
+            if decision.data.get("decision") != "approve":
+                by = decision.data.get("by", {}).get("sub", "nobody")
+                verdict = decision.data.get("decision")
+                await self.emit("tool.result", {"run": self.id, "call": call_id,
+                                                "error": f"{verdict} by {by}"})
+                return
+            if isinstance(decision.data.get("arguments"), dict):
+                arguments = decision.data["arguments"]
+        await self.run_tool(call_id, name, arguments)
+
+    async def run_tool(self, call_id: str, name: str, arguments: dict[str, Any]) -> None:
+        tool = self.agent.tools[name]
+        if tool.client_side:
+            expires = (int((time.time() + tool.timeout) * 1000) if tool.timeout else None)
+            await self.emit("tool.call", {"run": self.id, "call": call_id, "name": name,
+                                          "arguments": arguments, "target": "client",
+                                          "expires_at": expires})
+            await self.transition(Trigger.CALL_CLIENT_TOOL, call=call_id)
+            await self.wait_for(call_id, expires)
+            await self.transition(Trigger.TOOL_RESULT, call=call_id)
+            return
+        await self.emit("tool.call", {"run": self.id, "call": call_id, "name": name,
+                                      "arguments": arguments, "target": "server"})
+        try:
+            result = await tool.call(arguments)
+            body: dict[str, Any] = {"result": result}
+            orjson.dumps(result)
+        except Exception as exc:
+            body = {"error": f"{type(exc).__name__}: {exc}"}
+        await self.emit("tool.result", {"run": self.id, "call": call_id, **body})
+
+    async def wait_for(self, call_id: str, expires_at: int | None) -> Event:
+        """Wait, durably, for the decision or result of ``call_id`` (or its expiry)."""
+        while call_id not in self.arrived:
+            timeout = 2.0  # re-read the log now and then: live channels may drop events
+            if expires_at is not None:
+                timeout = min(timeout, max(0.0, expires_at / 1000 - time.time()))
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            if call_id in self.arrived:
+                break
+            await self.sync()
+            if expires_at is not None and time.time() * 1000 >= expires_at \
+                    and call_id not in self.arrived:
+                await self.manager.expire(self, call_id)
+        return self.arrived[call_id]
+
+    # --- input ------------------------------------------------------------------------------
+
+    def observe(self, event: Event) -> None:
+        """Take in one committed event of the session (own output, control, messages)."""
+        if event.transient or event.seq in self.seen:
+            return
+        self.seen.add(event.seq)
+        self.events.append((event.seq, event.type, event.data, event.sender))
+        if len(self.events) > 1 and self.events[-2][0] > event.seq:
+            self.events.sort(key=lambda e: e[0])  # an event that the live channel delayed
+        data = event.data
+        if (isinstance(data, dict) and data.get("run") == self.id
+                and event.type in ("approval.decision", "tool.result")
+                and event.sender.kind != "agent"):
+            self.arrived[data["call"]] = event
+            self._wakeup.set()
+
+    async def sync(self) -> None:
+        """Read what the live channel may have missed from the log."""
+        after = max(self.seen, default=0)
+        for event in await self.manager.store.read(self.session, after, 1000):
+            self.observe(event)
+
+    # --- driving ----------------------------------------------------------------------------
+
+    async def drive(self) -> None:
+        try:
+            await self._resume()
+            if self.record.state == RunState.QUEUED:
+                await self.transition(Trigger.START)
+            await self.agent.respond(self)
+            if self.record.state == RunState.RUNNING:
+                await self.transition(Trigger.COMPLETE)
+        except asyncio.CancelledError:
+            raise
+        except (IllegalTransition, StoreError) as exc:
+            log.warning("run %s stopped: %s", self.id, exc)
+        except Exception as exc:
+            log.exception("run %s failed", self.id)
+            with contextlib.suppress(Exception):
+                await self.fail(f"{type(exc).__name__}: {exc}")
+        finally:
+            self.manager.finished(self)
+
+    async def _resume(self) -> None:
+        """Continue a run recovered from the log (after a restart or a lease change)."""
+        if self.record.state == RunState.RUNNING:
+            # It was streaming when its node stopped: end what was cut off, visibly, and
+            # run the step again (the model sees the same history, so no text is lost).
+            ended = {d.get("stream") for _, t, d, _ in self.events
+                     if t == STREAM_END and isinstance(d, dict)}
+            cut = [d["stream"] for _, t, d, _ in self.events
+                   if t == STREAM_APPEND and isinstance(d, dict) and d.get("run") == self.id
+                   and d["stream"] not in ended]
+            for stream in dict.fromkeys(cut):
+                await self.emit(STREAM_END, {"stream": stream, "run": self.id,
+                                             "role": "assistant", "interrupted": "restarted"})
+            await self.transition(Trigger.RESTART)
+            # A server tool whose result is missing is called again (at least once).
+            for call in self._calls_without_result("server"):
+                await self.run_tool(call["call"], call["name"], call.get("arguments") or {})
+        for pending in list(self.record.pending.values()):
+            if pending.kind == "approval":
+                decision = await self.wait_for(pending.call, pending.expires_at)
+                await self.transition(Trigger.DECISION, call=pending.call)
+                if decision.data.get("decision") == "approve":
+                    arguments = decision.data.get("arguments") or pending.arguments or {}
+                    await self.run_tool(pending.call, pending.name, arguments)
+                else:
+                    by = decision.data.get("by", {}).get("sub", "nobody")
+                    await self.emit("tool.result", {
+                        "run": self.id, "call": pending.call,
+                        "error": f"{decision.data.get('decision')} by {by}"})
+            else:
+                await self.wait_for(pending.call, pending.expires_at)
+                await self.transition(Trigger.TOOL_RESULT, call=pending.call)
+        self.record.pending.clear()
+
+    def _calls_without_result(self, target: str) -> list[dict[str, Any]]:
+        results = {d.get("call") for _, t, d, _ in self.events
+                   if t == "tool.result" and isinstance(d, dict)}
+        return [d for _, t, d, _ in self.events
+                if t == "tool.call" and isinstance(d, dict) and d.get("run") == self.id
+                and d.get("target") == target and d["call"] not in results]
+
+
+class RunManager:
+    """Starts, steers, recovers and hands over the runs of this node."""
+
+    def __init__(self, store: SessionStore, node: str,
+                 on_change: Callable[[str, str, RunState], Any] | None = None) -> None:
+        self.store = store
+        self.node = node
+        self.agents: list[Agent] = []
+        self.runs: dict[str, Run] = {}  # driven on this node
+        self.queued: dict[str, list[str]] = {}  # session → run ids waiting their turn
+        self.locks: dict[str, asyncio.Lock] = {}
+        self.system = Sender("tether", node, "system")
+        self.on_change = on_change  # (session, run, state): webhooks
+        self._tasks: list[asyncio.Task[None]] = []
+        self.claimed: dict[str, int] = {}  # run → last lease period this node holds
+
+    def register(self, agent: Agent) -> None:
+        self.agents.append(agent)
+
+    def agent_for(self, session: str, name: str | None = None) -> Agent | None:
+        if session.startswith("tether."):
+            return None
+        for agent in self.agents:
+            if (name is None or agent.name == name) and agent.serves(session):
+                return agent
+        return None
+
+    def lock(self, session: str) -> asyncio.Lock:
+        lock = self.locks.get(session)
+        if lock is None:
+            lock = self.locks[session] = asyncio.Lock()
+        return lock
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.reclaim()
+        self._tasks.append(asyncio.get_running_loop().create_task(self._lease_loop()))
+
+    async def stop(self) -> None:
+        """Stop driving runs; they stay active in the log and resume on the next start."""
+        for task in self._tasks:
+            task.cancel()
+        for run in list(self.runs.values()):
+            if run.task is not None:
+                run.task.cancel()
+        await asyncio.gather(*(r.task for r in self.runs.values() if r.task),
+                             return_exceptions=True)
+
+    async def _lease_loop(self) -> None:
+        while True:
+            await asyncio.sleep(LEASE_SECONDS / 3)
+            try:
+                await self.reclaim()
+            except StoreError as exc:
+                log.warning("lease renewal failed: %s", exc)
+
+    def _period(self, offset: int = 0) -> int:
+        return int(time.time() // LEASE_SECONDS) + offset
+
+    async def claim(self, run: str, period: int) -> bool:
+        """Own ``run`` for one lease period; the store's idempotency keys decide the race."""
+        appended = await self.store.append(RUN_INDEX, "run.claim",
+                                           {"run": run, "node": self.node, "period": period},
+                                           Sender("tether", "lease", "system"),
+                                           key=f"claim:{run}:{period}")
+        return bool(appended.event.data.get("node") == self.node)
+
+    async def reclaim(self) -> None:
+        """Renew leases of our runs; claim active runs whose owner stopped renewing."""
+        active = await self.active_runs()
+        now = self._period()
+        for run_id, session in active.items():
+            if self.claimed.get(run_id, -1) > now:
+                continue  # held through the next period already
+            owned = await self.claim(run_id, now)
+            if owned and await self.claim(run_id, now + 1):
+                self.claimed[run_id] = now + 1
+            local = self.runs.get(run_id)
+            if owned and local is None and run_id not in self._queued_ids():
+                await self.recover(session, run_id)
+            elif not owned and local is not None and local.task is not None:
+                log.warning("run %s is now owned by another node", run_id)
+                local.task.cancel()
+
+    def _queued_ids(self) -> set[str]:
+        return {r for runs in self.queued.values() for r in runs}
+
+    async def active_runs(self) -> dict[str, str]:
+        """Runs the index says are not finished: run id → session."""
+        active: dict[str, str] = {}
+        after = 0
+        while True:
+            page = await self.store.read(RUN_INDEX, after, 1000)
+            for event in page:
+                data = event.data
+                if event.type == "run.index" and isinstance(data, dict):
+                    if data["state"] in {str(s) for s in FINAL_STATES}:
+                        active.pop(data["run"], None)
+                    else:
+                        active[data["run"]] = data["session"]
+            if len(page) < 1000:
+                return active
+            after = page[-1].seq
+
+    async def index(self, run: Run, state: RunState) -> None:
+        if state in FINAL_STATES:
+            await self.store.append(RUN_INDEX, "run.index", {
+                "run": run.id, "session": run.session, "state": str(state),
+                "agent": run.agent.name}, self.system)
+            self.claimed.pop(run.id, None)
+            self._start_next(run.session)
+        if self.on_change is not None:
+            self.on_change(run.session, run.id, state)
+
+    async def session_log(self, session: str) -> list[tuple[int, str, Any, Sender]]:
+        events: list[tuple[int, str, Any, Sender]] = []
+        after = 0
+        while True:
+            page = await self.store.read(session, after, 1000)
+            events += [(e.seq, e.type, e.data, e.sender) for e in page]
+            if len(page) < 1000:
+                return events
+            after = page[-1].seq
+
+    async def recover(self, session: str, run_id: str) -> Run | None:
+        events = await self.session_log(session)
+        record = fold([(s, t, d) for s, t, d, _ in events]).get(run_id)
+        if record is None or record.final:
+            return None
+        agent = self.agent_for(session, record.agent)
+        if agent is None:
+            log.warning("run %s needs agent %r, which is not registered", run_id, record.agent)
+            return None
+        log.info("resuming run %s in %s (%s)", run_id, session, record.state)
+        return self._launch(session, record, agent, events)
+
+    def _launch(self, session: str, record: RunRecord, agent: Agent,
+                events: list[tuple[int, str, Any, Sender]]) -> Run:
+        run = Run(self, session, record, agent, events)
+        self.runs[run.id] = run
+        self.store.listen(session, run.observe)
+        run.task = asyncio.get_running_loop().create_task(run.drive())
+        return run
+
+    def finished(self, run: Run) -> None:
+        """``run`` is no longer driven here (it ended, was cancelled, or changed owner)."""
+        if self.runs.get(run.id) is run:
+            del self.runs[run.id]
+            self.store.unlisten(run.session, run.observe)
+
+    def _start_next(self, session: str) -> None:
+        queued = self.queued.get(session)
+        if queued:
+            next_id = queued.pop(0)
+            if not queued:
+                del self.queued[session]
+            asyncio.get_running_loop().create_task(self.recover(session, next_id))
+
+    def active_in(self, session: str) -> Run | None:
+        for run in self.runs.values():
+            if run.session == session and not run.record.final:
+                return run
+        return None
+
+    # --- starting runs ----------------------------------------------------------------------
+
+    async def on_committed(self, event: Event) -> None:
+        """A publish committed on this node: a person's message may start a run."""
+        if event.type != "message" or event.sender.kind == "agent" or event.transient:
+            return
+        agent = self.agent_for(event.session)
+        if agent is None:
+            return
+        text = event.data.get("text") if isinstance(event.data, dict) else event.data
+        active = self.active_in(event.session)
+        if active is not None:
+            if agent.busy == BusyPolicy.MERGE:
+                return  # the active run sees the message in its history at its next step
+            if agent.busy == BusyPolicy.INTERRUPT:
+                await self.cancel(active, self.system.to_dict(), "interrupted by a new message")
+        await self.create_run(event.session, agent, {"text": text, "message_seq": event.seq},
+                              "message")
+
+    async def create_run(self, session: str, agent: Agent, input: Any, trigger: str) -> str:
+        run_id = new_run_id()
+        async with self.lock(session):
+            created = await self.store.append(session, "run.created", {
+                "run": run_id, "agent": agent.name, "trigger": trigger, "input": input},
+                Sender(f"agent:{agent.name}", self.node, "agent"))
+            record = RunRecord(run_id, agent.name, trigger=trigger, input=input,
+                               created_seq=created.event.seq)
+            now = self._period()
+            if await self.claim(run_id, now) and await self.claim(run_id, now + 1):
+                self.claimed[run_id] = now + 1
+            busy = self.active_in(session) is not None or self.queued.get(session)
+            await self.store.append(RUN_INDEX, "run.index", {
+                "run": run_id, "session": session, "state": "queued", "agent": agent.name},
+                self.system)
+            if busy:
+                self.queued.setdefault(session, []).append(run_id)
+                return run_id
+            events = await self.session_log(session)
+            self._launch(session, record, agent, events)
+        return run_id
+
+    # --- control events -------------------------------------------------------------------
+
+    async def control(self, session: str, type: str, data: Any, sender: Sender,
+                      grant: Grant) -> Appended:
+        """Validate and apply a control event; nothing is written when it is refused."""
+        if not isinstance(data, dict) or not isinstance(data.get("run"), str):
+            raise RequestError(ErrorCode.INVALID, f"{type} data needs a 'run' id")
+        async with self.lock(session):
+            record, local = await self._record(session, data["run"])
+            if record.final:
+                raise RequestError(ErrorCode.RUN_FINISHED, f"run {record.run} is {record.state}")
+            by = {"sub": sender.sub, "client": sender.client}
+            if type == "run.cancel":
+                if local is not None:
+                    return await self.cancel(local, by, str(data.get("reason", "")))
+                return await self.store.append(session, "run.cancel", {
+                    "run": record.run, "by": by, "reason": str(data.get("reason", ""))},
+                    self.system, key=f"cancel:{record.run}")
+            if type == "run.steer":
+                if not isinstance(data.get("text"), str) or not data["text"]:
+                    raise RequestError(ErrorCode.INVALID, "run.steer needs 'text'")
+                return await self.store.append(session, "run.steer", {
+                    "run": record.run, "text": data["text"], "by": by}, sender)
+            call = data.get("call")
+            pending = record.pending.get(call) if isinstance(call, str) else None
+            if type == "approval.decision":
+                if not grant.allows(session, "approve"):
+                    raise RequestError(ErrorCode.FORBIDDEN, "deciding needs the 'approve' "
+                                                            "capability")
+                if pending is None or pending.kind != "approval":
+                    raise RequestError(ErrorCode.UNKNOWN_CALL,
+                                       f"run {record.run} awaits no approval for {call!r}")
+                decision = data.get("decision")
+                if decision not in ("approve", "reject"):
+                    raise RequestError(ErrorCode.INVALID, "decision must be approve or reject")
+                body = {"run": record.run, "call": call, "decision": decision, "by": by}
+                if decision == "approve" and data.get("arguments") is not None:
+                    if not isinstance(data["arguments"], dict):
+                        raise RequestError(ErrorCode.INVALID, "edited arguments must be an "
+                                                              "object")
+                    body["arguments"] = data["arguments"]
+                appended = await self.store.append(session, "approval.decision", body,
+                                                   self.system, key=f"decide:{record.run}:{call}")
+            else:  # tool.result from a front-end tool
+                if pending is None or pending.kind != "client":
+                    raise RequestError(ErrorCode.UNKNOWN_CALL,
+                                       f"run {record.run} awaits no tool result for {call!r}")
+                body = {"run": record.run, "call": call, "by": by}
+                if "error" in data:
+                    body["error"] = str(data["error"])
+                else:
+                    body["result"] = data.get("result")
+                appended = await self.store.append(session, "tool.result", body, self.system,
+                                                   key=f"result:{record.run}:{call}")
+            if appended.duplicate:
+                raise RequestError(ErrorCode.ALREADY_DECIDED,
+                                   f"{call!r} of run {record.run} was already answered")
+            if local is not None:
+                local.observe(appended.event)
+            return appended
+
+    async def _record(self, session: str, run_id: str) -> tuple[RunRecord, Run | None]:
+        local = self.runs.get(run_id)
+        if local is not None:
+            # The live record, with pending calls from what the run has seen so far.
+            runs = fold([(s, t, d) for s, t, d, _ in local.events])
+            record = runs.get(run_id, local.record)
+            record.state = local.record.state
+            return record, local
+        found = fold([(s, t, d) for s, t, d, _ in await self.session_log(session)]).get(run_id)
+        if found is None:
+            raise RequestError(ErrorCode.RUN_NOT_FOUND, f"no run {run_id!r} in {session!r}")
+        return found, None
+
+    async def cancel(self, run: Run, by: dict[str, str], reason: str) -> Appended:
+        """Stop ``run`` first, then record it: no delta can follow the cancel in the log."""
+        task = run.task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if run.text is not None:
+            await run.text.end(interrupted="cancelled")
+            run.text = None
+        self.finished(run)
+        appended = await self.store.append(run.session, "run.cancel", {
+            "run": run.id, "by": by, "reason": reason}, self.system, key=f"cancel:{run.id}")
+        run.observe(appended.event)
+        if not run.record.final:
+            await run.transition(Trigger.CANCEL, by=by)
+        return appended
+
+    async def expire(self, run: Run, call: str) -> None:
+        """A decision or front-end result did not come in time: record that, once."""
+        async with self.lock(run.session):
+            if call in run.arrived:
+                return
+            pending_kind = "approval" if run.record.state == RunState.AWAITING_APPROVAL \
+                else "client"
+            if pending_kind == "approval":
+                appended = await self.store.append(run.session, "approval.decision", {
+                    "run": run.id, "call": call, "decision": "expired",
+                    "by": {"sub": "tether", "client": self.node}},
+                    self.system, key=f"decide:{run.id}:{call}")
+            else:
+                appended = await self.store.append(run.session, "tool.result", {
+                    "run": run.id, "call": call, "error": "timed out",
+                    "by": {"sub": "tether", "client": self.node}},
+                    self.system, key=f"result:{run.id}:{call}")
+            event = appended.event
+            run.observe(event)
+            if call not in run.arrived:  # a duplicate: the original answer is in the log
+                run.arrived[call] = event
