@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from tether.agents.runner import RunManager
+from tether.agents.schedule import Scheduler
 from tether.protocol.codec import CODECS, SUBPROTOCOLS
 from tether.protocol.codes import CloseCode
 from tether.protocol.events import SYSTEM, Event
@@ -51,6 +52,7 @@ class Server:
         self.hub = Hub(self.store, self.metrics, self.config.catchup_page)
         self.node_id = self.config.node_id or node_id(self.config.data_dir)
         self.runs = RunManager(self.store, self.node_id)
+        self.scheduler = Scheduler(self.runs)
         self.connections: set[Connection] = set()
         self.streams: set[asyncio.Task[Any]] = set()  # SSE handlers, cancelled on stop
         self.app = self._make_app()
@@ -141,6 +143,7 @@ class Server:
             loop.create_task(self._periodic(self.config.trim_interval, self._trim, "retention")),
         ]
         await self.runs.start()
+        await self.scheduler.start()
         if getattr(self.store, "live_is_lossy", False):
             self._tasks.append(loop.create_task(self._periodic(
                 self.config.tail_check_interval, self.hub.check_tails, "tail check")))
@@ -151,6 +154,7 @@ class Server:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
+        await self.scheduler.stop()
         await self.runs.stop()
         for stream in list(self.streams):
             stream.cancel()

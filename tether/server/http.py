@@ -13,6 +13,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from tether.agents.schedule import parse_schedule
 from tether.protocol.codes import HTTP_STATUS, ErrorCode, RequestError
 from tether.protocol.cursor import Cursor, CursorError, epoch_belongs
 from tether.protocol.events import (
@@ -271,6 +272,57 @@ async def post_run(server: Server, request: web.Request) -> web.Response:
     return json_response({"run": run, "session": session, "agent": agent.name}, 201)
 
 
+async def _json_body(request: web.Request) -> Any:
+    try:
+        return orjson.loads(await request.read() or b"{}")
+    except orjson.JSONDecodeError as exc:
+        raise HttpError(ErrorCode.BAD_FRAME, f"malformed JSON: {exc}") from None
+
+
+@handle_errors
+async def post_schedule(server: Server, request: web.Request) -> web.Response:
+    """Start runs on a timer: ``{"every": seconds}`` or ``{"cron": "*/5 * * * *"}``."""
+    session = _session(request)
+    _grant(server, request, session, "publish")
+    schedule = parse_schedule(session, await _json_body(request))
+    await server.scheduler.add(schedule)
+    return json_response(schedule.to_dict(), 201)
+
+
+@handle_errors
+async def get_schedules(server: Server, request: web.Request) -> web.Response:
+    session = _session(request)
+    _grant(server, request, session, "subscribe")
+    return json_response({"schedules": [s.to_dict() for s in server.scheduler.schedules.values()
+                                        if s.session == session]})
+
+
+@handle_errors
+async def delete_schedule(server: Server, request: web.Request) -> web.Response:
+    session = _session(request)
+    _grant(server, request, session, "publish")
+    await server.scheduler.remove(session, request.match_info["schedule"])
+    return json_response({"deleted": request.match_info["schedule"]})
+
+
+@handle_errors
+async def put_webhook(server: Server, request: web.Request) -> web.Response:
+    """``{"url": ..., "secret": ...}`` (or ``{"url": null}`` to remove it)."""
+    session = _session(request)
+    _grant(server, request, session, "admin")
+    body = await _json_body(request)
+    if not isinstance(body, dict):
+        raise HttpError(ErrorCode.INVALID, "body must be a JSON object")
+    url, secret = body.get("url"), body.get("secret")
+    if url is not None and (not isinstance(url, str)
+                            or not url.startswith(("http://", "https://"))):
+        raise HttpError(ErrorCode.INVALID, "'url' must be an http(s) URL or null")
+    if secret is not None and not isinstance(secret, str):
+        raise HttpError(ErrorCode.INVALID, "'secret' must be a string")
+    await server.scheduler.set_webhook(session, url, secret)
+    return json_response({"session": session, "url": url})
+
+
 async def healthz(request: web.Request) -> web.Response:
     server = request.app[SERVER_KEY]
     try:
@@ -292,6 +344,10 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/sessions/{session}/events", get_events)
     app.router.add_get("/v1/sessions/{session}/stream", get_stream)
     app.router.add_post("/v1/sessions/{session}/runs", post_run)
+    app.router.add_post("/v1/sessions/{session}/schedules", post_schedule)
+    app.router.add_get("/v1/sessions/{session}/schedules", get_schedules)
+    app.router.add_delete("/v1/sessions/{session}/schedules/{schedule}", delete_schedule)
+    app.router.add_put("/v1/sessions/{session}/webhook", put_webhook)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
 
