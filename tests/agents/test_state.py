@@ -66,3 +66,10 @@ def test_diagram_is_generated_from_the_table() -> None:
     for state, moves in TRANSITIONS.items():
         for trigger, target in moves.items():
             assert f"{state} --> {target}: {trigger}" in diagram
+
+
+def test_docs_show_the_current_diagram() -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[2] / "docs" / "runs.md").read_text()
+    assert f"```mermaid\n{mermaid()}\n```" in doc
