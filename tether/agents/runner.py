@@ -119,7 +119,8 @@ class TextStream:
             return
         self._buffer.append(text)
         self._size += len(text.encode())
-        if self._size >= self.limit:
+        # The first delta goes out at once: time to first token is what people feel.
+        if self._size >= self.limit or (not self.started and self._sending is None):
             self._flush()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.window, self._flush)
