@@ -343,6 +343,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/sessions/{session}/events", post_event)
     app.router.add_get("/v1/sessions/{session}/events", get_events)
     app.router.add_get("/v1/sessions/{session}/stream", get_stream)
+    from tether.server import agui  # it imports this module, so not at the top
+    app.router.add_get("/v1/sessions/{session}/agui", agui.get_agui)
     app.router.add_post("/v1/sessions/{session}/runs", post_run)
     app.router.add_post("/v1/sessions/{session}/schedules", post_schedule)
     app.router.add_get("/v1/sessions/{session}/schedules", get_schedules)
