@@ -210,6 +210,10 @@ class Run:
         """Publish the agent's shared state (AG-UI STATE_SNAPSHOT)."""
         await self.emit("run.snapshot", {"run": self.id, "snapshot": snapshot})
 
+    async def update_state(self, delta: list[dict[str, Any]]) -> None:
+        """Change the agent's shared state with a JSON Patch (AG-UI STATE_DELTA)."""
+        await self.emit("run.delta", {"run": self.id, "delta": delta})
+
     async def fail(self, error: str) -> None:
         if self.text is not None:
             await self.text.end(interrupted="failed")
