@@ -26,10 +26,10 @@ RESERVED_NAMESPACES = ("stream.", "presence.", "run.", "tool.", "approval.", "te
 # Types clients publish to steer runs; the run manager validates them before they are stored.
 CONTROL_TYPES = frozenset({"run.cancel", "run.steer", "approval.decision", "tool.result"})
 # Types only the server writes (run lifecycle, tool calls, the run index).
-SERVER_TYPES = frozenset({"run.created", "run.state", "run.snapshot", "run.delta", "run.index",
-                          "run.claim",
-                          "tool.call", "approval.request", "tether.schedule",
-                          "tether.webhook"})
+SERVER_TYPES = frozenset({
+    "run.created", "run.state", "run.snapshot", "run.delta", "run.index", "run.claim",
+    "tool.call", "approval.request", "tether.schedule", "tether.webhook", "tether.fire",
+})
 KNOWN_RESERVED_TYPES = frozenset({STREAM_APPEND, STREAM_END}) | CONTROL_TYPES | SERVER_TYPES
 TRANSIENT_ONLY_TYPES = frozenset({PRESENCE_JOIN, PRESENCE_LEAVE, PRESENCE_UPDATE})
 
