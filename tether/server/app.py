@@ -17,6 +17,7 @@ from tether.agents.schedule import Scheduler
 from tether.protocol.codec import CODECS, SUBPROTOCOLS
 from tether.protocol.codes import CloseCode
 from tether.protocol.events import SYSTEM, Event
+from tether.responses import add_responses_routes
 from tether.server.auth import load_secret
 from tether.server.config import ServerConfig
 from tether.server.connection import Connection
@@ -72,6 +73,7 @@ class Server:
         app[SERVER_KEY] = self
         app.router.add_get("/v1/ws", self._websocket)
         add_routes(app)
+        add_responses_routes(app)
         return app
 
     async def _websocket(self, request: web.Request) -> web.StreamResponse:

@@ -1,0 +1,98 @@
+"""The Responses service of one node: settings, models, chains, metrics, open connections."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import Counter, Gauge
+
+from tether.responses.backends import Models
+from tether.responses.chains import Chains, Node
+from tether.responses.config import ResponsesConfig, parse_inherit
+from tether.responses.errors import ApiError, server_error, unauthorized
+from tether.server.auth import AuthError, Grant, verify_token
+from tether.store.base import StoreError
+
+if TYPE_CHECKING:
+    from tether.server.app import Server
+
+log = logging.getLogger("tether.responses")
+
+# Closing code when the node shuts down: "going away", which clients (the openai SDK's
+# reconnecting mode among them) treat as recoverable.
+GOING_AWAY = 1001
+
+
+class ResponsesService:
+    def __init__(self, server: Server, config: ResponsesConfig | None = None) -> None:
+        self.server = server
+        self.config = config or ResponsesConfig.from_env()
+        self.models = Models.from_specs(self.config.models)
+        self.chains = Chains(server.store, self.config.node_cache)
+        self.sockets: set[Any] = set()  # ResponsesSocket, typed loosely to avoid a cycle
+        self.tasks: set[asyncio.Task[Any]] = set()  # responses still generating
+        registry = server.metrics.registry
+        self.responses_total = Counter("tether_responses", "Responses finished, by transport "
+                                       "and status", ["transport", "status"], registry=registry)
+        self.errors_total = Counter("tether_responses_errors", "Responses API errors, by code",
+                                    ["code"], registry=registry)
+        self.connections_gauge = Gauge("tether_responses_connections",
+                                       "Open Responses WebSocket connections", registry=registry)
+        self.inflight_gauge = Gauge("tether_responses_inflight", "Responses generating now",
+                                    registry=registry)
+
+    # --- requests ---
+
+    def authenticate(self, request: web.Request) -> Grant:
+        """The caller's grant from ``Authorization: Bearer <tether token>`` (the openai SDK sends
+        its ``api_key`` that way); the token needs the ``publish`` capability."""
+        header = request.headers.get("Authorization", "")
+        token = header[7:].strip() if header.lower().startswith("bearer ") else None
+        try:
+            grant = verify_token(self.server.secret, token)
+        except AuthError as exc:
+            raise unauthorized(f"Incorrect API key provided: {exc.message}.") from None
+        if not grant.caps & {"publish", "admin"}:
+            raise ApiError("This token lacks the 'publish' capability needed to create "
+                           "responses.", code="insufficient_permissions", status=403)
+        return grant
+
+    def inherit_for(self, request: web.Request) -> frozenset[str]:
+        asked = request.query.get("inherit")
+        if asked is None:
+            return self.config.inherit
+        try:
+            return parse_inherit(asked)
+        except ValueError as exc:
+            raise ApiError(str(exc), code="invalid_value", param="inherit") from None
+
+    async def find(self, sub: str, response_id: str) -> Node | None:
+        try:
+            return await self.chains.find(sub, response_id)
+        except StoreError as exc:
+            log.error("store failed reading a response chain", extra={"error": str(exc)})
+            raise server_error("The response store is unavailable.") from None
+
+    def count_error(self, error: ApiError) -> None:
+        self.errors_total.labels(error.code or error.type).inc()
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # --- lifecycle (aiohttp signals) ---
+
+    async def on_shutdown(self, app: web.Application) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        closes = [sock.close(GOING_AWAY, b"server shutting down") for sock in list(self.sockets)]
+        if closes:
+            await asyncio.wait([asyncio.ensure_future(c) for c in closes], timeout=2.0)
+
+    async def on_cleanup(self, app: web.Application) -> None:
+        with contextlib.suppress(Exception):
+            await self.models.aclose()
