@@ -35,10 +35,9 @@ class Loop:
 
     async def turn(self, client: AsyncOpenAI, final: bool = False) -> None:
         async with client.responses.connect() as conn:
-            await conn.response.create(model=MODEL, input=self.pending, tools=TOOLS,  # type: ignore[arg-type]
+            await conn.response.create(model=MODEL, input=self.pending, tools=TOOLS,
                                        tool_choice="none" if final else "auto",
-                                       **({"previous_response_id": self.previous}
-                                          if self.previous else {}))
+                                       previous_response_id=self.previous)
             raws, event = await next_response(conn)
         assert event.type == "response.completed", raws[-1]
         response = event.response

@@ -48,10 +48,10 @@ async def run_loop(conn: AsyncResponsesConnection, calls: int, *, previous: str 
     responses: list[Response] = []
     pending: Any = first_input
     for turn in range(calls + 1):
-        await conn.response.create(model=MODEL, input=pending, tools=TOOLS,  # type: ignore[arg-type]
+        await conn.response.create(model=MODEL, input=pending, tools=TOOLS,
                                    instructions="You are a careful coding agent.",
                                    tool_choice="none" if turn == calls else "auto",
-                                   **({"previous_response_id": previous} if previous else {}))
+                                   previous_response_id=previous)
         raws, event = await next_response(conn)
         assert event.type == "response.completed", raws[-1]
         check_response_events(raws)
@@ -109,7 +109,7 @@ async def test_warm_up_then_continue(harness: Harness) -> None:
     harness.service.models.register(MODEL, recorder)
     client = harness.client()
     async with client.responses.connect() as conn:
-        await conn.response.create(model=MODEL, generate=False, tools=TOOLS,  # type: ignore[arg-type]
+        await conn.response.create(model=MODEL, generate=False, tools=TOOLS,
                                    input=[{"role": "developer", "content": "Repository: tether"}])
         raws, event = await next_response(conn)
         assert [r["type"] for r in raws] == ["response.created", "response.in_progress",
@@ -129,14 +129,14 @@ async def test_warm_up_then_continue(harness: Harness) -> None:
 async def test_http_stateless_and_streaming(harness: Harness) -> None:
     client = harness.client()
     # A client without continuation sends the whole history each time.
-    first = await client.responses.create(model=MODEL, input=TASK, tools=TOOLS,  # type: ignore[arg-type]
+    first = await client.responses.create(model=MODEL, input=TASK, tools=TOOLS,
                                           store=False)
     call = next(item for item in first.output if item.type == "function_call")
     history: list[Any] = [{"role": "user", "content": TASK},
                           *[item.model_dump(exclude_none=True) for item in first.output],
                           {"type": "function_call_output", "call_id": call.call_id,
                            "output": "3 passed, 1 failed"}]
-    stream = await client.responses.create(model=MODEL, input=history, tools=TOOLS,  # type: ignore[arg-type]
+    stream = await client.responses.create(model=MODEL, input=history, tools=TOOLS,
                                            tool_choice="none", stream=True, store=False)
     events = [event async for event in stream]
     assert [e.sequence_number for e in events] == list(range(len(events)))

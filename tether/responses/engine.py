@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+
 from tether.agents.models import (
     Finish,
     Message,
@@ -267,14 +269,15 @@ async def run(turn: Turn, chains: Chains, emit: Emit,
                     await items.call(chunk)
                 elif isinstance(chunk, Finish):
                     finish = chunk
-        except ModelError as exc:
-            log.warning("model failed", extra={"response": turn.id, "error": str(exc)})
-            turn.status = "failed"
-            turn.error = {"code": "server_error", "message": f"The model failed: {exc}"}
-        except (OSError, ValueError) as exc:  # upstream transport errors, malformed streams
+        except (ModelError, httpx.HTTPError, OSError, ValueError) as exc:
             log.warning("model failed", extra={"response": turn.id, "error": repr(exc)})
             turn.status = "failed"
-            turn.error = {"code": "server_error", "message": "The model could not be reached."}
+            turn.error = {"code": "server_error", "message": f"The model failed: {exc}"
+                          if isinstance(exc, ModelError) else "The model could not be reached."}
+        except Exception:  # a bug in an adapter: still a failed response, never a hung one
+            log.exception("model failed", extra={"response": turn.id})
+            turn.status = "failed"
+            turn.error = {"code": "server_error", "message": "The model failed."}
         if turn.status != "failed":
             reason = "length" if truncated else (finish.reason if finish else "stop")
             if reason in INCOMPLETE_REASONS:
