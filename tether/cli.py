@@ -118,8 +118,13 @@ def _token_for(args: argparse.Namespace) -> str:
     return issue_token(secret, "cli", [args.session_id], ["subscribe", "publish"], 3600)
 
 
+def _line(event: Any) -> dict[str, Any]:
+    return {"seq": event.seq, "cursor": event.cursor, "type": event.type, "data": event.data,
+            "sender": event.sender, "time": event.time}
+
+
 def _cmd_tail(args: argparse.Namespace) -> int:
-    from tether.client import Client
+    from tether.client import Client, Snapshot
 
     _install_uvloop()
 
@@ -127,9 +132,14 @@ def _cmd_tail(args: argparse.Namespace) -> int:
         async with Client(args.url, token=_token_for(args)) as client:
             session = await client.attach(args.session_id, cursor=args.cursor)
             async for event in session:
-                line = {"seq": event.seq, "cursor": event.cursor, "type": event.type,
-                        "data": event.data, "sender": event.sender, "time": event.time}
-                print(orjson.dumps(line).decode(), flush=True)
+                if isinstance(event, Snapshot):
+                    # Continuity lost (log recreated or trimmed): say so, then the history.
+                    print(orjson.dumps({"continuity_lost": event.reason,
+                                        "cursor": event.cursor}).decode(), flush=True)
+                    for old in event.events:
+                        print(orjson.dumps(_line(old)).decode(), flush=True)
+                    continue
+                print(orjson.dumps(_line(event)).decode(), flush=True)
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run())

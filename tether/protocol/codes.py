@@ -46,8 +46,9 @@ CLOSE_CODE_MEANINGS: dict[CloseCode, str] = {
 def should_reconnect(code: int | None) -> bool:
     """Whether a client should reconnect after a close with ``code``.
 
-    Standard codes (1000–3999) other than a normal close and policy violations are treated as
-    transient: the network, a proxy or a crashed node closed the socket.
+    4500–4999 and the standard codes for a peer's protocol or policy violation (1002, 1003,
+    1007, 1008, 1009, 1010) mean "stop". Everything else, a normal close (1000) or going away
+    (1001) from a proxy included, is transient: reconnect and resume.
     """
     if code is None:
         return True
@@ -65,7 +66,7 @@ class ErrorCode(enum.StrEnum):
     NOT_READY = "not_ready"  # a frame other than hello before hello
     FORBIDDEN = "forbidden"  # the token lacks the capability or session
     BAD_CURSOR = "bad_cursor"  # malformed cursor, or a cursor from another session
-    NOT_ATTACHED = "not_attached"  # publish/detach/presence on a session not attached
+    NOT_ATTACHED = "not_attached"  # detach/ack/presence.set on a session not attached
     TOO_MANY_SESSIONS = "too_many_sessions"  # attach beyond the per-connection limit
     RATE_LIMITED = "rate_limited"  # publish rate per connection exceeded (temporary)
     TOO_LARGE = "too_large"  # event data larger than the maximum event size

@@ -25,6 +25,7 @@ from tether.server.http import SERVER_KEY, add_routes
 from tether.server.hub import Hub
 from tether.server.metrics import Metrics
 from tether.store import SessionStore, open_store
+from tether.web import add_web_routes
 
 log = logging.getLogger("tether.server")
 
@@ -74,6 +75,7 @@ class Server:
         app.router.add_get("/v1/ws", self._websocket)
         add_routes(app)
         add_responses_routes(app)
+        add_web_routes(app)
         return app
 
     async def _websocket(self, request: web.Request) -> web.StreamResponse:
@@ -158,6 +160,11 @@ class Server:
             task.cancel()
         await self.scheduler.stop()
         await self.runs.stop()
+        # Stop accepting first: a client reconnecting during shutdown must be refused, not
+        # handed a connection that nobody will close.
+        if self._runner is not None:
+            for site in list(self._runner.sites):
+                await site.stop()
         for stream in list(self.streams):
             stream.cancel()
         closes = [conn.ws.close(code=CloseCode.SHUTDOWN, message=b"server shutting down")

@@ -303,14 +303,15 @@ class Connection:
         cursor = frame.cursor
         if cursor is not None and not epoch_belongs(cursor.epoch, session):
             raise RequestError(ErrorCode.BAD_CURSOR, "cursor belongs to another session")
+        try:
+            head = await server.store.head(session)
+        except StoreError as exc:
+            raise RequestError(ErrorCode.STORE_UNAVAILABLE, str(exc)) from None
+        resumed, after, reason = resume_decision(cursor, head)
+        # Only now that the new attach can proceed does it replace an existing one.
         old = self.subs.pop(session, None)
         if old is not None:
             server.hub.unsubscribe(old)
-        try:
-            head = await server.store.head(session)
-            resumed, after, reason = resume_decision(cursor, head)
-        except StoreError as exc:
-            raise RequestError(ErrorCode.STORE_UNAVAILABLE, str(exc)) from None
         # Subscribe before reading anything so no commit can fall between history and live.
         sub = server.hub.subscribe(self, session, head.epoch, after)
         self.subs[session] = sub
