@@ -81,6 +81,10 @@ StateCallback = Callable[["ConnectionState"], None]
 PresenceCallback = Callable[["Session", str, tuple[dict[str, Any], ...]], None]
 
 
+
+# Control events that must not wait behind queued publishes.
+_INTERRUPTS = frozenset({"run.cancel", "run.steer"})
+
 class ConnectionState(enum.Enum):
     """Where the client's connection stands; see :meth:`Client.on_state`."""
 
@@ -264,6 +268,38 @@ class Session:
     def stream(self, stream_id: str | None = None) -> Stream:
         """A token stream helper; a random stream id unless given."""
         return Stream(self, stream_id or uuid.uuid4().hex[:16])
+
+    # --- steering runs (see docs/runs.md) -------------------------------------------------
+
+    async def cancel_run(self, run: str, reason: str = "") -> str | None:
+        """Cancel a run; sent ahead of anything already queued on this connection."""
+        return await self.publish("run.cancel", {"run": run, "reason": reason})
+
+    async def steer(self, run: str, text: str) -> str | None:
+        """Inject a message into an active run; sent ahead of queued data."""
+        return await self.publish("run.steer", {"run": run, "text": text})
+
+    async def approve(self, run: str, call: str,
+                      arguments: dict[str, Any] | None = None) -> str | None:
+        """Approve a tool call, optionally with edited arguments (needs ``approve``)."""
+        data: dict[str, Any] = {"run": run, "call": call, "decision": "approve"}
+        if arguments is not None:
+            data["arguments"] = arguments
+        return await self.publish("approval.decision", data)
+
+    async def reject(self, run: str, call: str) -> str | None:
+        return await self.publish("approval.decision",
+                                  {"run": run, "call": call, "decision": "reject"})
+
+    async def answer_tool(self, run: str, call: str, result: Any = None, *,
+                          error: str | None = None) -> str | None:
+        """Answer a front-end tool call; the first valid answer wins."""
+        data: dict[str, Any] = {"run": run, "call": call}
+        if error is not None:
+            data["error"] = error
+        else:
+            data["result"] = result
+        return await self.publish("tool.result", data)
 
     # --- presence ---------------------------------------------------------------------------
 
@@ -765,7 +801,10 @@ class Client:
         conn = self._conn
         if conn is None:
             return  # no connection: the protocol state re-sends what matters after welcome
-        conn.outbox.append(frame)
+        if frame.get("op") == "publish" and frame.get("type") in _INTERRUPTS:
+            conn.outbox.appendleft(frame)  # interrupts go ahead of queued data
+        else:
+            conn.outbox.append(frame)
         conn.outbox_ready.set()
 
     # --- internals: outcomes ------------------------------------------------------------
