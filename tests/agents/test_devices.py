@@ -46,8 +46,8 @@ async def test_two_devices_one_run_one_approval(agent_server: Server) -> None:
                     done.add(name)
         assert approved
         assert transcripts["laptop"] == transcripts["phone"]
-        decided = [orjson.loads(b) for b in transcripts["laptop"]
-                   if b'"approval.decision"' in b][0]
+        decided = next(orjson.loads(b) for b in transcripts["laptop"]
+                   if b'"approval.decision"' in b)
         assert decided["data"]["by"]["sub"] == "bob"
-        result = [orjson.loads(b) for b in transcripts["laptop"] if b'"tool.result"' in b][0]
+        result = next(orjson.loads(b) for b in transcripts["laptop"] if b'"tool.result"' in b)
         assert result["data"]["result"] == {"deployed": "from-phone"}
