@@ -1,0 +1,292 @@
+// Type declarations for tether.js, the browser (and Node) SDK of the tether wire protocol v1.
+// Times are in milliseconds. Documentation: docs/web.md.
+
+export const VERSION: string;
+export const SUBPROTOCOL: "tether.v1.json";
+export const WS_PATH: "/v1/ws";
+export const SNAPSHOT_TYPE: "tether.snapshot";
+
+export type ConnectionStateName = "connecting" | "connected" | "reconnecting" | "closed";
+
+export const ConnectionState: Readonly<{
+  CONNECTING: "connecting";
+  CONNECTED: "connected";
+  RECONNECTING: "reconnecting";
+  CLOSED: "closed";
+}>;
+
+export const CloseCode: Readonly<{
+  SHUTDOWN: 4000;
+  SLOW_CONSUMER: 4001;
+  UNAUTHORIZED: 4500;
+  TOKEN_EXPIRED: 4501;
+  HELLO_TIMEOUT: 4502;
+  UNSUPPORTED_CODEC: 4503;
+  TOO_MANY_ERRORS: 4504;
+}>;
+
+/** Whether a client should reconnect after a close with `code` (null: the socket dropped). */
+export function shouldReconnect(code: number | null | undefined): boolean;
+/** Exponential backoff with full jitter: uniform(0, min(cap, base * 2**attempt)). */
+export function backoffDelay(attempt: number, base: number, cap: number, random?: () => number): number;
+/** Parse "{epoch}:{seq}"; throws a TypeError when malformed. */
+export function parseCursor(text: string): { epoch: string; seq: number };
+/** `ws://host:port` → `ws://host:port/v1/ws`; http(s) → ws(s); relative URLs use the page's. */
+export function wsUrl(url: string): string;
+/** A fresh idempotency key. */
+export function newKey(): string;
+
+export interface Sender {
+  sub: string;
+  client: string;
+  kind: "human" | "agent" | "system" | string;
+}
+
+/** One event of a session. Transient events have `seq` 0 and `cursor` null. */
+export interface SessionEvent {
+  session: string;
+  seq: number;
+  cursor: string | null;
+  epoch: string | null;
+  type: string;
+  data: any;
+  sender: Sender;
+  /** Milliseconds since the Unix epoch, assigned by the store at commit. */
+  time: number;
+  transient: boolean;
+  /** The stream id of a `stream.append` / `stream.end` event, else null. */
+  stream: string | null;
+  snapshot: false;
+}
+
+/** Continuity was lost (`attached{resumed: false}`): discard what was derived from the old
+ * cursor and rebuild from `events` and `presence`. Events after it continue from `cursor`.
+ * `reason`: epoch_changed | cursor_expired | history_trimmed | cursor_rejected (a cursor saved
+ * in storage that the server refused; `cursor` is then null and the log replays from the start). */
+export interface Snapshot {
+  session: string;
+  seq: number;
+  cursor: string | null;
+  epoch: string | null;
+  type: "tether.snapshot";
+  data: { reason: string; previous: string | null; events: number };
+  sender: Sender;
+  time: number;
+  transient: false;
+  stream: null;
+  snapshot: true;
+  reason: string;
+  previous: string | null;
+  events: SessionEvent[];
+  presence: PresenceMember[];
+}
+
+export type SessionItem = SessionEvent | Snapshot;
+
+export interface PresenceMember {
+  member: string;
+  sub: string;
+  client: string;
+  device: string;
+  kind: "human" | "agent" | string;
+  tools: string[];
+  state: Record<string, any>;
+  since: number;
+}
+
+export type PresenceAction = "list" | "join" | "leave" | "update" | "set";
+
+export interface StateInfo {
+  /** Failed attempts so far in this outage. */
+  attempt?: number;
+  /** The backoff delay before the next attempt. */
+  delay?: number;
+  /** When the next attempt starts (Date.now() clock), or null while waiting for the network. */
+  retryAt?: number | null;
+  /** An attempt is in progress. */
+  connecting?: boolean;
+  /** `navigator.onLine` is false: waiting for the `online` event. */
+  offline?: boolean;
+  reason?: string;
+  code?: number | null;
+}
+
+export interface Saved {
+  cursor: string | null;
+  /** What `saveState` returned when the cursor was saved (absent without saveState). */
+  state?: any;
+  time: number;
+}
+
+/** Anything with getItem/setItem/removeItem: sessionStorage, localStorage, a Map wrapper. */
+export interface StorageLike {
+  getItem(key: string): string | null;
+  setItem(key: string, value: string): void;
+  removeItem(key: string): void;
+}
+
+export type TokenSource = string | null | (() => string | Promise<string>);
+
+export interface ClientOptions {
+  /** A JWT, or a function called on every (re)connect (then 4501 token_expired reconnects). */
+  token?: TokenSource;
+  /** Stable for this object's lifetime (random by default). */
+  clientId?: string;
+  /** A label shown in presence ("Chrome on macOS"). */
+  device?: string;
+  kind?: "human" | "agent";
+  /** Front-end tools this client can run (announced in hello and presence). */
+  tools?: string[];
+  /** Reconnects wait uniform(0, min(backoffCap, backoffBase * 2**attempt)) ms. Default 500. */
+  backoffBase?: number;
+  /** Default 30000. */
+  backoffCap?: number;
+  /** Failed attempts in a row before giving up; null (default) = never. */
+  maxAttempts?: number | null;
+  /** Idle ms before a `ping` frame, and again before dropping the socket.
+   * Default: welcome.heartbeat + 5 s. */
+  heartbeatTimeout?: number | null;
+  /** No welcome within this many ms: drop and retry. Default 10000. */
+  connectTimeout?: number;
+  closeTimeout?: number;
+  /** Where cursors (and saved state) are kept; default `sessionStorage` when available;
+   * null disables persistence. */
+  storage?: StorageLike | null;
+  /** With `saveState`, cursor and state are saved at most this often (and on pagehide). */
+  persistInterval?: number;
+  /** A WebSocket constructor (default globalThis.WebSocket; in Node < 22 pass one from 'ws'). */
+  WebSocket?: any;
+  random?: () => number;
+  /** Follow navigator.onLine and page visibility (default true). */
+  watchNetwork?: boolean;
+}
+
+export interface AttachOptions {
+  /** undefined: the cursor saved in storage, else from the start; null: from the start. */
+  cursor?: string | null;
+  /** Initial presence state, restored on every re-attach. */
+  presence?: Record<string, any> | null;
+  onEvent?: (item: SessionItem, session: Session) => void;
+  onPresence?: (action: PresenceAction, members: PresenceMember[], session: Session) => void;
+  onAttached?: (info: AttachedInfo) => void;
+  /** Saved with the cursor (atomically) so a reload can restore both; read it back with
+   * `client.saved(name).state` before attaching. */
+  saveState?: () => any;
+}
+
+export interface AttachedInfo {
+  resumed: boolean;
+  cursor: string;
+  reason: string | null;
+}
+
+export interface PublishOptions {
+  /** Idempotency key (≤ 128 chars); a random one by default, reused on every re-send. */
+  key?: string | null;
+  /** Fan out without storing (typing indicators); resolves to null; best effort. */
+  transient?: boolean;
+}
+
+export class TetherError extends Error {}
+export class ConnectionFailed extends TetherError {
+  closeCode: number | null;
+  reason: string;
+}
+export class RequestFailed extends TetherError {
+  code: string;
+  detail: string;
+}
+export class PublishError extends RequestFailed {}
+export class AttachError extends RequestFailed {}
+export class ClientClosed extends TetherError {}
+export class SessionClosed extends TetherError {}
+
+export class Stream {
+  readonly session: Session;
+  readonly id: string;
+  ended: boolean;
+  append(text: string): Promise<string | null>;
+  end(extra?: Record<string, any>): Promise<string | null>;
+}
+
+export class Session implements AsyncIterable<SessionItem> {
+  readonly client: Client;
+  readonly name: string;
+  /** Cursor of the last item handed to the application. */
+  cursor: string | null;
+  /** The last (re-)attach's `resumed` flag (null until attached). */
+  resumed: boolean | null;
+  /** What attach read from storage, or null. */
+  restored: Saved | null;
+  /** Members present now, by member id. */
+  readonly presence: Record<string, PresenceMember>;
+  readonly members: PresenceMember[];
+  /** Resolves with the committed cursor (null for transient events). */
+  publish(type: string, data?: any, options?: PublishOptions): Promise<string | null>;
+  stream(id?: string | null): Stream;
+  setPresence(state: Record<string, any>): Promise<void>;
+  on(type: "event", callback: (item: SessionItem, session: Session) => void): () => void;
+  on(type: "presence", callback: (action: PresenceAction, members: PresenceMember[], session: Session) => void): () => void;
+  on(type: "attached", callback: (info: AttachedInfo) => void): () => void;
+  on(type: "closed", callback: (error: Error | null) => void): () => void;
+  onEvent(callback: (item: SessionItem, session: Session) => void): () => void;
+  onPresence(callback: (action: PresenceAction, members: PresenceMember[], session: Session) => void): () => void;
+  onAttached(callback: (info: AttachedInfo) => void): () => void;
+  next(): Promise<SessionItem>;
+  [Symbol.asyncIterator](): AsyncIterator<SessionItem>;
+  detach(): Promise<void>;
+}
+
+export class Client {
+  constructor(url: string, options?: ClientOptions);
+  readonly url: string;
+  readonly clientId: string;
+  /** The last welcome frame: sub, caps, heartbeat, limits. */
+  welcome: Record<string, any> | null;
+  storage: StorageLike | null;
+  readonly state: ConnectionStateName;
+  readonly stateInfo: StateInfo;
+  readonly sessions: Map<string, Session>;
+  session(name: string): Session | undefined;
+  on(type: "state", callback: (state: ConnectionStateName, info: StateInfo) => void): () => void;
+  on(type: "welcome", callback: (frame: Record<string, any>) => void): () => void;
+  on(type: "notice", callback: (frame: Record<string, any>) => void): () => void;
+  onState(callback: (state: ConnectionStateName, info: StateInfo) => void): () => void;
+  connect(): Promise<void>;
+  attach(name: string, options?: AttachOptions): Promise<Session>;
+  saved(name: string): Saved | null;
+  forget(name: string): void;
+  reconnectNow(): void;
+  ping(): Promise<number>;
+  close(): Promise<void>;
+}
+
+/** The protocol state machine without I/O (advanced; used by tests). */
+export class ClientProtocol {
+  constructor(options: { clientId: string; device?: string; kind?: string; tools?: string[] });
+  sessions: Map<string, any>;
+  publishes: Map<number, any>;
+  connected: boolean;
+  hello(token: string | null): Record<string, any>;
+  connectionLost(): any[];
+  attach(session: string, cursor?: string | null, presence?: Record<string, any> | null): Record<string, any> | null;
+  detach(session: string): [number, Record<string, any> | null];
+  publish(session: string, type: string, data: any, options?: PublishOptions): [number, Record<string, any> | null];
+  setPresence(session: string, state: Record<string, any>): [number, Record<string, any> | null];
+  ping(): [number, Record<string, any>] | null;
+  resend(id: number): Record<string, any> | null;
+  retryAttach(session: string): Record<string, any> | null;
+  cancel(id: number): void;
+  receive(frame: Record<string, any>): any[];
+}
+
+export class Heartbeat {
+  constructor(timeout: number, now: number);
+  received(now: number): void;
+  probe(now: number, deadline: number): void;
+  poll(now: number): ["wait" | "ping" | "drop", number];
+}
+
+export function eventFromFrame(frame: Record<string, any>): SessionEvent;
+
+export default Client;
