@@ -175,13 +175,19 @@ async def test_upgrade_without_a_valid_token_is_refused(harness: Harness,
     assert body["error"]["type"] == "invalid_request_error"
 
 
-async def test_a_token_without_publish_is_forbidden(harness: Harness) -> None:
-    headers = {"Authorization": f"Bearer {token(caps=['subscribe'])}"}
+@pytest.mark.parametrize("tok", [token(caps=["subscribe"]), token(sessions=["demo*"])])
+async def test_a_token_without_the_responses_grant_is_forbidden(harness: Harness,
+                                                                tok: str) -> None:
+    headers = {"Authorization": f"Bearer {tok}"}
     async with aiohttp.ClientSession() as http, http.post(
             f"{harness.base_url}/responses", headers=headers,
             json={"model": MODEL, "input": "x"}) as resp:
         assert resp.status == 403
         assert (await resp.json())["error"]["code"] == "insufficient_permissions"
+    scoped = token(sessions=["responses"], caps=["publish"])
+    sock = await RawSocket.connect(harness.port, scoped)
+    await still_serves(sock)
+    await sock.close()
 
 
 async def test_http_errors(harness: Harness) -> None:

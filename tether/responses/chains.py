@@ -49,7 +49,6 @@ class Node:
     input: list[Item]
     response: dict[str, Any]
     stored: bool
-    size: int = 0  # approximate bytes of this node's own items
     _messages: tuple[Message, ...] | None = field(default=None, repr=False)
 
     @property

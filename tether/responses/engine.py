@@ -252,7 +252,7 @@ async def run(turn: Turn, chains: Chains, emit: Emit,
             messages.append(Message("system", plan.instructions))
         messages.extend(history)
         messages.extend(new_messages)
-        specs = tool_specs(plan.tools) if request.tool_choice != "none" else []
+        specs = tool_specs(plan.tools)  # with tool_choice "none" the model may not call
         model = plan.backend.model(plan.model, request, specs)
         finish: Finish | None = None
         truncated = False

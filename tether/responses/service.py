@@ -25,6 +25,9 @@ log = logging.getLogger("tether.responses")
 # Closing code when the node shuts down: "going away", which clients (the openai SDK's
 # reconnecting mode among them) treat as recoverable.
 GOING_AWAY = 1001
+# What a token must allow (with "publish") to use the Responses API: a session-scoped token
+# minted for one conversation does not grant model access.
+GRANT_SESSION = "responses"
 
 
 class ResponsesService:
@@ -49,16 +52,18 @@ class ResponsesService:
 
     def authenticate(self, request: web.Request) -> Grant:
         """The caller's grant from ``Authorization: Bearer <tether token>`` (the openai SDK sends
-        its ``api_key`` that way); the token needs the ``publish`` capability."""
+        its ``api_key`` that way). The token must allow the session ``responses`` with the
+        ``publish`` capability (``tether token --session responses --caps publish``)."""
         header = request.headers.get("Authorization", "")
         token = header[7:].strip() if header.lower().startswith("bearer ") else None
         try:
             grant = verify_token(self.server.secret, token)
         except AuthError as exc:
             raise unauthorized(f"Incorrect API key provided: {exc.message}.") from None
-        if not grant.caps & {"publish", "admin"}:
-            raise ApiError("This token lacks the 'publish' capability needed to create "
-                           "responses.", code="insufficient_permissions", status=403)
+        if not grant.allows(GRANT_SESSION, "publish"):
+            raise ApiError(f"This token does not allow the Responses API: it needs the session "
+                           f"'{GRANT_SESSION}' (or a pattern matching it, such as '*') with the "
+                           "'publish' capability.", code="insufficient_permissions", status=403)
         return grant
 
     def inherit_for(self, request: web.Request) -> frozenset[str]:
