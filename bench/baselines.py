@@ -1,0 +1,196 @@
+"""Baseline servers, run as subprocesses by the benchmarks: ``python -m bench.baselines MODE``.
+
+Each is the smallest idiomatic server doing the same job as tether without a store, envelope,
+auth or protocol, so the ratio shows what tether's guarantees cost on top of the WebSocket stack.
+
+Modes (aiohttp unless stated, uvloop, compression off):
+
+``broadcast``  ``/sub`` connections only listen; every message received on ``/pub`` is written
+               (encoded once) to every subscriber, then acknowledged to the publisher with a
+               short frame, so the publisher can bound its messages in flight.
+``relay``      every message received on ``/pub/{i}`` is forwarded to ``/sub/{i}``.
+``idle``       ``/ws`` accepts and reads; nothing else (idle memory per connection).
+``push``       ``/ws`` writes ``--frames`` pre-encoded frames of ``--size`` bytes on connect.
+``socketio``   python-socketio ASGI app under uvicorn: event ``join`` enters room ``r``; event
+               ``pub`` emits ``delta`` with the same data to room ``r`` and acknowledges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+ACK = b'{"ok":1}'
+
+
+def _ws() -> web.WebSocketResponse:
+    return web.WebSocketResponse(compress=False, max_msg_size=1 << 20)
+
+
+def broadcast_app() -> web.Application:
+    subscribers: list[web.WebSocketResponse] = []
+
+    async def sub(request: web.Request) -> web.WebSocketResponse:
+        ws = _ws()
+        await ws.prepare(request)
+        subscribers.append(ws)
+        try:
+            async for _ in ws:
+                pass
+        finally:
+            subscribers.remove(ws)
+        return ws
+
+    async def pub(request: web.Request) -> web.WebSocketResponse:
+        ws = _ws()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type is not WSMsgType.TEXT:
+                continue
+            data = msg.data.encode()  # encode once, the same bytes for every subscriber
+            for target in tuple(subscribers):
+                with contextlib.suppress(ConnectionError):
+                    await target.send_frame(data, WSMsgType.TEXT)
+            await ws.send_frame(ACK, WSMsgType.TEXT)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/sub", sub)
+    app.router.add_get("/pub", pub)
+    return app
+
+
+def relay_app() -> web.Application:
+    subscribers: dict[str, web.WebSocketResponse] = {}
+
+    async def sub(request: web.Request) -> web.WebSocketResponse:
+        ws = _ws()
+        await ws.prepare(request)
+        name = request.match_info["i"]
+        subscribers[name] = ws
+        try:
+            async for _ in ws:
+                pass
+        finally:
+            subscribers.pop(name, None)
+        return ws
+
+    async def pub(request: web.Request) -> web.WebSocketResponse:
+        ws = _ws()
+        await ws.prepare(request)
+        name = request.match_info["i"]
+        async for msg in ws:
+            if msg.type is not WSMsgType.TEXT:
+                continue
+            target = subscribers.get(name)
+            if target is not None:
+                await target.send_frame(msg.data.encode(), WSMsgType.TEXT)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/sub/{i}", sub)
+    app.router.add_get("/pub/{i}", pub)
+    return app
+
+
+def idle_app() -> web.Application:
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = _ws()
+        await ws.prepare(request)
+        async for _ in ws:
+            pass
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", handler)
+    return app
+
+
+def push_app(frames: int, size: int) -> web.Application:
+    payloads = []
+    for seq in range(1, frames + 1):
+        head = b'{"type":"delta","seq":%d,"text":"' % seq
+        payloads.append(head + b"x" * max(0, size - len(head) - 2) + b'"}')
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = _ws()
+        await ws.prepare(request)
+        for data in payloads:
+            await ws.send_frame(data, WSMsgType.TEXT)
+        async for _ in ws:
+            pass
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", handler)
+    return app
+
+
+async def serve_aiohttp(app: web.Application, port: int) -> None:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port, reuse_address=True, backlog=4096)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def socketio_ws_impl() -> str:
+    try:
+        import websockets  # noqa: F401
+    except ImportError:
+        return "wsproto"
+    return "websockets-sansio"
+
+
+def serve_socketio(port: int) -> None:
+    import socketio
+    import uvicorn
+
+    sio = socketio.AsyncServer(async_mode="asgi", cors_allowed_origins="*",
+                               http_compression=False, compression_threshold=1 << 30)
+
+    @sio.event  # type: ignore[misc]
+    async def join(sid: str, *_: Any) -> int:
+        await sio.enter_room(sid, "r")
+        return 1
+
+    @sio.event  # type: ignore[misc]
+    async def pub(sid: str, data: Any) -> int:
+        await sio.emit("delta", data, room="r")
+        return 1
+
+    app = socketio.ASGIApp(sio)
+    uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", ws=socketio_ws_impl(),
+                log_level="warning", lifespan="off", access_log=False,
+                ws_per_message_deflate=False, backlog=4096)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=["broadcast", "relay", "idle", "push", "socketio"])
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--frames", type=int, default=1000)
+    p.add_argument("--size", type=int, default=100)
+    args = p.parse_args()
+    if args.mode == "socketio":
+        serve_socketio(args.port)
+        return
+    import uvloop
+
+    apps = {"broadcast": broadcast_app, "relay": relay_app, "idle": idle_app}
+    app = push_app(args.frames, args.size) if args.mode == "push" else apps[args.mode]()
+    uvloop.run(serve_aiohttp(app, args.port))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""RedisStore append throughput: 100,000 events across 100 sessions, concurrently.
+
+``tether.store.redis.RedisStore`` runs in this process (client core) against a redis-server the
+script starts on a free port (server core, no persistence). Every session has ``K`` appenders,
+each awaiting its append before the next (so 100 x K appends are in flight); the store batches
+what queues up while a pipeline is out (one Lua call per session batch). Figure: events/s from
+the first append to the last commit, checked against each session's head. Target: >= 100k/s.
+
+Variants: plain events (``message``, ~80-byte data), token deltas (``stream.append``: the script
+also appends to the stream's text), and plain events with an idempotency key each (what the
+Python SDK sends), at K = 1 and K = 10.
+
+Baseline in the same run: one ``XADD`` at a time with redis-py (asyncio, hiredis), same data,
+round-robin over 100 streams; and, for scale, ``XADD`` pipelined 100 at a time.
+
+Run: ``python -m bench.redis_store`` (3 runs, ~30 s) or ``--quick``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import common as c
+
+SESSIONS = 100
+DATA = {"stream": "m1", "text": c.DELTA_TEXT}
+HEADLINE = "message, K=10"
+
+
+class RedisServer:
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            sys.exit("redis-server is not installed (apt-get install -y redis-server)")
+        self.port = c.free_port()
+        self._dir = tempfile.TemporaryDirectory(prefix="bench-redis-")
+        self.proc = subprocess.Popen(
+            c.pinned([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                      "--appendonly", "no", "--dir", self._dir.name, "--protected-mode", "no"]),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        c.wait_for_port(self.port, 10, self.proc)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self._dir.cleanup()
+
+
+async def flush(url: str) -> None:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
+    await client.flushall()
+    await client.aclose()
+
+
+async def run_store(redis: RedisServer, total: int, per_session: int, type_: str, keyed: bool,
+                    profile: str | None = None) -> dict[str, Any]:
+    from tether.protocol.events import Sender
+    from tether.store.redis import RedisStore
+
+    url = redis.url
+    await flush(url)
+    batches: list[int] = []
+    store = RedisStore(url, on_batch=batches.append)
+    await store.start()
+    sender = Sender("bench", "c-1", "agent")
+    per_appender = total // (SESSIONS * per_session)
+    data: Any = DATA if type_ == "stream.append" else {"text": c.DELTA_TEXT, "n": 1}
+
+    async def appender(session: str) -> None:
+        for _ in range(per_appender):
+            key = uuid.uuid4().hex if keyed else None
+            await store.append(session, type_, data, sender, key)
+
+    sessions = [f"redis-{i}" for i in range(SESSIONS)]
+    spy = c.start_profile(os.getpid(), profile, 3)
+    if spy is not None:
+        await asyncio.sleep(1.0)  # py-spy attaching
+    try:
+        start = time.perf_counter()
+        own0, redis0 = time.process_time(), c.cpu_seconds(redis.proc.pid)
+        await asyncio.gather(*(appender(s) for s in sessions for _ in range(per_session)))
+        elapsed = time.perf_counter() - start
+        own1, redis1 = time.process_time(), c.cpu_seconds(redis.proc.pid)
+        heads = [await store.head(s) for s in sessions]
+    finally:
+        await store.close()
+    if spy is not None:
+        spy.wait()
+    expected = per_appender * per_session
+    if any(h.last_seq != expected for h in heads):
+        raise RuntimeError(f"heads {[h.last_seq for h in heads][:5]}... != {expected}")
+    done = expected * SESSIONS
+    return {"events_per_s": done / elapsed, "events": done, "seconds": elapsed,
+            "client_cpu": (own1 - own0) / elapsed, "redis_cpu": (redis1 - redis0) / elapsed,
+            "mean_batch": sum(batches) / len(batches) if batches else float("nan")}
+
+
+async def run_xadd(url: str, count: int, pipeline: int) -> float:
+    import redis.asyncio as aioredis
+
+    await flush(url)
+    client = aioredis.Redis.from_url(url)
+    payload = orjson.dumps(["message", ["bench", "c-1", "agent"], DATA])
+    keys = [f"bench:{{redis-{i}}}:log" for i in range(SESSIONS)]
+    try:
+        start = time.perf_counter()
+        if pipeline <= 1:
+            for i in range(count):
+                await client.xadd(keys[i % SESSIONS], {"t": 0, "e": payload})
+        else:
+            for base in range(0, count, pipeline):
+                pipe = client.pipeline(transaction=False)
+                for i in range(base, min(count, base + pipeline)):
+                    pipe.xadd(keys[i % SESSIONS], {"t": 0, "e": payload})
+                await pipe.execute()
+        elapsed = time.perf_counter() - start
+    finally:
+        await client.aclose()
+    return count / elapsed
+
+
+VARIANTS = [  # (name, type, K, keyed)
+    ("message, K=1", "message", 1, False),
+    ("message, K=10", "message", 10, False),
+    ("stream.append, K=10", "stream.append", 10, False),
+    ("message + idempotency key, K=10", "message", 10, True),
+]
+
+
+async def main() -> None:
+    p = c.parser(__doc__.splitlines()[0])
+    p.add_argument("--events", type=int, default=None)
+    p.add_argument("--profile", metavar="PATH", default=None,
+                   help="py-spy this process (the store) during one variant of the first run")
+    p.add_argument("--profile-variant", default=HEADLINE, choices=[v[0] for v in VARIANTS])
+    args = p.parse_args()
+    total = args.events or (20_000 if args.quick else 100_000)
+    redis = RedisServer()
+    results: dict[str, list[dict[str, Any]]] = {v[0]: [] for v in VARIANTS}
+    baselines: dict[str, list[float]] = {"XADD one at a time": [], "XADD pipelined 100": []}
+    try:
+        for i in range(c.runs(args)):
+            background = c.settle()
+            single = await run_xadd(redis.url, total // 20, 1)
+            piped = await run_xadd(redis.url, total, 100)
+            baselines["XADD one at a time"].append(single)
+            baselines["XADD pipelined 100"].append(piped)
+            line = [f"XADD {single:,.0f}/s, pipelined {piped:,.0f}/s"]
+            for name, type_, k, keyed in VARIANTS:
+                profile = args.profile if i == 0 and name == args.profile_variant else None
+                r = await run_store(redis, total, k, type_, keyed, profile)
+                r["background_busy"] = background
+                results[name].append(r)
+                line.append(f"{name} {r['events_per_s']:,.0f}/s")
+            print(f"run {i + 1}: " + "; ".join(line), flush=True)
+    finally:
+        redis.close()
+    base = {n: c.median(v) for n, v in baselines.items()}
+    summary = {n: {k: c.median([r[k] for r in rs])
+                   for k in ("events_per_s", "mean_batch", "client_cpu", "redis_cpu")}
+               for n, rs in results.items()}
+    single = base["XADD one at a time"]
+    print()
+    print(f"RedisStore.append: {total:,} events over {SESSIONS} sessions, median of "
+          f"{c.runs(args)} runs")
+    rows = [[f"RedisStore {n}", s["events_per_s"], s["mean_batch"], f"{s['client_cpu']:.0%}",
+             f"{s['redis_cpu']:.0%}", f"{s['events_per_s'] / single:.1f}x"]
+            for n, s in summary.items()]
+    rows += [[f"redis-py {n} (baseline)", v, "", "", "", f"{v / single:.1f}x"]
+             for n, v in base.items()]
+    print(c.table(["figure", "events/s", "mean batch", "store CPU", "redis CPU",
+                   "vs one XADD"], rows))
+    target = 100_000
+    headline = summary[HEADLINE]["events_per_s"]
+    met = headline >= target
+    print(f"target >= {target:,}/s ({HEADLINE}): {headline:,.0f}/s "
+          f"{'MET' if met else 'MISSED'} ({headline / target:.0%} of target)")
+    path = c.write_results("redis_store", {
+        "config": {"events": total, "sessions": SESSIONS, "runs": c.runs(args),
+                   "headline": HEADLINE},
+        "runs": results, "baselines": baselines, "summary": summary, "baseline": base,
+        "ratios": {n: s["events_per_s"] / single for n, s in summary.items()},
+        "target": {"events_per_s": target, "value": headline, "met": met}})
+    print(f"\nwrote {path.relative_to(c.ROOT)}")
+
+
+if __name__ == "__main__":
+    c.setup()
+    asyncio.run(main())

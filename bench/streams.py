@@ -1,0 +1,172 @@
+"""Token streams: 100 sessions, each with its own publisher streaming ``stream.append`` deltas.
+
+Figure: durable deltas/s, counted twice: committed (``published`` replies, sent after the SQLite
+commit) and delivered (``event`` frames received by the one subscriber of each session). Each
+publisher keeps a bounded number of publishes in flight. Target: >= 100k/s both ways.
+
+Baseline in the same run: raw SQLite inserts of the same rows (tether's ``events`` schema, WAL,
+``synchronous=NORMAL``) at 100 rows per transaction, one row per session per transaction, on
+the client core while nothing else runs: the ceiling the store itself puts on tether.
+
+Run: ``python -m bench.streams`` (3 runs, ~40 s) or ``--quick``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import common as c
+
+SESSIONS = 100
+WINDOW = 32  # publishes in flight per publisher
+DATA = {"stream": "m1", "text": c.DELTA_TEXT}
+
+_SCHEMA = """
+CREATE TABLE events (
+    sid INTEGER NOT NULL, seq INTEGER NOT NULL, type TEXT NOT NULL, stream TEXT,
+    data BLOB NOT NULL, sub TEXT NOT NULL, client TEXT NOT NULL, kind TEXT NOT NULL,
+    time INTEGER NOT NULL, PRIMARY KEY (sid, seq));
+"""
+
+
+def sqlite_baseline(seconds: float, per_txn: int = 100) -> float:
+    """Rows/s inserted by ``executemany`` at ``per_txn`` rows per transaction."""
+    with tempfile.TemporaryDirectory(prefix="bench-sqlite-") as folder:
+        conn = sqlite3.connect(Path(folder) / "x.db", isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(_SCHEMA)
+        blob = orjson.dumps(DATA)
+        base = 1
+        rows = 0
+        start = time.perf_counter()
+        deadline = start + seconds
+        while time.perf_counter() < deadline:
+            now = int(time.time() * 1000)
+            batch = [(i % SESSIONS, base + i // SESSIONS, "stream.append", "m1", blob,
+                      "bench", "c-1", "agent", now) for i in range(per_txn)]
+            base += -(-per_txn // SESSIONS)
+            conn.execute("BEGIN")
+            conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", batch)
+            conn.execute("COMMIT")
+            rows += per_txn
+        elapsed = time.perf_counter() - start
+        conn.close()
+    return rows / elapsed
+
+
+async def run_tether(warmup: float, duration: float, profile: str | None = None
+                     ) -> dict[str, Any]:
+    with c.tether_server() as server:
+        async def pair(i: int) -> tuple[c.Conn, c.WindowedPublisher]:
+            session = f"stream-{i}"
+            sub: c.Conn = await c.connect(server.port)
+            await sub.hello()
+            await sub.attach(session)
+            conn: c.Conn = await c.connect(server.port)
+            await conn.hello()
+            payload = orjson.dumps({"op": "publish", "session": session,
+                                    "type": "stream.append", "data": DATA})
+            return sub, c.WindowedPublisher(conn, payload, WINDOW)
+
+        pairs = await c.gather_limited([pair(i) for i in range(SESSIONS)], 20)
+        subs = [s for s, _ in pairs]
+        pubs = [p for _, p in pairs]
+        for pub in pubs:
+            pub.start()
+        await asyncio.sleep(warmup)
+
+        def counts() -> tuple[int, int]:
+            return sum(p.acked for p in pubs), sum(s.events for s in subs)
+
+        spy = c.start_profile(server, profile, duration)
+        a0, e0 = counts()
+        cpu0, own0, t0 = server.cpu_seconds(), time.process_time(), time.perf_counter()
+        await asyncio.sleep(duration)
+        a1, e1 = counts()
+        cpu1, own1, t1 = server.cpu_seconds(), time.process_time(), time.perf_counter()
+        for pub in pubs:
+            pub.stop()
+        if spy is not None:
+            spy.wait()
+        try:
+            await c.wait_until(lambda: all(p.inflight == 0 for p in pubs), 30, what="acks")
+            await c.wait_until(lambda: all(s.events >= p.acked for s, p in pairs), 30,
+                               what="delivery")
+            complete = True
+        except TimeoutError:
+            complete = False
+        errors = [e for s, p in pairs for e in s.errors + p.conn.errors]
+        if errors:
+            raise RuntimeError(f"tether answered errors: {errors[:3]}")
+        for s, p in pairs:
+            s.close()
+            p.conn.close()
+    elapsed = t1 - t0
+    committed, delivered = (a1 - a0) / elapsed, (e1 - e0) / elapsed
+    return {"committed_per_s": committed, "delivered_per_s": delivered,
+            "durable_per_s": min(committed, delivered),
+            "server_cpu": (cpu1 - cpu0) / elapsed, "client_cpu": (own1 - own0) / elapsed,
+            "durable_per_cpu_s": min(a1 - a0, e1 - e0) / max(cpu1 - cpu0, 1e-9),
+            "complete": complete}
+
+
+async def main() -> None:
+    p = c.parser(__doc__.splitlines()[0])
+    p.add_argument("--duration", type=float, default=None, help="measured seconds per run")
+    c.add_profile_option(p)
+    args = p.parse_args()
+    duration = args.duration or (2.0 if args.quick else 5.0)
+    warmup = 0.5 if args.quick else 1.0
+    runs: list[dict[str, Any]] = []
+    for i in range(c.runs(args)):
+        sqlite_rate = sqlite_baseline(1.0 if args.quick else 2.0)
+        r = await run_tether(warmup, duration, args.profile if i == 0 else None)
+        r["sqlite_100_per_txn"] = sqlite_rate
+        runs.append(r)
+        print(f"run {i + 1}: committed {r['committed_per_s']:,.0f}/s, delivered "
+              f"{r['delivered_per_s']:,.0f}/s (server CPU {r['server_cpu']:.0%}, client CPU "
+              f"{r['client_cpu']:.0%}); raw SQLite {sqlite_rate:,.0f} rows/s", flush=True)
+    keys = ("committed_per_s", "delivered_per_s", "durable_per_s", "server_cpu", "client_cpu",
+            "durable_per_cpu_s", "sqlite_100_per_txn")
+    summary = {k: c.median([r[k] for r in runs]) for k in keys}
+    ratio = summary["durable_per_s"] / summary["sqlite_100_per_txn"]
+    target = 100_000
+    met = summary["durable_per_s"] >= target
+    print()
+    print(f"token streams: {SESSIONS} sessions x (1 publisher, {WINDOW} in flight + "
+          f"1 subscriber), median of {len(runs)} x {duration:g}s")
+    print(c.table(["figure", "per second"], [
+        ["tether deltas committed", summary["committed_per_s"]],
+        ["tether deltas delivered", summary["delivered_per_s"]],
+        ["tether durable (min of both)", summary["durable_per_s"]],
+        ["  per second of server CPU", summary["durable_per_cpu_s"]],
+        ["raw SQLite insert, 100/txn (baseline)", summary["sqlite_100_per_txn"]],
+    ]))
+    print(f"server CPU {summary['server_cpu']:.0%}, client CPU {summary['client_cpu']:.0%}, "
+          f"all delivered: {'yes' if all(r['complete'] for r in runs) else 'NO'}")
+    print(f"tether / raw SQLite: {ratio:.2f}x")
+    print(f"target >= {target:,}/s: {summary['durable_per_s']:,.0f}/s "
+          f"{'MET' if met else 'MISSED'} ({summary['durable_per_s'] / target:.0%} of target)")
+    path = c.write_results("streams", {
+        "config": {"sessions": SESSIONS, "window": WINDOW, "duration": duration,
+                   "warmup": warmup, "runs": len(runs), "data_bytes": len(orjson.dumps(DATA))},
+        "runs": runs, "summary": summary, "ratio_to_sqlite": ratio,
+        "target": {"durable_per_s": target, "met": met}})
+    print(f"\nwrote {path.relative_to(c.ROOT)}")
+
+
+if __name__ == "__main__":
+    c.setup()
+    asyncio.run(main())
