@@ -178,3 +178,24 @@ async def test_sdk_sees_errors_as_its_error_type(harness: Harness) -> None:
         assert event.type == "response.completed"
     await client.close()
     assert json.loads(json.dumps(raws[0]))["type"] == "error"
+
+
+async def test_sdk_asks_for_inheritance_with_extra_query(harness: Harness) -> None:
+    recorder = RecordingBackend()
+    harness.service.models.register(MODEL, recorder)
+    client = harness.client()
+    async with client.responses.connect(
+            extra_query={"inherit": "tools,instructions"}) as conn:
+        await conn.response.create(model=MODEL, input=TASK, tools=TOOLS,
+                                   instructions="Be brief.")
+        _, event = await next_response(conn)
+        call = next(i for i in event.response.output if i.type == "function_call")
+        # Only the id and the new item: tools and instructions come from the chain.
+        await conn.response.create(model=MODEL, previous_response_id=event.response.id,
+                                   input=[{"type": "function_call_output",
+                                           "call_id": call.call_id, "output": "ok"}])
+        _, event = await next_response(conn)
+    await client.close()
+    assert event.type == "response.completed"
+    assert [t.name for t in event.response.tools] == [t["name"] for t in TOOLS]
+    assert recorder.conversations[-1][0] == Message("system", "Be brief.")
