@@ -233,6 +233,12 @@ def test_approve_in_another_tab(browser: Any, slow_server: ServerProcess, shots:
     session = session_name("approve")
     open_session(a, alice.base, session)
     open_session(b, bob.base, session)
+    b.type("#composer-input", "hmm")  # typing is a transient event: shown, never stored
+    a.wait_for_selector('#typing:has-text("bob is typing")')
+    a.wait_for_selector('#people-list li[data-sub="bob"] .typing-now')
+    b.fill("#composer-input", "")
+    b.press("#composer-input", "Backspace")
+    a.wait_for_selector('#typing:not(:has-text("bob"))')
     send(a, "Publish the weekly report")
     b.wait_for_selector('.tool[data-status="awaiting_approval"] [data-action="approve"]')
     a.wait_for_selector('.tool[data-status="awaiting_approval"] [data-action="approve"]')

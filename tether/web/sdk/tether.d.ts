@@ -224,6 +224,15 @@ export class Session implements AsyncIterable<SessionItem> {
   /** Resolves with the committed cursor (null for transient events). */
   publish(type: string, data?: any, options?: PublishOptions): Promise<string | null>;
   stream(id?: string | null): Stream;
+  /** Publish `run.cancel`. */
+  cancelRun(run: string, reason?: string): Promise<string | null>;
+  /** Publish `run.steer` (a message injected into the active run). */
+  steer(run: string, text: string): Promise<string | null>;
+  /** Publish `approval.decision` approve, optionally with edited arguments. */
+  approve(run: string, call: string, args?: Record<string, any> | null): Promise<string | null>;
+  reject(run: string, call: string): Promise<string | null>;
+  /** Publish `tool.result` for a front-end tool call; the first valid answer wins. */
+  answerTool(run: string, call: string, result?: any, options?: { error?: string | null }): Promise<string | null>;
   setPresence(state: Record<string, any>): Promise<void>;
   on(type: "event", callback: (item: SessionItem, session: Session) => void): () => void;
   on(type: "presence", callback: (action: PresenceAction, members: PresenceMember[], session: Session) => void): () => void;

@@ -711,6 +711,37 @@ export class Session {
     return new Stream(this, id || randomHex(8));
   }
 
+  // --- steering runs (docs/runs.md); the same helpers as the Python SDK ---
+
+  /** Cancel a run: the stream stops, then `run.cancel` and `run.state cancelled` follow. */
+  cancelRun(run, reason = "") {
+    return this.publish("run.cancel", { run, reason });
+  }
+
+  /** Inject a message into an active run. */
+  steer(run, text) {
+    return this.publish("run.steer", { run, text });
+  }
+
+  /** Approve a tool call, optionally with edited arguments (needs the `approve` capability). */
+  approve(run, call, args = null) {
+    const data = { run, call, decision: "approve" };
+    if (args !== null && args !== undefined) data.arguments = args;
+    return this.publish("approval.decision", data);
+  }
+
+  reject(run, call) {
+    return this.publish("approval.decision", { run, call, decision: "reject" });
+  }
+
+  /** Answer a front-end tool call; the first valid answer wins (others: already_decided). */
+  answerTool(run, call, result = null, { error = null } = {}) {
+    const data = { run, call };
+    if (error !== null && error !== undefined) data.error = String(error);
+    else data.result = result;
+    return this.publish("tool.result", data);
+  }
+
   setPresence(state) {
     if (this._detached) return Promise.reject(new SessionClosed(`session ${this.name} is detached`));
     return this.client._setPresence(this.name, state);

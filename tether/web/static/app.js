@@ -438,15 +438,22 @@ function onItem(item) {
 // --- connection state ---------------------------------------------------------------------------
 
 let countdown = null;
+let announcedState = null;
 
 function renderConnection(state, info = {}) {
   const conn = $("conn");
   conn.dataset.state = state;
+  if (state !== announcedState) {
+    // Screen readers hear state changes, not every second of a countdown.
+    announcedState = state;
+    announce({ connected: "Connected", reconnecting: "Connection lost, reconnecting", closed: "Disconnected", connecting: "Connecting" }[state] ?? state);
+  }
   const label = conn.querySelector(".conn-label");
   const retry = conn.querySelector(".conn-retry");
   clearInterval(countdown);
   countdown = null;
-  retry.hidden = state !== ConnectionState.RECONNECTING || info.connecting === true;
+  retry.hidden = !(state === ConnectionState.RECONNECTING && !info.connecting) && state !== ConnectionState.CLOSED;
+  retry.textContent = state === ConnectionState.CLOSED ? "Reload" : "Retry now";
   if (state === ConnectionState.CONNECTED) {
     label.textContent = "Connected";
   } else if (state === ConnectionState.CONNECTING) {
@@ -736,10 +743,9 @@ async function decide(item, decision, edited = null) {
   if (!app.session) return;
   app.busy.add(item.call);
   rerender(item.id);
-  const data = { run: item.run, call: item.call, decision };
-  if (edited) data.arguments = edited;
   try {
-    await app.session.publish("approval.decision", data);
+    if (decision === "approve") await app.session.approve(item.run, item.call, edited);
+    else await app.session.reject(item.run, item.call);
     app.drafts.delete(item.call);
   } catch (error) {
     toast(error instanceof PublishError && ["already_decided", "unknown_call", "run_finished"].includes(error.code)
@@ -755,7 +761,7 @@ async function answerTool(item, result) {
   app.busy.add(item.call);
   rerender(item.id);
   try {
-    await app.session.publish("tool.result", { run: item.run, call: item.call, result });
+    await app.session.answerTool(item.run, item.call, result);
   } catch (error) {
     toast(error instanceof PublishError && ["already_decided", "unknown_call", "run_finished"].includes(error.code)
       ? "Another tab answered first." : `Could not send the answer: ${error.message}`);
@@ -808,7 +814,7 @@ async function stopRun() {
   if (!active || !app.session) return;
   $("stop-button").disabled = true;
   try {
-    await app.session.publish("run.cancel", { run: active.id, reason: "stopped from the web app" });
+    await app.session.cancelRun(active.id, "stopped from the web app");
   } catch (error) {
     if (!(error instanceof PublishError && error.code === "run_finished")) toast(`Could not stop: ${error.message}`);
   } finally {
@@ -1126,7 +1132,10 @@ function wire() {
     store(THEME_KEY, next);
     applyTheme(next);
   });
-  $("conn").querySelector(".conn-retry").addEventListener("click", () => app.client?.reconnectNow());
+  $("conn").querySelector(".conn-retry").addEventListener("click", () => {
+    if (app.client?.state === ConnectionState.CLOSED) location.reload();
+    else app.client?.reconnectNow();
+  });
   document.addEventListener("keydown", (event) => {
     if (event.key === "Escape") closeDrawers();
     if (event.key === "/" && document.activeElement === document.body && !$("chat").hidden) {
