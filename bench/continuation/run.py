@@ -134,6 +134,28 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def per_turn_table(runs: list[dict[str, Any]], link: str, calls: int) -> str:
+    """Stateless against continuation, turn by turn, for one link and loop length."""
+    by = {r["transport"]: r["per_turn"] for r in runs
+          if r["link"] == link and r["calls"] == calls}
+    base, cont = by.get("http-stateless"), by.get("ws-continuation")
+    if not base or not cont:
+        return ""
+    head = (f"{link}, {calls} calls, per turn   client→server KB      TTFT ms        "
+            f"end-to-end ms    server CPU ms\n"
+            f"{'turn':>4} {'tool':<10} {'output KB':>9}  {'http':>8} {'ws':>7}  {'http':>6} "
+            f"{'ws':>6}  {'http':>7} {'ws':>7}  {'http':>6} {'ws':>6}")
+    lines = [head]
+    for b, c in zip(base, cont, strict=True):
+        lines.append(
+            f"{b['turn']:>4} {b['tool'] or 'answer':<10} {b['tool_output_bytes'] / 1024:>9.1f}  "
+            f"{b['up_bytes'] / 1024:>8.1f} {c['up_bytes'] / 1024:>7.1f}  "
+            f"{(b['ttft'] or 0) * 1000:>6.0f} {(c['ttft'] or 0) * 1000:>6.0f}  "
+            f"{b['e2e'] * 1000:>7.0f} {c['e2e'] * 1000:>7.0f}  "
+            f"{b['server_cpu'] * 1000:>6.0f} {c['server_cpu'] * 1000:>6.0f}")
+    return "\n".join(lines)
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     model = {"ttft": args.ttft, "tokens_per_second": args.tps, "answer_tokens": 40,
              "input_token_cost": args.input_token_cost, "tool_calls_per_turn": None,
@@ -244,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    shown = 20 if 20 in args.calls else max(args.calls)
+    for link in args.links:
+        text = per_turn_table(report["runs"], link, shown)
+        if text:
+            print()
+            print(text)
     print()
     print(table(report["summary"]))
     print()
