@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -11,7 +12,14 @@ import orjson
 import pytest
 
 from tests.helpers import token
-from tests.responses.conftest import MODEL, TOOLS, GateBackend, Harness, RawSocket
+from tests.responses.conftest import (
+    MODEL,
+    TOOLS,
+    GateBackend,
+    Harness,
+    RawSocket,
+    start_harness,
+)
 
 
 async def still_serves(sock: RawSocket, stream_id: str | None = None) -> None:
@@ -234,3 +242,20 @@ async def test_connection_lifetime_ends_with_the_documented_error(
     assert sock.close_code == 1000
     await sock.close()
     assert gate.started.empty()
+
+
+async def test_shutdown_closes_with_going_away(tmp_path: Path) -> None:
+    """1001: the SDK's reconnecting mode treats it as recoverable; the chain is in the store."""
+    harness = await start_harness(tmp_path)
+    gate = GateBackend()
+    harness.service.models.register("gated", gate)
+    sock = await harness.raw()
+    await sock.create(input="done before")
+    assert (await sock.response())[-1]["type"] == "response.completed"
+    await sock.create(model="gated", input="x", metadata={"gate": "held"})
+    assert await gate.started.get() == "held"
+    await harness.server.stop()
+    with pytest.raises(ConnectionError):
+        await sock.until(lambda e: False)
+    assert sock.close_code == 1001
+    await sock.close()
