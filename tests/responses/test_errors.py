@@ -79,7 +79,8 @@ async def test_another_subjects_response_is_not_found(harness: Harness, where: s
     await bob.close()
 
 
-@pytest.mark.parametrize("stream_id", ["", "has space", "x" * 257, "ünïcode", 42, ["a"]])
+@pytest.mark.parametrize("stream_id", ["", "has space", "x" * 257, "ünïcode", "lane\n", 42,
+                                       ["a"]])
 async def test_invalid_stream_id(harness: Harness, stream_id: Any) -> None:
     sock = await harness.raw()
     await sock.send({"type": "response.create", "model": MODEL, "input": "x",
@@ -112,6 +113,8 @@ async def test_unknown_or_missing_event_type(harness: Harness, message: Any) -> 
     if isinstance(message, dict) and isinstance(message.get("type"), str):
         error("invalid_value", "type")(event)
         assert "'response.create'" in event["error"]["message"]
+    elif isinstance(message, dict) and "type" in message:
+        error("invalid_type", "type")(event)
     elif isinstance(message, dict):
         error("missing_required_parameter", "type")(event)
     else:

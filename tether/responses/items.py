@@ -20,9 +20,9 @@ from tether.responses.errors import ApiError, invalid_type, invalid_value, missi
 
 Item = dict[str, Any]
 
-RESPONSE_ID = re.compile(r"^resp_[0-9a-f]{32}$")
-STREAM_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,256}$")
-TOOL_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+RESPONSE_ID = re.compile(r"resp_[0-9a-f]{32}")  # used with fullmatch
+STREAM_ID = re.compile(r"[A-Za-z0-9_.\-]{1,256}")
+TOOL_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 ROLES = {"user", "system", "developer", "assistant"}
 TEXT_PARTS = {"input_text", "output_text", "text"}
 TOOL_CHOICE_MODES = {"none", "auto", "required"}
@@ -44,7 +44,7 @@ def new_response_id(chain: str | None = None) -> str:
 
 def chain_of(response_id: str) -> str | None:
     """The chain part of a response id, or None when the id is not one of ours."""
-    return response_id[5:21] if RESPONSE_ID.match(response_id) else None
+    return response_id[5:21] if RESPONSE_ID.fullmatch(response_id) else None
 
 
 @dataclass(slots=True)
@@ -229,7 +229,7 @@ def parse_tools(value: Any) -> list[Item]:
             raise invalid_value(f"{where}.type", f"Tool type {tool.get('type')!r} is not "
                                 "supported by this server: only 'function' tools are.")
         name = tool.get("name")
-        if not isinstance(name, str) or not TOOL_NAME.match(name):
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
             raise invalid_value(f"{where}.name", "A function name must be 1–64 letters, digits, "
                                 "underscores or hyphens.")
         parameters = tool.get("parameters")

@@ -158,9 +158,12 @@ class ResponsesSocket:
                              "steer": {"input": body.get("input") or [],
                                        "previous_response_id":
                                            str(body.get("previous_response_id") or "")}})
-        elif not isinstance(kind, str):
+        elif kind is None:
             await self.send_error(ApiError("Missing required parameter: 'type'.",
                                            code="missing_required_parameter", param="type"))
+        elif not isinstance(kind, str):
+            await self.send_error(ApiError("Invalid type for 'type': expected a string.",
+                                           code="invalid_type", param="type"))
         else:
             await self.send_error(invalid_value(
                 "type", f"Invalid value: '{kind[:64]}'. Supported values are: "
@@ -169,7 +172,7 @@ class ResponsesSocket:
     async def on_create(self, body: dict[str, Any]) -> None:
         stream_id = body.get("stream_id")
         if stream_id is not None and (not isinstance(stream_id, str)
-                                      or not STREAM_ID.match(stream_id)):
+                                      or not STREAM_ID.fullmatch(stream_id)):
             await self.send_error(invalid_stream_id())
             return
         if self.expired:
