@@ -441,6 +441,8 @@ def test_a_new_user_on_the_default_server_dark_and_narrow(browser: Any,
     shots(page, "chat-dark-narrow")
     page.click("#menu-button")
     page.wait_for_selector('#app[data-sidebar="open"]')
+    page.wait_for_function(  # the drawer has slid in
+        "() => getComputedStyle(document.getElementById('sidebar')).transform === 'none'")
     assert page.locator("#session-list a").count() >= 1
     shots(page, "sessions-drawer-dark-narrow")
     page.keyboard.press("Escape")

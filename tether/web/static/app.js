@@ -529,6 +529,7 @@ function flush() {
     const item = app.model.items[app.model.index[id]];
     if (!item) continue;
     const node = renderItem(item);
+    node.dataset.pos = String(app.model.index[id]);
     const existing = transcript.querySelector(`[data-id="${CSS.escape(id)}"]`);
     if (existing) existing.replaceWith(node);
     else insertInOrder(transcript, node, app.model.index[id]);
@@ -829,6 +830,7 @@ function renderFacts() {
 
 // --- presence and typing --------------------------------------------------------------------
 
+let peopleSignature = "";
 function renderPeople() {
   const session = app.client?.session(app.name ?? "");
   const members = session ? session.members : [];
@@ -868,6 +870,10 @@ function renderPeople() {
       h("span", { class: "name", text: `${agent.name} agent` }),
       h("span", { class: "detail", text: `${doing} · simulated model` })));
   }
+  // Rebuilt only when something visible changed (this runs on every streamed delta).
+  const signature = JSON.stringify([app.name, me, [...groups.values()].map((g) => [g.sub, g.tabs, [...g.devices.values()]]), [...typingSubs], items.length, runStatus(app.model).active?.state ?? "", runStatus(app.model).streaming]);
+  if (signature === peopleSignature) return;
+  peopleSignature = signature;
   $("people-list").replaceChildren(...items);
   const humans = sorted.filter((g) => g.kind !== "agent");
   const button = $("people-button");
@@ -1150,6 +1156,7 @@ function wire() {
 
 async function signedIn() {
   $("me").querySelector(".me-name").textContent = app.auth.sub;
+  $("side-signout").textContent = `Sign out (${app.auth.sub})`;
   $("me").querySelector(".avatar").replaceWith(avatar(app.auth.sub));
   if (!app.client) startClient();
   refreshSessionList();
