@@ -126,8 +126,10 @@ async def test_stalled_reader_costs_bounded_memory_and_loses_nothing(tmp_path: P
         print(f"\nRSS baseline {baseline / 2**20:.1f} MiB, peak growth {growth / 2**20:.1f} MiB "
               f"while {TOTAL_BYTES / 2**20:.0f} MiB were published to a stalled reader "
               f"(buffer {BUFFER / 2**20:.0f} MiB)")
-        # Unbounded queueing would hold the whole 50 MiB; allow the buffer plus allocator slack.
-        assert growth < 12 * 2**20
+        # Unbounded queueing would hold the whole 50 MiB. Quiet, growth is about 5 MiB (the
+        # 1 MiB buffer, the catch-up page, in-flight publishes, allocator slack); a busy machine
+        # shifts timings and allocator behaviour, so the bound leaves room for that.
+        assert growth < 24 * 2**20
 
         seqs: list[int] = []
         while len(seqs) < COUNT:
