@@ -137,6 +137,8 @@ class ServerProcess:
                 *self.extra]
         if self.store:
             args += ["--store", self.store]
+        if hasattr(self, "log"):
+            self.log.close()  # a restart: one log file per process
         self.log = open(self.data.parent / f"server-{self.port}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=self.log,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
