@@ -63,11 +63,8 @@ class Server:
         self.port = self.config.port
 
     def _open_store(self) -> SessionStore:
-        store = open_store(self.config.resolved_store_url(), self.config.retention)
-        # Stores that batch report each commit's size.
-        if hasattr(store, "on_batch"):
-            store.on_batch = self.metrics.batch_size.observe
-        return store
+        return open_store(self.config.resolved_store_url(), self.config.retention,
+                          on_batch=self.metrics.batch_size.observe)
 
     def _make_app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_frame_bytes)

@@ -1,5 +1,7 @@
 """Session stores: the log, live fan-out and presence behind one protocol."""
 
+from collections.abc import Callable
+
 from tether.store.base import (
     Appended,
     Head,
@@ -22,16 +24,20 @@ __all__ = [
 ]
 
 
-def open_store(url: str, retention: Retention | None = None) -> SessionStore:
-    """Open a store from a URL: ``memory://``, ``sqlite:///path/to/dir``, ``redis://host:port/0``."""
+def open_store(url: str, retention: Retention | None = None, *,
+               on_batch: Callable[[int], None] | None = None) -> SessionStore:
+    """Open a store from a URL: ``memory://``, ``sqlite:///path/to/dir``, ``redis://host:port/0``.
+
+    ``on_batch`` hears the size of every commit of a batching store (sqlite, redis).
+    """
     if url.startswith("memory:"):
         return MemoryStore(retention)
     if url.startswith("sqlite:"):
         from tether.store.sqlite import SqliteStore
 
-        return SqliteStore(url.removeprefix("sqlite://"), retention)
+        return SqliteStore(url.removeprefix("sqlite://"), retention, on_batch=on_batch)
     if url.startswith(("redis:", "rediss:", "unix:")):
         from tether.store.redis import RedisStore
 
-        return RedisStore(url, retention)
+        return RedisStore(url, retention, on_batch=on_batch)
     raise ValueError(f"unknown store URL {url!r}: use memory://, sqlite:///DIR or redis://HOST")
