@@ -8,7 +8,8 @@ Modes (aiohttp unless stated, uvloop, compression off):
 ``broadcast``  ``/sub`` connections only listen; every message received on ``/pub`` is written
                (encoded once) to every subscriber, then acknowledged to the publisher with a
                short frame, so the publisher can bound its messages in flight.
-``relay``      every message received on ``/pub/{i}`` is forwarded to ``/sub/{i}``.
+``relay``      every message received on ``/pub/{i}`` is forwarded to ``/sub/{i}``; with
+               ``--ack``, then acknowledged to the publisher with a short frame.
 ``idle``       ``/ws`` accepts and reads; nothing else (idle memory per connection).
 ``push``       ``/ws`` writes ``--frames`` pre-encoded frames of ``--size`` bytes on connect.
 ``socketio``   python-socketio ASGI app under uvicorn: event ``join`` enters room ``r``; event
@@ -65,7 +66,7 @@ def broadcast_app() -> web.Application:
     return app
 
 
-def relay_app() -> web.Application:
+def relay_app(ack: bool = False) -> web.Application:
     subscribers: dict[str, web.WebSocketResponse] = {}
 
     async def sub(request: web.Request) -> web.WebSocketResponse:
@@ -90,6 +91,8 @@ def relay_app() -> web.Application:
             target = subscribers.get(name)
             if target is not None:
                 await target.send_frame(msg.data.encode(), WSMsgType.TEXT)
+            if ack:
+                await ws.send_frame(ACK, WSMsgType.TEXT)
         return ws
 
     app = web.Application()
@@ -181,14 +184,19 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--frames", type=int, default=1000)
     p.add_argument("--size", type=int, default=100)
+    p.add_argument("--ack", action="store_true", help="relay: acknowledge every message")
     args = p.parse_args()
     if args.mode == "socketio":
         serve_socketio(args.port)
         return
     import uvloop
 
-    apps = {"broadcast": broadcast_app, "relay": relay_app, "idle": idle_app}
-    app = push_app(args.frames, args.size) if args.mode == "push" else apps[args.mode]()
+    if args.mode == "push":
+        app = push_app(args.frames, args.size)
+    elif args.mode == "relay":
+        app = relay_app(args.ack)
+    else:
+        app = {"broadcast": broadcast_app, "idle": idle_app}[args.mode]()
     uvloop.run(serve_aiohttp(app, args.port))
 
 

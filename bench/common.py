@@ -100,10 +100,13 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
+    from importlib import metadata
+
     versions: dict[str, str] = {}
-    for name in ("aiohttp", "picows", "uvloop", "orjson", "redis", "socketio", "uvicorn"):
-        with contextlib.suppress(Exception):
-            versions[name] = __import__(name).__version__
+    for name in ("aiohttp", "picows", "uvloop", "orjson", "redis", "python-socketio",
+                 "uvicorn", "websockets"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
     load = ""
     with contextlib.suppress(OSError):
         load = Path("/proc/loadavg").read_text().strip()

@@ -144,10 +144,34 @@ def run_one(kind: str, count: int, workers: int) -> dict[str, Any]:
             "open_per_s": total / opened}
 
 
+def presence_scaling(sizes: list[int]) -> None:
+    """Attach ``n`` members to one session with and without presence: server CPU per attach."""
+    rows = []
+    for n in sizes:
+        row: list[Any] = [n]
+        for mode in ("shared-presence", "shared"):
+            with c.tether_server() as server:
+                cpu0, start = server.cpu_seconds(), time.perf_counter()
+                procs = spawn_workers(server.port, n, mode, "p", 1)
+                try:
+                    collect(procs, timeout=3600)
+                finally:
+                    release(procs)
+                row += [(server.cpu_seconds() - cpu0) / n * 1000, time.perf_counter() - start]
+            print(f"{n} members, {mode}: {row[-2]:.2f} ms CPU per attach, {row[-1]:.1f} s",
+                  flush=True)
+        rows.append(row)
+    print(c.table(["members", "CPU ms/attach with presence", "wall s", "without presence",
+                   "wall s"], rows))
+
+
 def main() -> None:
     p = c.parser(__doc__.splitlines()[0])
     p.add_argument("--connections", type=int, default=None)
     p.add_argument("--workers", type=int, default=WORKERS)
+    p.add_argument("--presence", metavar="N,N,...", default=None,
+                   help="instead: attach N members to one session with and without presence "
+                        "and report server CPU per attach (shows presence's O(n^2))")
     p.add_argument("--worker", action="store_true", help=argparse_hidden())
     p.add_argument("--port", type=int, default=0, help=argparse_hidden())
     p.add_argument("--count", type=int, default=0, help=argparse_hidden())
@@ -160,6 +184,9 @@ def main() -> None:
         asyncio.run(worker(args.port, args.count, args.mode, args.prefix, 64))
         return
     c.setup()
+    if args.presence:
+        presence_scaling([int(n) for n in args.presence.split(",")])
+        return
     count = args.connections or (2000 if args.quick else 10_000)
     limit = c.raise_nofile()
     if limit < count / max(1, args.workers) + 100 or limit < count + 100:

@@ -4,9 +4,14 @@ Figure: durable deltas/s, counted twice: committed (``published`` replies, sent 
 commit) and delivered (``event`` frames received by the one subscriber of each session). Each
 publisher keeps a bounded number of publishes in flight. Target: >= 100k/s both ways.
 
-Baseline in the same run: raw SQLite inserts of the same rows (tether's ``events`` schema, WAL,
-``synchronous=NORMAL``) at 100 rows per transaction, one row per session per transaction, on
-the client core while nothing else runs: the ceiling the store itself puts on tether.
+Baselines in the same run:
+
+* raw SQLite inserts of the same rows (tether's ``events`` schema, WAL, ``synchronous=NORMAL``)
+  at 100 rows per transaction, one row per session per transaction, on the client core while
+  nothing else runs: the ceiling the store itself puts on tether;
+* bare aiohttp relay with acks: the same 100 publishers and 100 subscribers, each message
+  forwarded to its session's subscriber and acknowledged, no store: the ceiling the WebSocket
+  stack puts on the same three frames per delta (in, ack, event) on one core.
 
 Run: ``python -m bench.streams`` (3 runs, ~40 s) or ``--quick``.
 """
@@ -122,26 +127,64 @@ async def run_tether(warmup: float, duration: float, profile: str | None = None
             "complete": complete}
 
 
+async def run_bare(warmup: float, duration: float) -> dict[str, Any]:
+    with c.bare_server("relay", "--ack") as server:
+        async def pair(i: int) -> tuple[Any, c.WindowedPublisher]:
+            sub = await c.connect(server.port, f"/sub/{i}", None, c.CountingConn)
+            conn = await c.connect(server.port, f"/pub/{i}", None, c.CountingConn)
+            return sub, c.WindowedPublisher(conn, orjson.dumps(DATA), WINDOW, hook="on_event")
+
+        pairs = await c.gather_limited([pair(i) for i in range(SESSIONS)], 20)
+        await asyncio.sleep(0.2)  # the server registers subscribers after the handshake
+        pubs = [p for _, p in pairs]
+        for pub in pubs:
+            pub.start()
+        await asyncio.sleep(warmup)
+        a0, e0 = sum(p.acked for p in pubs), sum(s.events for s, _ in pairs)
+        cpu0, own0, t0 = server.cpu_seconds(), time.process_time(), time.perf_counter()
+        await asyncio.sleep(duration)
+        a1, e1 = sum(p.acked for p in pubs), sum(s.events for s, _ in pairs)
+        cpu1, own1, t1 = server.cpu_seconds(), time.process_time(), time.perf_counter()
+        for pub in pubs:
+            pub.stop()
+        for s, p in pairs:
+            s.close()
+            p.conn.close()
+    elapsed = t1 - t0
+    return {"relayed_per_s": min(a1 - a0, e1 - e0) / elapsed,
+            "server_cpu": (cpu1 - cpu0) / elapsed, "client_cpu": (own1 - own0) / elapsed}
+
+
 async def main() -> None:
     p = c.parser(__doc__.splitlines()[0])
     p.add_argument("--duration", type=float, default=None, help="measured seconds per run")
     c.add_profile_option(p)
     args = p.parse_args()
-    duration = args.duration or (2.0 if args.quick else 5.0)
+    duration = args.duration or (2.0 if args.quick else 4.0)
     warmup = 0.5 if args.quick else 1.0
     runs: list[dict[str, Any]] = []
     for i in range(c.runs(args)):
-        sqlite_rate = sqlite_baseline(1.0 if args.quick else 2.0)
+        background = c.settle()
+        sqlite_rate = sqlite_baseline(1.0 if args.quick else 1.5)
         r = await run_tether(warmup, duration, args.profile if i == 0 else None)
+        bare = await run_bare(warmup, duration)
         r["sqlite_100_per_txn"] = sqlite_rate
+        r["bare_relay_per_s"] = bare["relayed_per_s"]
+        r["bare_server_cpu"] = bare["server_cpu"]
+        r["bare_client_cpu"] = bare["client_cpu"]
+        r["background_busy"] = background
         runs.append(r)
         print(f"run {i + 1}: committed {r['committed_per_s']:,.0f}/s, delivered "
               f"{r['delivered_per_s']:,.0f}/s (server CPU {r['server_cpu']:.0%}, client CPU "
-              f"{r['client_cpu']:.0%}); raw SQLite {sqlite_rate:,.0f} rows/s", flush=True)
+              f"{r['client_cpu']:.0%}); raw SQLite {sqlite_rate:,.0f} rows/s; bare relay "
+              f"{bare['relayed_per_s']:,.0f}/s (server CPU {bare['server_cpu']:.0%}, client CPU "
+              f"{bare['client_cpu']:.0%})", flush=True)
     keys = ("committed_per_s", "delivered_per_s", "durable_per_s", "server_cpu", "client_cpu",
-            "durable_per_cpu_s", "sqlite_100_per_txn")
+            "durable_per_cpu_s", "sqlite_100_per_txn", "bare_relay_per_s", "bare_server_cpu",
+            "bare_client_cpu")
     summary = {k: c.median([r[k] for r in runs]) for k in keys}
     ratio = summary["durable_per_s"] / summary["sqlite_100_per_txn"]
+    bare_ratio = summary["durable_per_s"] / summary["bare_relay_per_s"]
     target = 100_000
     met = summary["durable_per_s"] >= target
     print()
@@ -153,16 +196,20 @@ async def main() -> None:
         ["tether durable (min of both)", summary["durable_per_s"]],
         ["  per second of server CPU", summary["durable_per_cpu_s"]],
         ["raw SQLite insert, 100/txn (baseline)", summary["sqlite_100_per_txn"]],
+        ["bare aiohttp relay + ack, no store (baseline)", summary["bare_relay_per_s"]],
     ]))
-    print(f"server CPU {summary['server_cpu']:.0%}, client CPU {summary['client_cpu']:.0%}, "
-          f"all delivered: {'yes' if all(r['complete'] for r in runs) else 'NO'}")
-    print(f"tether / raw SQLite: {ratio:.2f}x")
+    print(f"tether: server CPU {summary['server_cpu']:.0%}, client CPU "
+          f"{summary['client_cpu']:.0%}, all delivered: "
+          f"{'yes' if all(r['complete'] for r in runs) else 'NO'}; bare relay: server CPU "
+          f"{summary['bare_server_cpu']:.0%}, client CPU {summary['bare_client_cpu']:.0%}")
+    print(f"tether / raw SQLite: {ratio:.2f}x; tether / bare aiohttp relay: {bare_ratio:.2f}x")
     print(f"target >= {target:,}/s: {summary['durable_per_s']:,.0f}/s "
           f"{'MET' if met else 'MISSED'} ({summary['durable_per_s'] / target:.0%} of target)")
     path = c.write_results("streams", {
         "config": {"sessions": SESSIONS, "window": WINDOW, "duration": duration,
                    "warmup": warmup, "runs": len(runs), "data_bytes": len(orjson.dumps(DATA))},
         "runs": runs, "summary": summary, "ratio_to_sqlite": ratio,
+        "ratio_to_bare_relay": bare_ratio,
         "target": {"durable_per_s": target, "met": met}})
     print(f"\nwrote {path.relative_to(c.ROOT)}")
 
