@@ -10,7 +10,7 @@ import fnmatch
 import os
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jwt
@@ -40,8 +40,20 @@ class Grant:
     sessions: tuple[str, ...]
     caps: frozenset[str]
     exp: float | None
+    _allowed: dict[tuple[str, str], bool] = field(default_factory=dict, compare=False,
+                                                  repr=False)
 
     def allows(self, session: str, cap: str) -> bool:
+        """Whether the token grants ``cap`` on ``session`` (memoised: checked per frame)."""
+        key = (session, cap)
+        allowed = self._allowed.get(key)
+        if allowed is None:
+            allowed = self._allowed[key] = self._allows(session, cap)
+            if len(self._allowed) > 1024:  # a token can name unboundedly many sessions
+                self._allowed.clear()
+        return allowed
+
+    def _allows(self, session: str, cap: str) -> bool:
         if "admin" not in self.caps and (cap not in self.caps
                                          or session.startswith(INTERNAL_PREFIX)):
             return False

@@ -419,7 +419,7 @@ class Connection:
                 await self.server.store.publish_transient(event)
             except StoreError as exc:
                 raise RequestError(ErrorCode.STORE_UNAVAILABLE, str(exc)) from None
-            self.server.metrics.published.labels("true").inc()
+            self.server.metrics.published_transient.inc()
             self.send(published_frame(frame.id, event, False))
             return
         # Commit concurrently so one connection can have many publishes in one group commit;
@@ -440,7 +440,7 @@ class Connection:
         except StoreError as exc:
             self.send_error(frame.id, ErrorCode.STORE_UNAVAILABLE, str(exc), frame.session)
             return
-        self.server.metrics.published.labels("false").inc()
+        self.server.metrics.published_stored.inc()
         self.send(published_frame(frame.id, appended.event, appended.duplicate))
         if not appended.duplicate:
             await self.server.runs.on_committed(appended.event)

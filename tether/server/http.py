@@ -137,7 +137,7 @@ async def post_event(server: Server, request: web.Request) -> web.Response:
         appended = await server.store.append(session, event_type, data, sender, key)
     except StreamClosedError as exc:
         raise HttpError(ErrorCode.STREAM_CLOSED, str(exc)) from None
-    server.metrics.published.labels("false").inc()
+    server.metrics.published_stored.inc()
     if not appended.duplicate:
         await server.runs.on_committed(appended.event)
     ev = appended.event

@@ -93,5 +93,8 @@ class Metrics:
                                  registry=r)
         self.catchups = Counter("tether_catchups", "Store catch-ups (resume, overflow, gap)",
                                 ["reason"], registry=r)
+        # Children resolved once: ``labels()`` costs more than the increment on the hot path.
+        self.published_stored = self.published.labels("false")
+        self.published_transient = self.published.labels("true")
         self.attached = Gauge("tether_attachments", "Session attachments on this node",
                               registry=r)
