@@ -138,20 +138,23 @@ async def test_reconnect_to_a_restarted_server_with_the_same_store(tmp_path: Pat
 async def test_publish_whose_reply_is_lost_is_not_duplicated(
         server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
     """The server commits, then the connection dies before ``published`` goes out."""
-    real_append = server.store.append
+    real_append = server.store.append_future
     calls = 0
+    closing: list[asyncio.Future[Any]] = []
 
-    async def append_then_die(*args: Any, **kwargs: Any) -> Any:
+    def append_then_die(*args: Any, **kwargs: Any) -> Any:
         nonlocal calls
         calls += 1
-        appended = await real_append(*args, **kwargs)
+        future = real_append(*args, **kwargs)
         if calls == 1:
-            for conn in list(server.connections):
-                conn.outbox.close()  # the reply (and the live event) are never written
-                await conn.ws.close(code=CloseCode.SHUTDOWN)
-        return appended
+            def die(_: Any) -> None:
+                for conn in list(server.connections):
+                    conn.outbox.close()  # the reply (and the live event) are never written
+                    closing.append(asyncio.ensure_future(conn.ws.close(code=CloseCode.SHUTDOWN)))
+            future.add_done_callback(die)
+        return future
 
-    monkeypatch.setattr(server.store, "append", append_then_die)
+    monkeypatch.setattr(server.store, "append_future", append_then_die)
     async with client_for(server) as client:
         session = await client.attach("demo")
         cursor = await session.publish("message", {"once": True})

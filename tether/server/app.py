@@ -57,6 +57,7 @@ class Server:
         self.scheduler = Scheduler(self.runs)
         self.connections: set[Connection] = set()
         self.streams: set[asyncio.Task[Any]] = set()  # SSE handlers, cancelled on stop
+        self._background: set[asyncio.Task[Any]] = set()
         self.app = self._make_app()
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -104,6 +105,16 @@ class Server:
             self.metrics.hot.connections_ws -= 1
             self.connections.discard(conn)
         return ws
+
+    def background(self, task: asyncio.Task[Any]) -> None:
+        """Keep a reference to a fire-and-forget task until it ends (and log its failure)."""
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
 
     async def publish_presence(self, session: str, kind: str, info: dict[str, Any]) -> None:
         await self.store.publish_transient(

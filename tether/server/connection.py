@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
+import struct
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -52,23 +54,73 @@ from tether.protocol.frames import (
 )
 from tether.server.auth import AuthError, Grant, verify_token
 from tether.server.hub import FORMAT_JSON, FORMAT_MSGPACK, Outbox, Subscription
-from tether.store.base import Head, StoreError, StreamClosedError, now_ms
+from tether.store.base import Appended, Head, StoreError, StreamClosedError, now_ms
 
 if TYPE_CHECKING:
     from tether.server.app import Server
 
 log = logging.getLogger("tether.connection")
 
+_LEN2 = struct.Struct("!BBH")
+_LEN3 = struct.Struct("!BBQ")
+
 
 class WsSink:
-    __slots__ = ("opcode", "ws")
+    __slots__ = ("first_byte", "opcode", "ws")
 
     def __init__(self, ws: web.WebSocketResponse, binary: bool) -> None:
         self.ws = ws
         self.opcode = WSMsgType.BINARY if binary else WSMsgType.TEXT
+        self.first_byte = 0x80 | int(self.opcode)  # FIN + opcode
 
     async def send(self, data: bytes) -> None:
         await self.ws.send_frame(data, self.opcode)
+
+    def write_now(self, frames: list[bytes]) -> bool:
+        """Frame and write ``frames`` at once, if the transport can take them without waiting.
+
+        False (nothing written) when it cannot: compression negotiated, or the transport is
+        paused by backpressure; the outbox then drains through :meth:`send_many`.
+        """
+        writer = self.ws._writer
+        if self.ws.compress or writer is None or writer.protocol._paused:
+            return False
+        if writer.transport.is_closing():
+            raise ConnectionResetError("transport closing")
+        writer.transport.write(self._frame(frames))
+        return True
+
+    def _frame(self, frames: list[bytes]) -> bytes:
+        # Server frames are unmasked: a header, then the payload.
+        parts: list[bytes] = []
+        first = self.first_byte
+        for data in frames:
+            n = len(data)
+            if n < 126:
+                parts.append(bytes((first, n)))
+            elif n < 65536:
+                parts.append(_LEN2.pack(first, 126, n))
+            else:
+                parts.append(_LEN3.pack(first, 127, n))
+            parts.append(data)
+        return b"".join(parts)
+
+    async def send_many(self, frames: list[bytes]) -> None:
+        """Write several frames with one transport write.
+
+        A fan-out burst leaves many frames queued per connection; framing them here and
+        handing the transport one buffer costs one syscall instead of one per frame. With
+        permessage-deflate the frames must go through aiohttp's compressor, one by one.
+        """
+        writer = self.ws._writer
+        if self.ws.compress or writer is None or writer.transport.is_closing():
+            for data in frames:
+                await self.ws.send_frame(data, self.opcode)
+            return
+        writer.transport.write(self._frame(frames))
+        protocol = writer.protocol
+        if protocol._paused:
+            await protocol._drain_helper()
 
     def abort(self) -> None:
         if not self.ws.closed:
@@ -146,7 +198,7 @@ class Connection:
         self.subs: dict[str, Subscription] = {}
         self.presence_state: dict[str, dict[str, Any]] = {}
         self.acked: dict[str, Cursor] = {}
-        self.inflight: set[asyncio.Task[None]] = set()
+        self.inflight: set[asyncio.Future[Appended]] | None = None  # made on first publish
         self.errors_in_row = 0
         config = server.config
         self.bucket = TokenBucket(config.publish_rate, config.publish_burst)
@@ -424,26 +476,43 @@ class Connection:
             return
         # Commit concurrently so one connection can have many publishes in one group commit;
         # bounded so a flood pauses reading (TCP backpressure) instead of growing memory.
-        if len(self.inflight) >= self.server.config.max_inflight_publishes:
-            await asyncio.wait(self.inflight, return_when=asyncio.FIRST_COMPLETED)
-        task = asyncio.get_running_loop().create_task(self._commit(frame, self.sender))
-        self.inflight.add(task)
-        task.add_done_callback(self.inflight.discard)
-
-    async def _commit(self, frame: Publish, sender: Sender) -> None:
+        inflight = self.inflight
+        if inflight is None:
+            inflight = self.inflight = set()
+        elif len(inflight) >= self.server.config.max_inflight_publishes:
+            await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
         try:
-            appended = await self.server.store.append(frame.session, frame.type, frame.data,
-                                                      sender, frame.key)
-        except StreamClosedError as exc:
-            self.send_error(frame.id, ErrorCode.STREAM_CLOSED, str(exc), frame.session)
-            return
+            future = self.server.store.append_future(frame.session, frame.type, frame.data,
+                                                     self.sender, frame.key)
         except StoreError as exc:
-            self.send_error(frame.id, ErrorCode.STORE_UNAVAILABLE, str(exc), frame.session)
+            raise RequestError(ErrorCode.STORE_UNAVAILABLE, str(exc)) from None
+        # A done-callback, not a task per publish: the reply is a few dict operations.
+        inflight.add(future)
+        future.add_done_callback(functools.partial(self._committed, frame))
+
+    def _committed(self, frame: Publish, future: asyncio.Future[Appended]) -> None:
+        if self.inflight is not None:
+            self.inflight.discard(future)
+        if future.cancelled():
             return
+        exc = future.exception()
+        if exc is not None:
+            if isinstance(exc, StreamClosedError):
+                self.send_error(frame.id, ErrorCode.STREAM_CLOSED, str(exc), frame.session)
+            elif isinstance(exc, StoreError):
+                self.send_error(frame.id, ErrorCode.STORE_UNAVAILABLE, str(exc), frame.session)
+            else:  # data the store cannot encode (MessagePack bytes, say)
+                self.send_error(frame.id, ErrorCode.INVALID, f"event not stored: {exc}",
+                                frame.session)
+            return
+        appended = future.result()
         self.server.metrics.published_stored.inc()
         self.send(published_frame(frame.id, appended.event, appended.duplicate))
-        if not appended.duplicate:
-            await self.server.runs.on_committed(appended.event)
+        if not appended.duplicate and appended.event.type == "message":
+            # A person's message may start a run.
+            task = asyncio.get_running_loop().create_task(
+                self.server.runs.on_committed(appended.event))
+            self.server.background(task)
 
     async def _cleanup(self) -> None:
         for timer in self._timers:

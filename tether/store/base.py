@@ -80,6 +80,11 @@ class SessionStore(Protocol):
         """Commit one event and return it with its seq; see the module docstring."""
         ...
 
+    def append_future(self, session: str, type: str, data: Any, sender: Sender,
+                      key: str | None = None) -> asyncio.Future[Appended]:
+        """``append`` without a coroutine: the future resolves at commit (the hot path)."""
+        ...
+
     async def read(self, session: str, after: int, limit: int) -> list[Event]:
         """Up to ``limit`` committed events with ``seq > after``, in seq order."""
         ...

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -51,6 +52,10 @@ class MemoryStore:
 
     async def append(self, session: str, type: str, data: Any, sender: Sender,
                      key: str | None = None) -> Appended:
+        return self._append(session, type, data, sender, key)
+
+    def _append(self, session: str, type: str, data: Any, sender: Sender,
+                key: str | None) -> Appended:
         log = self._log(session)
         if key is not None:
             seen = log.keys.get((sender.sub, key))
@@ -66,6 +71,16 @@ class MemoryStore:
         self._enforce_count(log)
         self._listeners.dispatch(event)
         return Appended(event, duplicate=False)
+
+    def append_future(self, session: str, type: str, data: Any, sender: Sender,
+                      key: str | None = None) -> asyncio.Future[Appended]:
+        """Commit now; a resolved future, for callers that take a done-callback."""
+        future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
+        try:
+            future.set_result(self._append(session, type, data, sender, key))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
 
     def _enforce_count(self, log: _Log) -> int:
         excess = len(log.events) - self.retention.max_events

@@ -537,6 +537,11 @@ class RedisStore:
 
     async def append(self, session: str, type: str, data: Any, sender: Sender,
                      key: str | None = None) -> Appended:
+        return await self.append_future(session, type, data, sender, key)
+
+    def append_future(self, session: str, type: str, data: Any, sender: Sender,
+                      key: str | None = None) -> asyncio.Future[Appended]:
+        """Queue an append for the next batch; the future resolves at commit."""
         if not self._started or self._closing:
             raise StoreError("store is closed" if self._closing else "store is not started")
         keys = self._keys(session)
@@ -580,7 +585,7 @@ class RedisStore:
             queue.append(op)
         if not self._wake.is_set():
             self._wake.set()
-        return await future
+        return future
 
     async def _flush_loop(self, conn: AbstractConnection) -> None:
         while True:

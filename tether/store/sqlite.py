@@ -362,6 +362,15 @@ class SqliteStore:
 
     async def append(self, session: str, type: str, data: Any, sender: Sender,
                      key: str | None = None) -> Appended:
+        return await self.append_future(session, type, data, sender, key)
+
+    def append_future(self, session: str, type: str, data: Any, sender: Sender,
+                      key: str | None = None) -> asyncio.Future[Appended]:
+        """Queue an append for this tick's group commit; the future resolves at commit.
+
+        The server's publish path uses this with a done-callback instead of a task per
+        publish.
+        """
         if self._conn is None:
             raise StoreError("sqlite store is not open")
         loop = self._loop
@@ -372,7 +381,7 @@ class SqliteStore:
             self._flush_handle = loop.call_soon(self._flush)
         future: asyncio.Future[Appended] = loop.create_future()
         self._pending.append((session, type, data, sender, key, future))
-        return await future
+        return future
 
     def _flush(self) -> None:
         """Commit every queued append in one transaction, then answer and notify."""
