@@ -18,7 +18,7 @@ from tether.protocol.codec import CODECS, SUBPROTOCOLS
 from tether.protocol.codes import CloseCode
 from tether.protocol.events import SYSTEM, Event
 from tether.responses import add_responses_routes
-from tether.server.auth import load_secret
+from tether.server.auth import Grant, load_secret, verify_token
 from tether.server.config import ServerConfig
 from tether.server.connection import Connection
 from tether.server.http import SERVER_KEY, add_routes
@@ -58,6 +58,7 @@ class Server:
         self.connections: set[Connection] = set()
         self.streams: set[asyncio.Task[Any]] = set()  # SSE handlers, cancelled on stop
         self._background: set[asyncio.Task[Any]] = set()
+        self._grants: dict[str, Grant] = {}  # verified tokens (bounded)
         self.app = self._make_app()
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -106,6 +107,27 @@ class Server:
             self.connections.discard(conn)
         return ws
 
+    def verify(self, token: str | None) -> Grant:
+        """Verify a token, remembering verified ones: reconnect storms re-send the same few."""
+        if token:
+            cached = self._grants.get(token)
+            if cached is not None and (cached.exp is None or cached.exp > time.time()):
+                return cached
+        grant = verify_token(self.secret, token)
+        assert token is not None
+        if len(self._grants) >= 10_000:
+            self._grants.pop(next(iter(self._grants)))
+        self._grants[token] = grant
+        return grant
+
+    async def expire_tokens(self) -> None:
+        """Close connections whose token has expired (4501)."""
+        now = time.time()
+        for conn in list(self.connections):
+            grant = conn.grant
+            if grant is not None and grant.exp is not None and grant.exp <= now:
+                conn.close(CloseCode.TOKEN_EXPIRED, "token expired")
+
     def background(self, task: asyncio.Task[Any]) -> None:
         """Keep a reference to a fire-and-forget task until it ends (and log its failure)."""
         self._background.add(task)
@@ -153,6 +175,7 @@ class Server:
             loop.create_task(self._periodic(self.config.presence_ttl / 3,
                                             self._refresh_presence, "presence refresh")),
             loop.create_task(self._periodic(self.config.trim_interval, self._trim, "retention")),
+            loop.create_task(self._periodic(1.0, self.expire_tokens, "token expiry")),
         ]
         await self.runs.start()
         await self.scheduler.start()

@@ -52,7 +52,7 @@ from tether.protocol.frames import (
     published_frame,
     welcome_frame,
 )
-from tether.server.auth import AuthError, Grant, verify_token
+from tether.server.auth import AuthError, Grant
 from tether.server.hub import FORMAT_JSON, FORMAT_MSGPACK, Outbox, Subscription
 from tether.store.base import Appended, Head, StoreError, StreamClosedError, now_ms
 
@@ -202,7 +202,7 @@ class Connection:
         self.errors_in_row = 0
         config = server.config
         self.bucket = TokenBucket(config.publish_rate, config.publish_burst)
-        self._timers: list[asyncio.TimerHandle] = []
+        self._hello_timer: asyncio.TimerHandle | None = None
         self._closing: asyncio.Task[bool] | None = None
 
     # --- plumbing -------------------------------------------------------------------------
@@ -240,7 +240,7 @@ class Connection:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        self._timers.append(loop.call_later(self.server.config.hello_timeout, self._hello_timeout))
+        self._hello_timer = loop.call_later(self.server.config.hello_timeout, self._hello_timeout)
         hot = self.server.metrics.hot
         ws = self.ws
         try:
@@ -311,22 +311,23 @@ class Connection:
         if self.grant is not None:
             raise RequestError(ErrorCode.INVALID, "hello was already sent on this connection")
         try:
-            grant = verify_token(self.server.secret, frame.token)
+            grant = self.server.verify(frame.token)
         except AuthError as exc:
             self.server.metrics.errors.labels(exc.close_code.name.lower()).inc()
             log.info("connection %s refused: %s", self.id, exc.message)
             self.close(exc.close_code, exc.message)
             return
         self.grant = grant
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
         client = frame.client or f"c-{secrets.token_hex(6)}"
         self.sender = Sender(grant.sub, client, frame.kind)
         self.device = frame.device
         self.tools = frame.tools
         config = self.server.config
-        if grant.exp is not None:
-            delay = max(0.0, grant.exp - time.time())
-            self._timers.append(asyncio.get_running_loop().call_later(
-                delay, self.close, CloseCode.TOKEN_EXPIRED, "token expired"))
+        # Expiry is enforced by the server's once-a-second sweep (Server.expire_tokens): one
+        # timer for all connections instead of one each.
         self.send(welcome_frame(frame.id, self.id, grant.sub, client, sorted(grant.caps),
                                 config.heartbeat, {
                                     "max_frame_bytes": config.max_frame_bytes,
@@ -515,8 +516,8 @@ class Connection:
             self.server.background(task)
 
     async def _cleanup(self) -> None:
-        for timer in self._timers:
-            timer.cancel()
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
         for sub in self.subs.values():
             self.server.hub.unsubscribe(sub)
         sessions = list(self.subs)
