@@ -181,6 +181,11 @@ async def build_snapshot(server: Server, session: str, head: Head) -> tuple[list
 class Connection:
     """Server side of one WebSocket."""
 
+    # Slots: ten thousand idle connections are ten thousand of these.
+    __slots__ = ("_closing", "_hello_timer", "acked", "bucket", "codec", "device",
+                 "errors_in_row", "format", "grant", "id", "inflight", "outbox",
+                 "presence_state", "remote", "sender", "server", "subs", "tools", "ws")
+
     def __init__(self, server: Server, ws: web.WebSocketResponse, codec: Codec,
                  remote: str) -> None:
         self.server = server
@@ -197,7 +202,7 @@ class Connection:
         self.tools: tuple[str, ...] = ()
         self.subs: dict[str, Subscription] = {}
         self.presence_state: dict[str, dict[str, Any]] = {}
-        self.acked: dict[str, Cursor] = {}
+        self.acked: dict[str, Cursor] | None = None  # made on first ack
         self.inflight: set[asyncio.Future[Appended]] | None = None  # made on first publish
         self.errors_in_row = 0
         config = server.config
@@ -430,6 +435,8 @@ class Connection:
             raise RequestError(ErrorCode.NOT_ATTACHED, f"not attached to {frame.session!r}")
         if frame.cursor.epoch != sub.epoch or frame.cursor.seq > sub.last_seq:
             raise RequestError(ErrorCode.BAD_CURSOR, "ack of a cursor that was not delivered")
+        if self.acked is None:
+            self.acked = {}
         self.acked[frame.session] = frame.cursor
 
     async def _presence_set(self, frame: PresenceSet) -> None:

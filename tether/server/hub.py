@@ -35,6 +35,7 @@ FORMAT_JSON = "json"
 FORMAT_MSGPACK = "msgpack"
 FORMAT_SSE = "sse"
 
+_NO_PENDING: list[tuple[Event, bytes]] = []  # shared, never appended to
 _BATCH_BYTES = 256 << 10  # at most this much per transport write from one outbox
 
 _PRESENCE_ACTIONS = {PRESENCE_JOIN: "join", PRESENCE_LEAVE: "leave", PRESENCE_UPDATE: "update"}
@@ -226,6 +227,8 @@ class Subscription:
         outbox = self.peer.outbox
         if self.catching_up:
             if self.pending_bytes + len(data) <= outbox.limit:
+                if self.pending is _NO_PENDING:
+                    self.pending = []
                 self.pending.append((event, data))
                 self.pending_bytes += len(data)
             else:
@@ -290,7 +293,8 @@ class Subscription:
     def _merge_pending(self) -> bool:
         """At the log's tail: deliver buffered live events. False if the store must be re-read."""
         pending, overflowed = self.pending, self.pending_overflow
-        self.pending, self.pending_bytes, self.pending_overflow = [], 0, False
+        # An idle live subscription keeps no buffer around.
+        self.pending, self.pending_bytes, self.pending_overflow = _NO_PENDING, 0, False
         if overflowed:
             return False
         outbox = self.peer.outbox
@@ -311,7 +315,7 @@ class Subscription:
         if self.task is not None:
             self.task.cancel()
             self.task = None
-        self.pending = []
+        self.pending = _NO_PENDING
 
 
 class Channel:
