@@ -188,3 +188,73 @@ async def test_runs_started_over_http_and_queued_behind_the_active_one(
     assert started["data"]["trigger"] == "start"
     await until_event(a, "run.state", run=second["run"], state="completed")
     await a.close()
+
+
+class RecordingModel:
+    """Wraps a model and keeps the conversations it was asked to continue."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.name = "recording"
+        self.seen: list[list[str]] = []
+
+    def stream(self, messages: Any, tools: Any) -> Any:
+        self.seen.append([f"{m.role}:{m.content}" for m in messages])
+        return self.model.stream(messages, tools)
+
+
+async def test_busy_policy_interrupt_cancels_the_active_run(agent_server: Server) -> None:
+    from tether.agents.agent import BusyPolicy
+
+    agent = agent_server.runs.agents[0]
+    agent.busy = BusyPolicy.INTERRUPT
+    agent.model.tokens_per_second = 200  # type: ignore[attr-defined]
+    agent.model.answer_tokens = 2000  # type: ignore[attr-defined]
+    a = await device(agent_server)
+    await a.publish("s", "message", {"text": "talk a lot"})
+    first = await until_event(a, "stream.append")
+    await a.publish("s", "message", {"text": "no, this instead"})
+    cancelled = await until_event(a, "run.state", run=first["data"]["run"], state="cancelled")
+    assert cancelled["data"]["by"]["sub"] == "tether"
+    created = await until_event(a, "run.created")
+    assert created["data"]["input"]["text"] == "no, this instead"
+    await a.close()
+
+
+async def test_busy_policy_merge_and_steer_reach_the_active_run(agent_server: Server) -> None:
+    from tether.agents.agent import BusyPolicy
+
+    agent = agent_server.runs.agents[0]
+    agent.busy = BusyPolicy.MERGE
+    recording = RecordingModel(agent.model)
+    agent.model = recording
+    a = await device(agent_server)
+    await a.publish("s", "message", {"text": "ask first"})
+    call = await until_event(a, "tool.call", name="ask")
+    run, call_id = call["data"]["run"], call["data"]["call"]
+    await until_event(a, "run.state", state="awaiting_tool")
+    await a.publish("s", "message", {"text": "also consider this"})  # merged, no new run
+    steer = await a.publish("s", "run.steer", {"run": run, "text": "and be brief"})
+    assert steer["op"] == "published"
+    await a.publish("s", "tool.result", {"run": run, "call": call_id, "result": "red"})
+    await until_event(a, "run.state", run=run, state="completed")
+    last = recording.seen[-1]
+    assert "user:also consider this" in last and "user:and be brief" in last
+    assert last.index("user:also consider this") < last.index("user:and be brief")
+    runs = [e for e in await agent_server.store.read("s", 0, 1000) if e.type == "run.created"]
+    assert len(runs) == 1
+    await a.close()
+
+
+async def test_front_end_tool_call_names_the_clients_that_declared_it(
+        agent_server: Server) -> None:
+    a = await Peer.connect(agent_server.port)
+    await a.hello(token(caps=APPROVER), tools=["ask"])
+    await a.attach("s")
+    b = await device(agent_server, "bob")  # declares no tools
+    await a.publish("s", "message", {"text": "ask"})
+    call = await until_event(b, "tool.call", name="ask")
+    members = call["data"]["clients"]
+    assert len(members) == 1 and members[0].startswith("alice/")
+    await a.close()
+    await b.close()

@@ -34,6 +34,7 @@ from tether.agents.agent import Agent, BusyPolicy
 from tether.agents.models import Message, ToolCall
 from tether.agents.state import (
     FINAL_STATES,
+    WAITING_STATES,
     IllegalTransition,
     RunRecord,
     RunState,
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tether.runs")
 
 RUN_INDEX = "tether.runs"
-LEASE_SECONDS = 10.0
+LEASE_SECONDS = 10.0  # default; ServerConfig.lease_seconds (TETHER_LEASE_SECONDS) overrides
 
 
 def new_run_id() -> str:
@@ -176,6 +177,8 @@ class Run:
         self.arrived: dict[str, Event] = {}  # decisions and results by call id
         self._wakeup = asyncio.Event()
         self.sender = Sender(f"agent:{agent.name}", manager.node, "agent")
+        for seq, type_, data, sender in events:  # answers already in the log
+            self._take_answer(Event(session, "", seq, type_, data, sender, 0))
 
     # --- output ---------------------------------------------------------------------------
 
@@ -242,23 +245,36 @@ class Run:
             await self.transition(Trigger.REQUEST_APPROVAL, call=call_id)
             decision = await self.wait_for(call_id, expires)
             await self.transition(Trigger.DECISION, call=call_id)
-            if decision.data.get("decision") != "approve":
-                by = decision.data.get("by", {}).get("sub", "nobody")
-                verdict = decision.data.get("decision")
-                await self.emit("tool.result", {"run": self.id, "call": call_id,
-                                                "error": f"{verdict} by {by}"})
-                return
-            if isinstance(decision.data.get("arguments"), dict):
-                arguments = decision.data["arguments"]
+            await self._decided(call_id, name, arguments, decision)
+            return
+        await self.run_tool(call_id, name, arguments)
+
+    async def _decided(self, call_id: str, name: str, arguments: dict[str, Any],
+                       decision: Event) -> None:
+        """Run the tool an approval allowed (with edited arguments), or record the refusal."""
+        if decision.data.get("decision") != "approve":
+            by = decision.data.get("by", {}).get("sub", "nobody")
+            verdict = decision.data.get("decision")
+            await self.emit("tool.result", {"run": self.id, "call": call_id,
+                                            "error": f"{verdict} by {by}"})
+            return
+        if isinstance(decision.data.get("arguments"), dict):
+            arguments = decision.data["arguments"]
         await self.run_tool(call_id, name, arguments)
 
     async def run_tool(self, call_id: str, name: str, arguments: dict[str, Any]) -> None:
         tool = self.agent.tools[name]
         if tool.client_side:
             expires = (int((time.time() + tool.timeout) * 1000) if tool.timeout else None)
+            # Addressed to the clients present that declared the tool (in hello or presence);
+            # any client may still answer, the first valid answer wins.
+            members = await self.manager.store.presence(self.session)
+            clients = [m.get("member") for m in members
+                       if name in (m.get("tools") or ())
+                       or name in ((m.get("state") or {}).get("tools") or ())]
             await self.emit("tool.call", {"run": self.id, "call": call_id, "name": name,
                                           "arguments": arguments, "target": "client",
-                                          "expires_at": expires})
+                                          "clients": clients, "expires_at": expires})
             await self.transition(Trigger.CALL_CLIENT_TOOL, call=call_id)
             await self.wait_for(call_id, expires)
             await self.transition(Trigger.TOOL_RESULT, call=call_id)
@@ -300,6 +316,9 @@ class Run:
         self.events.append((event.seq, event.type, event.data, event.sender))
         if len(self.events) > 1 and self.events[-2][0] > event.seq:
             self.events.sort(key=lambda e: e[0])  # an event that the live channel delayed
+        self._take_answer(event)
+
+    def _take_answer(self, event: Event) -> None:
         data = event.data
         if (isinstance(data, dict) and data.get("run") == self.id
                 and event.type in ("approval.decision", "tool.result")
@@ -323,6 +342,8 @@ class Run:
             await self.agent.respond(self)
             if self.record.state == RunState.RUNNING:
                 await self.transition(Trigger.COMPLETE)
+            elif not self.record.final:  # a custom respond() returned mid-wait
+                await self.fail(f"the agent returned while the run was {self.record.state}")
         except asyncio.CancelledError:
             raise
         except (IllegalTransition, StoreError) as exc:
@@ -351,22 +372,32 @@ class Run:
             # A server tool whose result is missing is called again (at least once).
             for call in self._calls_without_result("server"):
                 await self.run_tool(call["call"], call["name"], call.get("arguments") or {})
-        for pending in list(self.record.pending.values()):
-            if pending.kind == "approval":
-                decision = await self.wait_for(pending.call, pending.expires_at)
-                await self.transition(Trigger.DECISION, call=pending.call)
-                if decision.data.get("decision") == "approve":
-                    arguments = decision.data.get("arguments") or pending.arguments or {}
-                    await self.run_tool(pending.call, pending.name, arguments)
-                else:
-                    by = decision.data.get("by", {}).get("sub", "nobody")
-                    await self.emit("tool.result", {
-                        "run": self.id, "call": pending.call,
-                        "error": f"{decision.data.get('decision')} by {by}"})
+        state = self.record.state
+        if state in WAITING_STATES:
+            # Waiting when its node stopped: keep waiting (the answer may already be in the
+            # log), then carry on exactly as the live run would have.
+            awaited = self._awaited_call()
+            if state == RunState.AWAITING_APPROVAL:
+                request = self._data_of("approval.request", awaited)
+                decision = await self.wait_for(awaited, request.get("expires_at"))
+                await self.transition(Trigger.DECISION, call=awaited)
+                await self._decided(awaited, request["name"], request.get("arguments") or {},
+                                    decision)
             else:
-                await self.wait_for(pending.call, pending.expires_at)
-                await self.transition(Trigger.TOOL_RESULT, call=pending.call)
-        self.record.pending.clear()
+                await self.wait_for(awaited, self._data_of("tool.call", awaited).get("expires_at"))
+                await self.transition(Trigger.TOOL_RESULT, call=awaited)
+
+    def _awaited_call(self) -> str:
+        for _, type_, data, _ in reversed(self.events):
+            if type_ == "run.state" and isinstance(data, dict) and data.get("run") == self.id:
+                return str(data["call"])
+        raise IllegalTransition(self.record.state, Trigger.RESTART)
+
+    def _data_of(self, type_: str, call: str) -> dict[str, Any]:
+        for _, t, data, _ in self.events:
+            if t == type_ and isinstance(data, dict) and data.get("call") == call:
+                return data
+        return {}
 
     def _calls_without_result(self, target: str) -> list[dict[str, Any]]:
         results = {d.get("call") for _, t, d, _ in self.events
@@ -380,9 +411,11 @@ class RunManager:
     """Starts, steers, recovers and hands over the runs of this node."""
 
     def __init__(self, store: SessionStore, node: str,
-                 on_change: Callable[[str, str, RunState], Any] | None = None) -> None:
+                 on_change: Callable[[str, str, RunState], Any] | None = None,
+                 lease_seconds: float = LEASE_SECONDS) -> None:
         self.store = store
         self.node = node
+        self.lease_seconds = lease_seconds
         self.agents: list[Agent] = []
         self.runs: dict[str, Run] = {}  # driven on this node
         self.queued: dict[str, list[str]] = {}  # session → run ids waiting their turn
@@ -427,14 +460,14 @@ class RunManager:
 
     async def _lease_loop(self) -> None:
         while True:
-            await asyncio.sleep(LEASE_SECONDS / 3)
+            await asyncio.sleep(self.lease_seconds / 3)
             try:
                 await self.reclaim()
             except StoreError as exc:
                 log.warning("lease renewal failed: %s", exc)
 
     def _period(self, offset: int = 0) -> int:
-        return int(time.time() // LEASE_SECONDS) + offset
+        return int(time.time() // self.lease_seconds) + offset
 
     async def claim(self, run: str, period: int) -> bool:
         """Own ``run`` for one lease period; the store's idempotency keys decide the race."""

@@ -53,7 +53,8 @@ class Server:
         self.secret = load_secret(self.config.secret, self.config.data_dir)
         self.hub = Hub(self.store, self.metrics, self.config.catchup_page)
         self.node_id = self.config.node_id or node_id(self.config.data_dir)
-        self.runs = RunManager(self.store, self.node_id)
+        self.runs = RunManager(self.store, self.node_id,
+                               lease_seconds=self.config.lease_seconds)
         self.scheduler = Scheduler(self.runs)
         self.connections: set[Connection] = set()
         self.streams: set[asyncio.Task[Any]] = set()  # SSE handlers, cancelled on stop

@@ -33,6 +33,7 @@ class ServerConfig:
     snapshot_events: int = 200  # events in an attached{resumed:false} snapshot
     presence_ttl: float = 60.0  # seconds a presence entry lives without refresh
     trim_interval: float = 60.0  # seconds between retention passes
+    lease_seconds: float = 10.0  # a run's lease period; a dead node's runs move after ~2 of them
     tail_check_interval: float = 2.0  # lossy live channels (Redis): heal a lost last event
     max_errors_in_row: int = 100  # request errors in a row before closing the connection
     compression: bool = True  # offer permessage-deflate
