@@ -220,3 +220,40 @@ class Listeners:
                 except Exception as exc:  # one broken listener must not starve the others
                     asyncio.get_running_loop().call_exception_handler(
                         {"message": f"listener of {event.session!r} failed", "exception": exc})
+
+
+class InProcessFanout:
+    """Live fan-out and presence kept in this process: for stores that serve one node."""
+
+    def __init__(self) -> None:
+        self._listeners = Listeners()
+        self._presence: dict[str, dict[str, tuple[dict[str, Any], float]]] = {}
+
+    async def publish_transient(self, event: Event) -> None:
+        self._listeners.dispatch(event)
+
+    def listen(self, session: str, listener: Listener) -> None:
+        self._listeners.add(session, listener)
+
+    def unlisten(self, session: str, listener: Listener) -> None:
+        self._listeners.remove(session, listener)
+
+    async def set_presence(self, session: str, member: str, info: dict[str, Any],
+                           ttl: float) -> None:
+        self._presence.setdefault(session, {})[member] = (info, time.monotonic() + ttl)
+
+    async def clear_presence(self, session: str, member: str) -> None:
+        members = self._presence.get(session)
+        if members is not None:
+            members.pop(member, None)
+            if not members:
+                del self._presence[session]
+
+    async def presence(self, session: str) -> list[dict[str, Any]]:
+        members = self._presence.get(session)
+        if not members:
+            return []
+        now = time.monotonic()
+        for member in [m for m, (_, expires) in members.items() if expires <= now]:
+            del members[member]
+        return [info for info, _ in members.values()]

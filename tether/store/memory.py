@@ -11,8 +11,7 @@ from tether.protocol.events import Event, Sender
 from tether.store.base import (
     Appended,
     Head,
-    Listener,
-    Listeners,
+    InProcessFanout,
     Retention,
     StreamText,
     now_ms,
@@ -30,12 +29,11 @@ class _Log:
         self.keys: dict[tuple[str, str], tuple[Event, float]] = {}
 
 
-class MemoryStore:
+class MemoryStore(InProcessFanout):
     def __init__(self, retention: Retention | None = None) -> None:
         self.retention = retention or Retention()
         self._logs: dict[str, _Log] = {}
-        self._listeners = Listeners()
-        self._presence: dict[str, dict[str, tuple[dict[str, Any], float]]] = {}
+        InProcessFanout.__init__(self)
         self._streams = StreamText(lambda session, stream: ([], False))
 
     async def start(self) -> None:
@@ -100,27 +98,6 @@ class MemoryStore:
     async def head(self, session: str) -> Head:
         log = self._log(session)
         return Head(log.epoch, log.last_seq, log.first_seq)
-
-    async def publish_transient(self, event: Event) -> None:
-        self._listeners.dispatch(event)
-
-    def listen(self, session: str, listener: Listener) -> None:
-        self._listeners.add(session, listener)
-
-    def unlisten(self, session: str, listener: Listener) -> None:
-        self._listeners.remove(session, listener)
-
-    async def set_presence(self, session: str, member: str, info: dict[str, Any],
-                           ttl: float) -> None:
-        self._presence.setdefault(session, {})[member] = (info, time.monotonic() + ttl)
-
-    async def clear_presence(self, session: str, member: str) -> None:
-        self._presence.get(session, {}).pop(member, None)
-
-    async def presence(self, session: str) -> list[dict[str, Any]]:
-        now = time.monotonic()
-        members = self._presence.get(session, {})
-        return [info for info, expires in members.values() if expires > now]
 
     async def trim(self) -> int:
         removed = 0

@@ -30,7 +30,6 @@ import functools
 import itertools
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -42,8 +41,7 @@ from tether.protocol.events import STREAM_APPEND, STREAM_END, Event, Sender
 from tether.store.base import (
     Appended,
     Head,
-    Listener,
-    Listeners,
+    InProcessFanout,
     Retention,
     StoreError,
     StreamText,
@@ -201,7 +199,9 @@ class _Checkpointer(threading.Thread):
             self._conn.close()
 
 
-class SqliteStore:
+class SqliteStore(InProcessFanout):
+    """The embedded default store: one SQLite database, group commit (module docstring)."""
+
     def __init__(self, path: str, retention: Retention | None = None, *,
                  on_batch: Callable[[int], None] | None = None,
                  synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
@@ -223,8 +223,7 @@ class SqliteStore:
         self._pending: list[_Request] = []
         self._flush_handle: asyncio.Handle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._listeners = Listeners()
-        self._presence: dict[str, dict[str, tuple[dict[str, Any], float]]] = {}
+        InProcessFanout.__init__(self)
         self._streams = StreamText(self._load_stream)
         self._count_slack = max(1, min(_COUNT_SLACK_MAX, self.retention.max_events // 8))
 
@@ -580,38 +579,6 @@ class SqliteStore:
         loads = orjson.loads
         return [Event(session, epoch, seq, type_, loads(data), Sender(sub, client, kind), t)
                 for seq, type_, data, sub, client, kind, t in rows]
-
-    # -- fan-out and presence (in process: the sqlite store serves one node) ------------------
-
-    async def publish_transient(self, event: Event) -> None:
-        self._listeners.dispatch(event)
-
-    def listen(self, session: str, listener: Listener) -> None:
-        self._listeners.add(session, listener)
-
-    def unlisten(self, session: str, listener: Listener) -> None:
-        self._listeners.remove(session, listener)
-
-    async def set_presence(self, session: str, member: str, info: dict[str, Any],
-                           ttl: float) -> None:
-        self._presence.setdefault(session, {})[member] = (info, time.monotonic() + ttl)
-
-    async def clear_presence(self, session: str, member: str) -> None:
-        members = self._presence.get(session)
-        if members is not None:
-            members.pop(member, None)
-            if not members:
-                del self._presence[session]
-
-    async def presence(self, session: str) -> list[dict[str, Any]]:
-        now = time.monotonic()
-        members = self._presence.get(session)
-        if not members:
-            return []
-        expired = [member for member, (_, expires) in members.items() if expires <= now]
-        for member in expired:
-            del members[member]
-        return [info for info, _ in members.values()]
 
     # -- retention ---------------------------------------------------------------------------
 
