@@ -12,6 +12,25 @@ from tether.protocol.events import Event, Sender
 from tether.store import Retention, SessionStore, StreamClosedError
 
 ALICE = Sender("alice", "c1", "human")
+
+
+class _Collected(list[Event]):
+    """A list a listener appends to, that sets ``done`` once it holds ``count`` events."""
+
+    def __init__(self, count: int, done: asyncio.Event) -> None:
+        super().__init__()
+        self.count = count
+        self.done = done
+
+    def append(self, event: Event) -> None:
+        super().append(event)
+        if len(self) >= self.count:
+            self.done.set()
+
+
+def collector(count: int) -> tuple[_Collected, asyncio.Event]:
+    done = asyncio.Event()
+    return _Collected(count, done), done
 BOB = Sender("bob", "c2", "human")
 
 
@@ -49,17 +68,14 @@ async def test_sessions_are_independent(store: SessionStore) -> None:
 async def test_concurrent_appends_are_gapless_and_listeners_see_commit_order(
     store: SessionStore,
 ) -> None:
-    seen: list[Event] = []
+    seen, all_seen = collector(300)
     store.listen("s1", seen.append)
     results = await asyncio.gather(
         *(store.append("s1", "message", {"i": i}, ALICE) for i in range(300))
     )
     seqs = sorted(r.event.seq for r in results)
     assert seqs == list(range(1, 301))
-    async def all_seen() -> None:
-        while len(seen) < 300:
-            await asyncio.sleep(0.005)
-    await asyncio.wait_for(all_seen(), 10)
+    await asyncio.wait_for(all_seen.wait(), 10)
     assert [e.seq for e in seen] == list(range(1, 301))
     stored = await store.read("s1", 0, 1000)
     assert [e.data for e in stored] == [e.data for e in seen]
@@ -67,16 +83,15 @@ async def test_concurrent_appends_are_gapless_and_listeners_see_commit_order(
 
 async def test_listener_runs_after_commit(store: SessionStore) -> None:
     checks: list[asyncio.Task[list[Event]]] = []
+    called = asyncio.Event()
 
     def on_event(event: Event) -> None:
         checks.append(asyncio.ensure_future(store.read("s1", event.seq - 1, 1)))
+        called.set()
 
     store.listen("s1", on_event)
     await store.append("s1", "message", "x", ALICE)
-    async def wait() -> None:
-        while not checks:
-            await asyncio.sleep(0.005)
-    await asyncio.wait_for(wait(), 10)
+    await asyncio.wait_for(called.wait(), 10)
     got = await checks[0]
     assert [e.data for e in got] == ["x"]
     store.unlisten("s1", on_event)
@@ -121,15 +136,12 @@ async def test_stream_end_carries_the_concatenated_deltas(store: SessionStore) -
 
 
 async def test_transient_events_reach_listeners_and_are_not_stored(store: SessionStore) -> None:
-    seen: list[Event] = []
+    seen, arrived = collector(1)
     store.listen("s1", seen.append)
     head = await store.head("s1")
     event = Event("s1", head.epoch, 0, "typing", {"on": True}, ALICE, 1, transient=True)
     await store.publish_transient(event)
-    async def wait() -> None:
-        while not seen:
-            await asyncio.sleep(0.005)
-    await asyncio.wait_for(wait(), 10)
+    await asyncio.wait_for(arrived.wait(), 10)
     assert seen[0].transient and seen[0].data == {"on": True}
     assert await store.read("s1", 0, 10) == []
     assert (await store.head("s1")).last_seq == 0
