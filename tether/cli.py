@@ -147,8 +147,12 @@ def _cmd_tail(args: argparse.Namespace) -> int:
                     continue
                 print(orjson.dumps(_line(event)).decode(), flush=True)
 
-    with contextlib.suppress(KeyboardInterrupt):
+    try:
         asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:  # piped into head(1) and the like: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
