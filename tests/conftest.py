@@ -10,6 +10,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,6 +79,25 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
+@pytest.fixture
+async def chat_upstream() -> AsyncIterator[tuple[Any, str]]:
+    """A local streaming Chat Completions server (the upstream, not a mock of tether)."""
+    from aiohttp import web
+
+    from tests.helpers import ChatUpstream
+
+    up = ChatUpstream()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", up.completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield up, f"http://127.0.0.1:{port}/v1"
+    await runner.cleanup()
+
+
 STORE_KINDS = ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)]
 
 
@@ -99,11 +119,6 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     store = await make_store(request.param, request, tmp_path)
     yield store
     await store.close()
-
-
-@pytest.fixture(params=STORE_KINDS)
-def store_kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 os.environ.setdefault("TETHER_LOG_LEVEL", "warning")

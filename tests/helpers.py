@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
+from aiohttp import web
 
 from tests.conftest import free_port, wait_for_port
 from tether.protocol.codec import CODECS, JSON_SUBPROTOCOL
@@ -164,3 +166,42 @@ class ServerProcess:
                 self.kill()
         if hasattr(self, "log"):
             self.log.close()
+
+
+class ChatUpstream:
+    """A local server speaking streaming Chat Completions: calls ``add`` until it sees a tool
+    result, then answers. Every request body is kept."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.auth: list[str | None] = []  # the Authorization header of each request
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        self.auth.append(request.headers.get("Authorization"))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+
+        async def send(chunk: dict[str, Any]) -> None:
+            await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+
+        base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": body["model"]}
+        if body["messages"][-1]["role"] == "tool":
+            for piece in ["The ", "sum ", "is 5."]:
+                await send({**base, "choices": [{"index": 0, "delta": {"content": piece}}]})
+            await send({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        else:
+            await send({**base, "choices": [{"index": 0, "delta": {"role": "assistant",
+                        "tool_calls": [{"index": 0, "id": f"call_up{len(self.requests)}",
+                                        "type": "function",
+                                        "function": {"name": "add", "arguments": ""}}]}}]})
+            for piece in ['{"a": 2', ', "b": 3}']:
+                await send({**base, "choices": [{"index": 0, "delta": {"tool_calls": [
+                    {"index": 0, "function": {"arguments": piece}}]}}]})
+            await send({**base, "choices": [{"index": 0, "delta": {},
+                                             "finish_reason": "tool_calls"}]})
+        await send({**base, "choices": [], "usage": {"prompt_tokens": 11,
+                                                     "completion_tokens": 3}})
+        await resp.write(b"data: [DONE]\n\n")
+        return resp

@@ -1,15 +1,11 @@
 """Model adapters: the OpenAI-compatible adapter against a local Chat Completions server (the
-upstream, not a mock of tether), and the simulated model's determinism."""
+upstream, not a mock of tether: ``tests.helpers.ChatUpstream``), and the simulated model."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
-
-import orjson
 import pytest
-from aiohttp import web
 
+from tests.helpers import ChatUpstream
 from tether.agents.models import (
     Finish,
     Message,
@@ -23,85 +19,38 @@ from tether.agents.models import (
     call_tools_in_order,
 )
 
-
-class Upstream:
-    """A small server speaking the streaming Chat Completions API."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-
-    async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        self.requests.append({"body": body, "auth": request.headers.get("Authorization")})
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-
-        async def send(chunk: dict[str, Any]) -> None:
-            await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
-
-        base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": body["model"]}
-        if body["messages"][-1]["role"] == "tool":
-            for piece in ["The ", "answer ", "is 5."]:
-                await send({**base, "choices": [{"index": 0, "delta": {"content": piece}}]})
-            await send({**base, "choices": [{"index": 0, "delta": {},
-                                             "finish_reason": "stop"}]})
-        else:
-            await send({**base, "choices": [{"index": 0, "delta": {"role": "assistant",
-                "tool_calls": [{"index": 0, "id": "call_1", "type": "function",
-                                "function": {"name": "add", "arguments": ""}}]}}]})
-            for piece in ['{"a": 2', ', "b": 3}']:
-                await send({**base, "choices": [{"index": 0, "delta": {"tool_calls": [
-                    {"index": 0, "function": {"arguments": piece}}]}}]})
-            await send({**base, "choices": [{"index": 0, "delta": {},
-                                             "finish_reason": "tool_calls"}]})
-        await resp.write(b"data: [DONE]\n\n")
-        return resp
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[tuple[Upstream, str]]:
-    up = Upstream()
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", up.completions)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield up, f"http://127.0.0.1:{port}/v1"
-    await runner.cleanup()
-
-
 ADD = ToolSpec("add", "Add two numbers", {"type": "object", "properties": {
     "a": {"type": "integer"}, "b": {"type": "integer"}}})
 
 
-async def test_openai_adapter_streams_a_tool_call_then_text(upstream: tuple[Upstream, str]
-                                                             ) -> None:
-    up, base_url = upstream
+async def test_openai_adapter_streams_a_tool_call_then_text(
+        chat_upstream: tuple[ChatUpstream, str]) -> None:
+    up, base_url = chat_upstream
     model = OpenAIChatModel("local-model", base_url=base_url, api_key="sk-test")
     chunks = [c async for c in model.stream([Message("user", "add 2 and 3")], [ADD])]
     calls = [c for c in chunks if isinstance(c, ToolCallDelta)]
-    assert calls[0].id == "call_1" and calls[0].name == "add"
+    assert calls[0].id == "call_up1" and calls[0].name == "add"
     assert "".join(c.arguments for c in calls) == '{"a": 2, "b": 3}'
     assert isinstance(chunks[-1], Finish) and chunks[-1].reason == "tool_calls"
+    assert up.auth[0] == "Bearer sk-test"
     sent = up.requests[0]
-    assert sent["auth"] == "Bearer sk-test"
-    assert sent["body"]["stream"] is True and sent["body"]["tools"][0]["function"]["name"] == "add"
+    assert sent["stream"] is True and sent["tools"][0]["function"]["name"] == "add"
 
     history = [Message("user", "add 2 and 3"),
-               Message("assistant", "", (ToolCall("call_1", "add", '{"a": 2, "b": 3}'),)),
-               Message("tool", "5", tool_call_id="call_1")]
+               Message("assistant", "", (ToolCall("call_up1", "add", '{"a": 2, "b": 3}'),)),
+               Message("tool", "5", tool_call_id="call_up1")]
     chunks = [c async for c in model.stream(history, [ADD])]
-    assert "".join(c.text for c in chunks if isinstance(c, TextDelta)) == "The answer is 5."
-    assert up.requests[1]["body"]["messages"][1]["tool_calls"][0]["id"] == "call_1"
-    assert up.requests[1]["body"]["messages"][2] == {"role": "tool", "content": "5",
-                                                     "tool_call_id": "call_1"}
+    assert "".join(c.text for c in chunks if isinstance(c, TextDelta)) == "The sum is 5."
+    assert isinstance(chunks[-1], Finish) and chunks[-1].usage["prompt_tokens"] == 11
+    assert up.requests[1]["messages"][1]["tool_calls"][0]["id"] == "call_up1"
+    assert up.requests[1]["messages"][2] == {"role": "tool", "content": "5",
+                                             "tool_call_id": "call_up1"}
     await model.aclose()
 
 
-async def test_openai_adapter_reports_upstream_errors(upstream: tuple[Upstream, str]) -> None:
-    _, base_url = upstream
+async def test_openai_adapter_reports_upstream_errors(
+        chat_upstream: tuple[ChatUpstream, str]) -> None:
+    _, base_url = chat_upstream
     from tether.agents.models import ModelError
 
     model = OpenAIChatModel("m", base_url=base_url + "/nope")

@@ -13,7 +13,6 @@ import aiohttp
 import httpx2
 import orjson
 import pytest
-from aiohttp import web
 from openai import AsyncOpenAI
 from openai.types.responses.responses_server_event import ResponsesServerEvent
 from pydantic import TypeAdapter
@@ -277,54 +276,3 @@ class RecordingBackend:
 
     async def aclose(self) -> None:
         return None
-
-
-class ChatUpstream:
-    """A local server speaking streaming Chat Completions: calls ``add`` until it sees a tool
-    result, then answers. Every request body is kept."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-
-    async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        self.requests.append(body)
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-
-        async def send(chunk: dict[str, Any]) -> None:
-            await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
-
-        base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": body["model"]}
-        if body["messages"][-1]["role"] == "tool":
-            for piece in ["The ", "sum ", "is 5."]:
-                await send({**base, "choices": [{"index": 0, "delta": {"content": piece}}]})
-            await send({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-        else:
-            await send({**base, "choices": [{"index": 0, "delta": {"role": "assistant",
-                        "tool_calls": [{"index": 0, "id": f"call_up{len(self.requests)}",
-                                        "type": "function",
-                                        "function": {"name": "add", "arguments": ""}}]}}]})
-            for piece in ['{"a": 2', ', "b": 3}']:
-                await send({**base, "choices": [{"index": 0, "delta": {"tool_calls": [
-                    {"index": 0, "function": {"arguments": piece}}]}}]})
-            await send({**base, "choices": [{"index": 0, "delta": {},
-                                             "finish_reason": "tool_calls"}]})
-        await send({**base, "choices": [], "usage": {"prompt_tokens": 11,
-                                                     "completion_tokens": 3}})
-        await resp.write(b"data: [DONE]\n\n")
-        return resp
-
-
-@pytest.fixture
-async def chat_upstream() -> AsyncIterator[tuple[ChatUpstream, str]]:
-    up = ChatUpstream()
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", up.completions)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield up, f"http://127.0.0.1:{port}/v1"
-    await runner.cleanup()

@@ -8,7 +8,8 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.responses.conftest import ChatUpstream, Harness
+from tests.helpers import ChatUpstream
+from tests.responses.conftest import Harness
 from tether.agents.models import Message, ToolCall
 from tether.responses import OpenAIChatBackend, ResponsesConfig, SimulatedBackend
 from tether.responses.backends import Models
