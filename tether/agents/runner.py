@@ -113,7 +113,6 @@ class TextStream:
         self._queue: list[str] = []
         self.started = False
         self.closed = False
-        self.text_parts: list[str] = []
 
     def write(self, text: str) -> None:
         if not text:
@@ -141,7 +140,6 @@ class TextStream:
         while self._queue:
             text = self._queue.pop(0)
             self.started = True
-            self.text_parts.append(text)
             await self.run.emit(STREAM_APPEND, {"stream": self.id, "text": text,
                                                 "run": self.run.id})
 

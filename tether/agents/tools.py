@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import types
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_origin, overload
 
@@ -117,5 +117,3 @@ def client_tool(name: str, description: str, parameters: dict[str, Any], *,
     """Describe a front-end tool: run by a client that declared ``name``."""
     return Tool(name, description, parameters, None, requires_approval, timeout)
 
-
-ToolFunction = Callable[..., Any | Awaitable[Any]]

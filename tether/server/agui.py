@@ -87,11 +87,11 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from tether.protocol.codes import ErrorCode
+from tether.protocol.codes import ErrorCode, RequestError
 from tether.protocol.cursor import Cursor
 from tether.protocol.events import STREAM_APPEND, STREAM_END
 from tether.server.connection import resume_decision
-from tether.server.http import HttpError, SseSink, _cursor, _grant, _session, handle_errors
+from tether.server.http import SseSink, _cursor, _grant, _session, handle_errors
 from tether.server.hub import FORMAT_SSE, Outbox
 from tether.server.metrics import Metrics
 from tether.store.base import StoreError
@@ -295,7 +295,7 @@ def parse_position(text: str | None, session: str) -> tuple[Cursor | None, int |
     if "." in text:  # epochs and seqs have no dot
         text, _, index_text = text.rpartition(".")
         if not index_text.isdigit() or len(index_text) > 6:
-            raise HttpError(ErrorCode.BAD_CURSOR, "malformed AG-UI event id")
+            raise RequestError(ErrorCode.BAD_CURSOR, "malformed AG-UI event id")
         index = int(index_text)
     return _cursor(text, session), index
 

@@ -47,6 +47,7 @@ from tether.protocol.frames import (
     RequestId,
     attached_frame,
     error_frame,
+    event_frame,
     parse_client_frame,
     presence_frame,
     published_frame,
@@ -173,8 +174,6 @@ async def build_snapshot(server: Server, session: str, head: Head) -> tuple[list
     ended = {e.stream for e in events if e.type == STREAM_END}
     kept = [e for e in events if not (e.type == STREAM_APPEND and e.stream in ended)]
     last = events[-1].seq if events else head.last_seq
-    from tether.protocol.frames import event_frame
-
     return [event_frame(e) for e in kept], max(last, head.last_seq)
 
 

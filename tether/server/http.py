@@ -45,29 +45,22 @@ def error_response(server: Server, code: ErrorCode, message: str) -> web.Respons
     return json_response({"error": {"code": str(code), "message": message}}, HTTP_STATUS[code])
 
 
-class HttpError(Exception):
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 def _grant(server: Server, request: web.Request, session: str, cap: str) -> Grant:
     header = request.headers.get("Authorization", "")
     token = header[7:] if header.lower().startswith("bearer ") else request.query.get("token")
     try:
         grant = verify_token(server.secret, token)
     except AuthError as exc:
-        raise HttpError(ErrorCode.UNAUTHORIZED, exc.message) from None
+        raise RequestError(ErrorCode.UNAUTHORIZED, exc.message) from None
     if not grant.allows(session, cap):
-        raise HttpError(ErrorCode.FORBIDDEN, f"token does not allow {cap!r} on {session!r}")
+        raise RequestError(ErrorCode.FORBIDDEN, f"token does not allow {cap!r} on {session!r}")
     return grant
 
 
 def _session(request: web.Request) -> str:
     session = request.match_info["session"]
     if not valid_session_id(session):
-        raise HttpError(ErrorCode.INVALID, "invalid session id")
+        raise RequestError(ErrorCode.INVALID, "invalid session id")
     return session
 
 
@@ -77,9 +70,9 @@ def _cursor(text: str | None, session: str) -> Cursor | None:
     try:
         cursor = Cursor.parse(text)
     except CursorError as exc:
-        raise HttpError(ErrorCode.BAD_CURSOR, str(exc)) from None
+        raise RequestError(ErrorCode.BAD_CURSOR, str(exc)) from None
     if not epoch_belongs(cursor.epoch, session):
-        raise HttpError(ErrorCode.BAD_CURSOR, "cursor belongs to another session")
+        raise RequestError(ErrorCode.BAD_CURSOR, "cursor belongs to another session")
     return cursor
 
 
@@ -90,8 +83,6 @@ def handle_errors(
         server = request.app[SERVER_KEY]
         try:
             return await handler(server, request)  # type: ignore[no-any-return]
-        except HttpError as exc:
-            return error_response(server, exc.code, exc.message)
         except RequestError as exc:
             return error_response(server, exc.code, exc.message)
         except StoreError as exc:
@@ -106,22 +97,22 @@ async def post_event(server: Server, request: web.Request) -> web.Response:
     grant = _grant(server, request, session, "publish")
     raw = await request.read()
     if len(raw) > server.config.max_frame_bytes:
-        raise HttpError(ErrorCode.TOO_LARGE, "request body too large")
+        raise RequestError(ErrorCode.TOO_LARGE, "request body too large")
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise HttpError(ErrorCode.BAD_FRAME, f"malformed JSON: {exc}") from None
+        raise RequestError(ErrorCode.BAD_FRAME, f"malformed JSON: {exc}") from None
     if not isinstance(body, dict):
-        raise HttpError(ErrorCode.INVALID, "body must be a JSON object")
+        raise RequestError(ErrorCode.INVALID, "body must be a JSON object")
     event_type = body.get("type")
     key = body.get("key")
     transient = body.get("transient", False)
     if not isinstance(event_type, str):
-        raise HttpError(ErrorCode.INVALID, "'type' must be a string")
+        raise RequestError(ErrorCode.INVALID, "'type' must be a string")
     if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 128):
-        raise HttpError(ErrorCode.INVALID, "'key' must be a string of 1–128 characters")
+        raise RequestError(ErrorCode.INVALID, "'key' must be a string of 1–128 characters")
     if not isinstance(transient, bool):
-        raise HttpError(ErrorCode.INVALID, "'transient' must be a boolean")
+        raise RequestError(ErrorCode.INVALID, "'transient' must be a boolean")
     data = body.get("data")
     validate_event(event_type, data, server.config.max_event_bytes, transient)
     sender = Sender(grant.sub, request.headers.get("X-Tether-Client", "http"), "human")
@@ -136,7 +127,7 @@ async def post_event(server: Server, request: web.Request) -> web.Response:
     try:
         appended = await server.store.append(session, event_type, data, sender, key)
     except StreamClosedError as exc:
-        raise HttpError(ErrorCode.STREAM_CLOSED, str(exc)) from None
+        raise RequestError(ErrorCode.STREAM_CLOSED, str(exc)) from None
     server.metrics.published_stored.inc()
     if not appended.duplicate:
         await server.runs.on_committed(appended.event)
@@ -154,9 +145,9 @@ async def get_events(server: Server, request: web.Request) -> web.Response:
     try:
         limit = int(request.query.get("limit", "100"))
     except ValueError:
-        raise HttpError(ErrorCode.INVALID, "'limit' must be an integer") from None
+        raise RequestError(ErrorCode.INVALID, "'limit' must be an integer") from None
     if not 1 <= limit <= 1000:
-        raise HttpError(ErrorCode.INVALID, "'limit' must be between 1 and 1000")
+        raise RequestError(ErrorCode.INVALID, "'limit' must be between 1 and 1000")
     compact = request.query.get("compact", "").lower() in ("1", "true", "yes")
     head = await server.store.head(session)
     resumed, after, reason = resume_decision(cursor, head)
@@ -258,15 +249,15 @@ async def post_run(server: Server, request: web.Request) -> web.Response:
     try:
         body = orjson.loads(await request.read() or b"{}")
     except orjson.JSONDecodeError as exc:
-        raise HttpError(ErrorCode.BAD_FRAME, f"malformed JSON: {exc}") from None
+        raise RequestError(ErrorCode.BAD_FRAME, f"malformed JSON: {exc}") from None
     if not isinstance(body, dict):
-        raise HttpError(ErrorCode.INVALID, "body must be a JSON object")
+        raise RequestError(ErrorCode.INVALID, "body must be a JSON object")
     name = body.get("agent")
     if name is not None and not isinstance(name, str):
-        raise HttpError(ErrorCode.INVALID, "'agent' must be a string")
+        raise RequestError(ErrorCode.INVALID, "'agent' must be a string")
     agent = server.runs.agent_for(session, name)
     if agent is None:
-        raise HttpError(ErrorCode.NOT_FOUND, f"no agent serves {session!r}"
+        raise RequestError(ErrorCode.NOT_FOUND, f"no agent serves {session!r}"
                         + (f" under the name {name!r}" if name else ""))
     run = await server.runs.create_run(session, agent, body.get("input"), "api")
     return json_response({"run": run, "session": session, "agent": agent.name}, 201)
@@ -276,7 +267,7 @@ async def _json_body(request: web.Request) -> Any:
     try:
         return orjson.loads(await request.read() or b"{}")
     except orjson.JSONDecodeError as exc:
-        raise HttpError(ErrorCode.BAD_FRAME, f"malformed JSON: {exc}") from None
+        raise RequestError(ErrorCode.BAD_FRAME, f"malformed JSON: {exc}") from None
 
 
 @handle_errors
@@ -312,13 +303,13 @@ async def put_webhook(server: Server, request: web.Request) -> web.Response:
     _grant(server, request, session, "admin")
     body = await _json_body(request)
     if not isinstance(body, dict):
-        raise HttpError(ErrorCode.INVALID, "body must be a JSON object")
+        raise RequestError(ErrorCode.INVALID, "body must be a JSON object")
     url, secret = body.get("url"), body.get("secret")
     if url is not None and (not isinstance(url, str)
                             or not url.startswith(("http://", "https://"))):
-        raise HttpError(ErrorCode.INVALID, "'url' must be an http(s) URL or null")
+        raise RequestError(ErrorCode.INVALID, "'url' must be an http(s) URL or null")
     if secret is not None and not isinstance(secret, str):
-        raise HttpError(ErrorCode.INVALID, "'secret' must be a string")
+        raise RequestError(ErrorCode.INVALID, "'secret' must be a string")
     await server.scheduler.set_webhook(session, url, secret)
     return json_response({"session": session, "url": url})
 

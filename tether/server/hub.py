@@ -18,7 +18,6 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import Protocol
 
 import orjson
@@ -112,51 +111,46 @@ class Outbox:
             self._scheduled = True
             self._loop.call_soon(self._flush)
 
-    def _write_now(self, data: bytes) -> bool:
+    def _write_frames(self, frames: list[bytes], size: int) -> bool:
+        """Hand ``frames`` to the sink synchronously; False if it cannot take them now.
+
+        A failed write means the peer is gone: the outbox closes (and counts as written).
+        """
         write_now = getattr(self.sink, "write_now", None)
         if write_now is None:
             return False
         try:
-            written = bool(write_now([data]))
-        except Exception as exc:  # the peer went away
+            if not write_now(frames):
+                return False
+        except Exception as exc:
             log.debug("outbox write failed: %r", exc)
             self.close()
             self.sink.abort()
             return True
-        if written:
-            hot = self.metrics.hot
-            hot.frames_out += 1
-            hot.bytes_out += len(data)
-            # Make the next frames of this iteration wait for one batched write.
-            self._scheduled = True
-            self._loop.call_soon(self._flush)
-        return written
+        hot = self.metrics.hot
+        hot.frames_out += len(frames)
+        hot.bytes_out += size
+        return True
+
+    def _write_now(self, data: bytes) -> bool:
+        if not self._write_frames([data], len(data)):
+            return False
+        # Make the next frames of this iteration wait for one batched write.
+        self._scheduled = True
+        self._loop.call_soon(self._flush)
+        return True
 
     def _flush(self) -> None:
         self._scheduled = False
         queue = self.queue
         if self._writer is not None or self.closed or not queue:
             return
-        write_now = getattr(self.sink, "write_now", None)
-        if write_now is not None:
-            frames = list(queue)
-            try:
-                written = write_now(frames)
-            except Exception as exc:  # the peer went away
-                log.debug("outbox write failed: %r", exc)
-                self.close()
-                self.sink.abort()
-                return
-            if written:
-                queue.clear()
-                hot = self.metrics.hot
-                hot.frames_out += len(frames)
-                hot.bytes_out += self.size
-                self.size = 0
-                self.queue = None
-                if self._drain_waiters:
-                    self._wake()
-                return
+        if self._write_frames(list(queue), self.size):
+            self.queue = None
+            self.size = 0
+            if self._drain_waiters:
+                self._wake()
+            return
         self._writer = self._loop.create_task(self._write())
 
     async def _write(self) -> None:
@@ -296,7 +290,7 @@ class Subscription:
                         await outbox.wait_drained()
                         if outbox.closed:
                             return
-                    outbox.push(hub.encode(self.peer.format, event))
+                    outbox.push(encode_event(self.peer.format, event))
                     self.last_seq = event.seq
                     hub.metrics.hot.events_delivered += 1
                 if len(events) >= hub.catchup_page:
@@ -374,7 +368,6 @@ class Hub:
         self.metrics = metrics
         self.catchup_page = catchup_page
         self.channels: dict[str, Channel] = {}
-        self.encode: Callable[[str, Event], bytes] = encode_event
 
     def subscribe(self, peer: Peer, session: str, epoch: str, last_seq: int) -> Subscription:
         """Register ``peer`` (buffering); call ``sub.catch_up('attach')`` after replying."""
