@@ -7,8 +7,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tether.protocol.codec import JSON, MSGPACK, DecodeError
-from tether.protocol.codes import CLOSE_CODE_MEANINGS, CloseCode, ErrorCode, should_reconnect
-from tether.protocol.events import check_event_type
+from tether.protocol.codes import (
+    CLOSE_CODE_MEANINGS,
+    CloseCode,
+    ErrorCode,
+    RequestError,
+    should_reconnect,
+)
+from tether.protocol.cursor import Cursor, CursorError
+from tether.protocol.events import check_event_type, valid_session_id
 from tether.protocol.frames import Attach, FrameError, Hello, Publish, parse_client_frame
 
 json_values = st.recursive(
@@ -80,7 +87,24 @@ def test_close_code_table_is_complete_and_ranged() -> None:
 
 
 def test_reserved_event_types() -> None:
-    assert check_event_type("message") is None
-    assert check_event_type("stream.append") is None
-    assert check_event_type("run.whatever") is not None
-    assert check_event_type("1abc") is not None
+    check_event_type("message")
+    check_event_type("stream.append")
+    for bad, code in [("run.whatever", ErrorCode.UNKNOWN_EVENT_TYPE),
+                      ("1abc", ErrorCode.INVALID), ("message\n", ErrorCode.INVALID),
+                      ("mess\u00e4ge", ErrorCode.INVALID)]:
+        with pytest.raises(RequestError) as caught:
+            check_event_type(bad)
+        assert caught.value.code == code, bad
+
+
+@pytest.mark.parametrize("text", ["AbCdEfGh:\u00b2", "AbCdEfGh:\u0661", "AbCdEfGh:1\n",
+                                  "AbCdEfGh\n:1", "Ab\u00e7dEfGh:1", ":1", "AbCdEfGh:"])
+def test_cursors_are_ascii_and_matched_whole(text: str) -> None:
+    with pytest.raises(CursorError):
+        Cursor.parse(text)
+
+
+def test_session_ids_are_ascii_and_matched_whole() -> None:
+    assert valid_session_id("demo-1")
+    for bad in ("demo\n", "d\u00e9mo", "", "-demo", "a" * 129):
+        assert not valid_session_id(bad), bad

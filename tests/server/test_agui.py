@@ -289,7 +289,8 @@ async def test_a_disconnect_ends_the_handler(server: Server) -> None:
     async with aiohttp.ClientSession() as http:
         reader = await Reader.open(http, server.port)
         assert len(server.streams) == 1
-        handler = next(iter(server.streams))
+        handler = next(iter(server.streams)).task
+        assert handler is not None
         reader.close()
         await handler
         assert not server.streams

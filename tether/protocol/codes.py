@@ -108,24 +108,29 @@ HTTP_STATUS: dict[ErrorCode, int] = {
 }
 
 
-class RequestError(Exception):
-    """A request failed; answered with an ``error`` frame, the connection stays open."""
+class TetherError(Exception):
+    """A failure that maps to an error code; each transport translates it in one place.
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    Subclasses name their code as a class attribute (``code = ErrorCode.STORE_UNAVAILABLE``);
+    :class:`RequestError` carries one per instance. The WebSocket endpoint answers with an
+    ``error`` frame, HTTP with a JSON body and :data:`HTTP_STATUS`, SSE the same before the
+    response starts.
+    """
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    @property
+    def message(self) -> str:
+        return str(self)
 
     @property
     def temporary(self) -> bool:
         return self.code in TEMPORARY_ERRORS
 
 
-class Disconnect(Exception):
-    """The connection must close with ``code``; ``reason`` fits a close frame (< 123 bytes)."""
+class RequestError(TetherError):
+    """A request failed; answered with an ``error`` frame, the connection stays open."""
 
-    def __init__(self, code: CloseCode, reason: str = "") -> None:
-        reason = reason or code.name.lower()
-        super().__init__(reason)
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
         self.code = code
-        self.reason = reason.encode()[:120].decode(errors="ignore")

@@ -13,8 +13,11 @@ import re
 import secrets
 from dataclasses import dataclass
 
-# Epochs are short random tokens; keep the alphabet URL- and header-safe.
-_EPOCH_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+# Epochs are short random tokens; keep the alphabet URL- and header-safe. ASCII only and
+# matched whole (``fullmatch``): ``$`` would accept a trailing newline, ``isdigit`` would
+# accept "²".
+_EPOCH_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
+_SEQ_RE = re.compile(r"[0-9]{1,18}")
 
 
 class CursorError(ValueError):
@@ -35,7 +38,7 @@ class Cursor:
         if not isinstance(text, str):
             raise CursorError("cursor must be a string")
         epoch, sep, seq_text = text.rpartition(":")
-        if not sep or not _EPOCH_RE.match(epoch) or not seq_text.isdigit() or len(seq_text) > 18:
+        if not sep or not _EPOCH_RE.fullmatch(epoch) or not _SEQ_RE.fullmatch(seq_text):
             raise CursorError(f"malformed cursor {text[:64]!r}")
         return cls(epoch, int(seq_text))
 

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from tether.protocol.codes import ErrorCode, RequestError
 from tether.protocol.cursor import Cursor
 
 STREAM_APPEND = "stream.append"
@@ -33,22 +34,26 @@ SERVER_TYPES = frozenset({
 KNOWN_RESERVED_TYPES = frozenset({STREAM_APPEND, STREAM_END}) | CONTROL_TYPES | SERVER_TYPES
 TRANSIENT_ONLY_TYPES = frozenset({PRESENCE_JOIN, PRESENCE_LEAVE, PRESENCE_UPDATE})
 
-_TYPE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.:-]{0,63}$")
-_SESSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
-_STREAM_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+# ASCII only, matched whole with ``fullmatch`` (``$`` would let "demo\n" through as a second
+# session id that prints like the first).
+_TYPE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,63}")
+_SESSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")
+_STREAM_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 def valid_session_id(session: object) -> bool:
-    return isinstance(session, str) and _SESSION_RE.match(session) is not None
+    return isinstance(session, str) and _SESSION_RE.fullmatch(session) is not None
 
 
-def check_event_type(event_type: object) -> str | None:
-    """Return ``None`` if ``event_type`` may be published, else the reason it may not."""
-    if not isinstance(event_type, str) or not _TYPE_RE.match(event_type):
-        return "event type must match [A-Za-z][A-Za-z0-9_.:-]{0,63}"
+def check_event_type(event_type: object) -> None:
+    """Raise :class:`RequestError` unless ``event_type`` may be published."""
+    if not isinstance(event_type, str) or not _TYPE_RE.fullmatch(event_type):
+        raise RequestError(ErrorCode.INVALID,
+                           "event type must match [A-Za-z][A-Za-z0-9_.:-]{0,63}")
     if event_type.startswith(RESERVED_NAMESPACES) and event_type not in KNOWN_RESERVED_TYPES:
-        return f"{event_type!r} is in a reserved namespace and is not defined by tether"
-    return None
+        raise RequestError(ErrorCode.UNKNOWN_EVENT_TYPE,
+                           f"{event_type!r} is in a reserved namespace and is not defined "
+                           "by tether")
 
 
 def check_stream_data(event_type: str, data: Any) -> str | None:
@@ -56,7 +61,7 @@ def check_stream_data(event_type: str, data: Any) -> str | None:
     if not isinstance(data, dict):
         return f"{event_type} data must be an object"
     stream = data.get("stream")
-    if not isinstance(stream, str) or not _STREAM_ID_RE.match(stream):
+    if not isinstance(stream, str) or not _STREAM_ID_RE.fullmatch(stream):
         return f"{event_type} data.stream must be a stream id ([A-Za-z0-9_.:-]{{1,64}})"
     if event_type == STREAM_APPEND and not isinstance(data.get("text"), str):
         return "stream.append data.text must be a string"

@@ -20,7 +20,7 @@ from tether.responses.backends import (
     SimulatedBackend,
 )
 from tether.responses.config import ResponsesConfig
-from tether.responses.http import RESPONSES_KEY, add_responses_routes
+from tether.responses.http import RESPONSES_KEY, install
 from tether.responses.service import ResponsesService
 
 __all__ = [
@@ -32,5 +32,5 @@ __all__ = [
     "ResponsesConfig",
     "ResponsesService",
     "SimulatedBackend",
-    "add_responses_routes",
+    "install",
 ]

@@ -27,8 +27,9 @@ from tether.responses.errors import (
 )
 from tether.responses.items import chain_of, new_response_id, parse_create
 from tether.responses.service import ResponsesService
+from tether.server.keys import AUTH, CONFIG, METRICS, STORE
 
-RESPONSES_KEY: web.AppKey[ResponsesService] = web.AppKey("tether_responses")
+RESPONSES_KEY: web.AppKey[ResponsesService] = web.AppKey("tether.responses")
 
 Handler = Callable[[ResponsesService, web.Request], Awaitable[web.StreamResponse]]
 
@@ -155,11 +156,11 @@ async def get_response(service: ResponsesService, request: web.Request) -> web.S
     return web.Response(body=orjson.dumps(node.response), content_type="application/json")
 
 
-def add_responses_routes(app: web.Application, service: ResponsesService | None = None) -> None:
+def install(app: web.Application, service: ResponsesService | None = None) -> None:
     """Serve the Responses API on ``app`` (a tether server's application)."""
-    from tether.server.http import SERVER_KEY
-
-    service = service or ResponsesService(app[SERVER_KEY])
+    if service is None:
+        service = ResponsesService(app[STORE], app[AUTH], app[METRICS].registry,
+                                   app[CONFIG].heartbeat)
     app[RESPONSES_KEY] = service
     app.router.add_get("/v1/responses", get_responses)
     app.router.add_post("/v1/responses", post_response)

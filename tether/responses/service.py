@@ -14,11 +14,11 @@ from tether.responses.backends import Models
 from tether.responses.chains import Chains, Node
 from tether.responses.config import ResponsesConfig, parse_inherit
 from tether.responses.errors import ApiError, server_error, unauthorized
-from tether.server.auth import AuthError, Grant, verify_token
-from tether.store.base import StoreError
+from tether.server.auth import Authenticator, AuthError, Grant
+from tether.store.base import SessionStore, StoreError
 
 if TYPE_CHECKING:
-    from tether.server.app import Server
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger("tether.responses")
 
@@ -31,14 +31,18 @@ GRANT_SESSION = "responses"
 
 
 class ResponsesService:
-    def __init__(self, server: Server, config: ResponsesConfig | None = None) -> None:
-        self.server = server
+    """What the Responses endpoints share: chains in the session store, the node's token
+    verification and metrics registry, models, and the open sockets (closed at shutdown)."""
+
+    def __init__(self, store: SessionStore, auth: Authenticator, registry: CollectorRegistry,
+                 heartbeat: float, config: ResponsesConfig | None = None) -> None:
+        self.auth = auth
+        self.heartbeat = heartbeat
         self.config = config or ResponsesConfig.from_env()
         self.models = Models.from_specs(self.config.models)
-        self.chains = Chains(server.store, self.config.node_cache)
+        self.chains = Chains(store, self.config.node_cache)
         self.sockets: set[Any] = set()  # ResponsesSocket, typed loosely to avoid a cycle
         self.tasks: set[asyncio.Task[Any]] = set()  # responses still generating
-        registry = server.metrics.registry
         self.responses_total = Counter("tether_responses", "Responses finished, by transport "
                                        "and status", ["transport", "status"], registry=registry)
         self.errors_total = Counter("tether_responses_errors", "Responses API errors, by code",
@@ -57,7 +61,7 @@ class ResponsesService:
         header = request.headers.get("Authorization", "")
         token = header[7:].strip() if header.lower().startswith("bearer ") else None
         try:
-            grant = verify_token(self.server.secret, token)
+            grant = self.auth.verify(token)
         except AuthError as exc:
             raise unauthorized(f"Incorrect API key provided: {exc.message}.") from None
         if not grant.allows(GRANT_SESSION, "publish"):

@@ -309,7 +309,7 @@ async def handle(service: ResponsesService, request: web.Request) -> web.StreamR
     """The WebSocket upgrade: authenticate first (an HTTP error, not a socket), then serve."""
     grant = service.authenticate(request)
     inherit = service.inherit_for(request)
-    ws = web.WebSocketResponse(heartbeat=service.server.config.heartbeat or None,
+    ws = web.WebSocketResponse(heartbeat=service.heartbeat or None,
                                max_msg_size=service.config.max_message_bytes, compress=True,
                                autoping=True)
     await ws.prepare(request)

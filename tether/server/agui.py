@@ -78,26 +78,23 @@ back from them and pushes the AG-UI encoding instead.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from aiohttp import web
 
-from tether.protocol.codes import ErrorCode, RequestError
+from tether.protocol.codes import ErrorCode, RequestError, TetherError
 from tether.protocol.cursor import Cursor
 from tether.protocol.events import STREAM_APPEND, STREAM_END
-from tether.server.connection import resume_decision
-from tether.server.http import SseSink, _cursor, _grant, _session, handle_errors
-from tether.server.hub import FORMAT_SSE, Outbox
+from tether.server.http import caller_for, session_param
+from tether.server.hub import Outbox
+from tether.server.keys import CONFIG, METRICS, SESSIONS
 from tether.server.metrics import Metrics
-from tether.store.base import StoreError
-
-if TYPE_CHECKING:
-    from tether.server.app import Server
+from tether.server.sessions import Catchup, SessionService, parse_cursor
+from tether.server.sse import SseSink, SseStream
 
 log = logging.getLogger("tether.agui")
 
@@ -246,14 +243,13 @@ class AguiOutbox(Outbox):
     needs. Transient events (presence, typing) are dropped: AG-UI has no place for them.
     """
 
-    __slots__ = ("ended", "skip", "translator")
+    __slots__ = ("skip", "translator")
 
     def __init__(self, sink: SseSink, limit: int, metrics: Metrics, translator: Translator,
                  skip: tuple[int, int] | None) -> None:
         super().__init__(sink, limit, metrics)
         self.translator = translator
         self.skip = skip  # (seq, i): of that event, sub-events up to i were delivered already
-        self.ended = asyncio.Event()
 
     def push(self, data: bytes) -> None:
         if self.closed or not data.startswith(b"id: "):
@@ -275,16 +271,13 @@ class AguiOutbox(Outbox):
     def push_raw(self, data: bytes) -> None:
         super().push(data)
 
-    def close(self) -> None:
-        super().close()
-        self.ended.set()
 
+class AguiStream(SseStream):
+    """An SSE stream whose token expiry ends the open run with ``RUN_ERROR``."""
 
-class AguiPeer:
-    format = FORMAT_SSE  # share the hub's SSE encoding; AguiOutbox re-encodes it
-
-    def __init__(self, outbox: AguiOutbox) -> None:
-        self.outbox: Outbox = outbox
+    def expiry_message(self) -> bytes:
+        error = {"type": "RUN_ERROR", "message": "token expired", "code": "token_expired"}
+        return b"data: " + orjson.dumps(error) + b"\n\n"
 
 
 def parse_position(text: str | None, session: str) -> tuple[Cursor | None, int | None]:
@@ -294,18 +287,22 @@ def parse_position(text: str | None, session: str) -> tuple[Cursor | None, int |
     index: int | None = None
     if "." in text:  # epochs and seqs have no dot
         text, _, index_text = text.rpartition(".")
-        if not index_text.isdigit() or len(index_text) > 6:
+        if not index_text.isascii() or not index_text.isdigit() or len(index_text) > 6:
             raise RequestError(ErrorCode.BAD_CURSOR, "malformed AG-UI event id")
         index = int(index_text)
-    return _cursor(text, session), index
+    return parse_cursor(text, session), index
 
 
-async def _fold(server: Server, translator: Translator, session: str, after: int,
+async def _fold(service: SessionService, translator: Translator, session: str, after: int,
                 upto: int) -> None:
-    """Feed the log's events in (``after``, ``upto``] to ``translator``, discarding output."""
-    page = server.config.catchup_page
+    """Feed the log's events in (``after``, ``upto``] to ``translator``, discarding output.
+
+    Page by page, yielding to the loop between pages: a resume deep into a long session must
+    not hold the event loop for the whole fold.
+    """
+    page = service.config.catchup_page
     while after < upto:
-        events = await server.store.read(session, after, page)
+        events = await service.store.read(session, after, page)
         for event in events:
             if event.seq > upto:
                 return
@@ -313,64 +310,58 @@ async def _fold(server: Server, translator: Translator, session: str, after: int
         if len(events) < page:
             return
         after = events[-1].seq
+        await asyncio.sleep(0)
 
 
-@handle_errors
-async def get_agui(server: Server, request: web.Request) -> web.StreamResponse:
-    session = _session(request)
-    _grant(server, request, session, "subscribe")
+async def get_agui(request: web.Request) -> web.StreamResponse:
+    session = session_param(request)
+    caller = caller_for(request, session, "subscribe")
     cursor, index = parse_position(
         request.headers.get("Last-Event-ID") or request.query.get("after"), session)
-    head = await server.store.head(session)
-    resumed, after, reason = resume_decision(cursor, head)
-    skip: tuple[int, int] | None = None
-    if not resumed:
-        after = head.first_seq - 1  # continuity lost: what is retained, from its beginning
-    elif cursor is not None and index is not None and cursor.seq > 0:
-        after, skip = cursor.seq - 1, (cursor.seq, index)
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no"})
-    await response.prepare(request)
+    service, config, metrics = request.app[SESSIONS], request.app[CONFIG], request.app[METRICS]
     translator = Translator(session)
-    outbox = AguiOutbox(SseSink(response), server.config.outbound_buffer_bytes, server.metrics,
-                        translator, skip)
-    sub = server.hub.subscribe(AguiPeer(outbox), session, head.epoch, after)
-    task = asyncio.current_task()
-    assert task is not None
-    server.streams.add(task)  # Server.stop() cancels it
-    server.metrics.hot.connections_sse += 1
+    outbox: list[AguiOutbox] = []
+
+    def make_outbox(sink: SseSink) -> Outbox:
+        outbox.append(AguiOutbox(sink, config.outbound_buffer_bytes, metrics, translator, None))
+        return outbox[0]
+
+    stream = AguiStream(request, service, caller, config, metrics, make_outbox)
+    agui = outbox[0]
+    position = None
+    if cursor is not None and index is not None and cursor.seq > 0:
+        # Continue inside that event: deliver from the event itself, skipping what was sent.
+        position = Cursor(cursor.epoch, cursor.seq - 1)
+    attachment = await service.attach(caller, stream, session,
+                                      position if position is not None else cursor,
+                                      catchup=Catchup.REPLAY)
+    if attachment.resumed and position is not None and cursor is not None:
+        agui.skip = (cursor.seq, index or 0)
     try:
-        position = str(Cursor(head.epoch, after))
-        comment = f": tether resumed={str(resumed).lower()} cursor={position}"
-        outbox.push_raw(comment.encode() + (f" reason={reason}".encode() if reason else b"")
-                        + b"\n\n")
-        if cursor is not None:
-            server.metrics.resumes.labels("true" if resumed else "false").inc()
-            if not resumed:
-                resync = {"type": "CUSTOM", "name": RESYNC,
-                          "value": {"reason": reason, "cursor": position}}
-                outbox.push_raw(b"data: " + orjson.dumps(resync) + b"\n\n")
-        await _fold(server, translator, session, max(0, head.first_seq - 1), after)
-        sub.catch_up("attach")
-        transport = request.transport
-        ticks = 0
-        # A failed write closes the outbox and ends the wait at once; an idle client that went
-        # away is seen at the next tick, as on ``…/stream``.
-        while not outbox.closed and transport is not None and not transport.is_closing():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(outbox.ended.wait(), 1.0)
-            ticks += 1
-            if ticks >= server.config.heartbeat:
-                ticks = 0
-                outbox.push_raw(b": keep-alive\n\n")
-    except StoreError as exc:  # the response has begun: end it, the client resumes
+        await stream.open()
+        after = attachment.after
+        comment = (f": tether resumed={str(attachment.resumed).lower()} "
+                   f"cursor={attachment.cursor}")
+        reason = attachment.reason
+        agui.push_raw(comment.encode() + (f" reason={reason}".encode() if reason else b"")
+                      + b"\n\n")
+        if cursor is not None and not attachment.resumed:
+            resync = {"type": "CUSTOM", "name": RESYNC,
+                      "value": {"reason": reason, "cursor": str(attachment.cursor)}}
+            agui.push_raw(b"data: " + orjson.dumps(resync) + b"\n\n")
+        await _fold(service, translator, session, max(0, attachment.head.first_seq - 1), after)
+        attachment.start()
+        await stream.serve()
+    except TetherError as exc:  # the response has begun: end it, the client resumes
         log.warning("AG-UI stream of %s ended: %s", session, exc)
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:
-        server.streams.discard(task)
-        server.metrics.hot.connections_sse -= 1
-        server.hub.unsubscribe(sub)
-        outbox.close()
-    return response
+        service.detach(attachment.subscription)
+        stream.close()
+    return stream.response
+
+
+def install(app: web.Application) -> None:
+    """Serve ``GET /v1/sessions/{session}/agui``."""
+    app.router.add_get("/v1/sessions/{session}/agui", get_agui)

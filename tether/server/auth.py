@@ -15,7 +15,7 @@ from pathlib import Path
 
 import jwt
 
-from tether.protocol.codes import CloseCode
+from tether.protocol.codes import CloseCode, ErrorCode, RequestError, TetherError
 
 CAPABILITIES = ("subscribe", "publish", "presence", "approve", "admin")
 INTERNAL_PREFIX = "tether."  # sessions the server keeps for itself (the run index): admin only
@@ -23,13 +23,17 @@ ALGORITHM = "HS256"
 SECRET_FILE = "secret"
 
 
-class AuthError(Exception):
-    """A token was refused; ``close_code`` tells the client whether a retry can help."""
+class AuthError(TetherError):
+    """A token was refused; ``close_code`` tells a WebSocket client whether a retry can help.
+
+    Over HTTP it is a 401 ``unauthorized``.
+    """
+
+    code = ErrorCode.UNAUTHORIZED
 
     def __init__(self, close_code: CloseCode, message: str) -> None:
         super().__init__(message)
         self.close_code = close_code
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +98,44 @@ def verify_token(secret: str, token: str | None) -> Grant:
     exp = claims.get("exp")
     return Grant(claims["sub"], tuple(sessions), frozenset(caps),
                  float(exp) if isinstance(exp, int | float) else None)
+
+
+class Authenticator:
+    """Verifies tokens for every transport, remembering verified ones.
+
+    Reconnect storms re-send the same few tokens; a verified token is kept (bounded) until it
+    expires, so a storm costs one signature check per token, not per connection.
+    """
+
+    def __init__(self, secret: str, cache_size: int = 10_000) -> None:
+        self.secret = secret
+        self._cache_size = cache_size
+        self._grants: dict[str, Grant] = {}
+
+    def verify(self, token: str | None) -> Grant:
+        if token:
+            cached = self._grants.get(token)
+            if cached is not None and (cached.exp is None or cached.exp > time.time()):
+                return cached
+        grant = verify_token(self.secret, token)
+        assert token is not None
+        if len(self._grants) >= self._cache_size:
+            self._grants.pop(next(iter(self._grants)))
+        self._grants[token] = grant
+        return grant
+
+    def require(self, token: str | None, session: str, cap: str) -> Grant:
+        """The grant of ``token`` if it allows ``cap`` on ``session``; else raise."""
+        grant = self.verify(token)
+        require(grant, session, cap)
+        return grant
+
+
+def require(grant: Grant, session: str, cap: str) -> None:
+    """Raise ``forbidden`` unless ``grant`` allows ``cap`` on ``session``."""
+    if not grant.allows(session, cap):
+        raise RequestError(ErrorCode.FORBIDDEN,
+                           f"token does not allow {cap!r} on session {session!r}")
 
 
 def parse_ttl(text: str) -> float:

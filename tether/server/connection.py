@@ -1,8 +1,9 @@
-"""One WebSocket connection: hello, attach/resume, publish, presence, limits.
+"""The WebSocket transport (``/v1/ws``): one :class:`Connection` per socket.
 
-The frame handlers here decide; :mod:`tether.server.hub` delivers. A request that fails is
-answered with an ``error`` frame and the connection stays open; only authentication, protocol
-abuse and shutdown close it, with a code from :class:`~tether.protocol.codes.CloseCode`.
+A thin layer over :class:`~tether.server.sessions.SessionService`: it decodes frames with the
+negotiated codec, turns each into a service call, and encodes the outcome. A request that fails
+is answered with an ``error`` frame and the connection stays open; only authentication,
+protocol abuse and shutdown close it, with a code from :class:`~tether.protocol.codes.CloseCode`.
 """
 
 from __future__ import annotations
@@ -11,30 +12,15 @@ import asyncio
 import contextlib
 import functools
 import logging
-import secrets
 import struct
-import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import orjson
 from aiohttp import WSMsgType, web
 
-from tether.protocol.codec import Codec, DecodeError
-from tether.protocol.codes import CloseCode, ErrorCode, RequestError
-from tether.protocol.cursor import Cursor, epoch_belongs
-from tether.protocol.events import (
-    CONTROL_TYPES,
-    PRESENCE_JOIN,
-    PRESENCE_LEAVE,
-    PRESENCE_UPDATE,
-    SERVER_TYPES,
-    STREAM_APPEND,
-    STREAM_END,
-    Event,
-    Sender,
-    check_event_type,
-    check_stream_data,
-)
+from tether.protocol.codec import CODECS, SUBPROTOCOLS, Codec, DecodeError
+from tether.protocol.codes import CloseCode, ErrorCode, RequestError, TetherError
+from tether.protocol.cursor import Cursor
+from tether.protocol.events import Sender
 from tether.protocol.frames import (
     Ack,
     Attach,
@@ -47,18 +33,24 @@ from tether.protocol.frames import (
     RequestId,
     attached_frame,
     error_frame,
-    event_frame,
     parse_client_frame,
     presence_frame,
     published_frame,
     welcome_frame,
 )
-from tether.server.auth import AuthError, Grant
+from tether.server.auth import Authenticator, AuthError
+from tether.server.config import ServerConfig
 from tether.server.hub import FORMAT_JSON, FORMAT_MSGPACK, Outbox, Subscription
-from tether.store.base import Appended, Head, StoreError, StreamClosedError, now_ms
-
-if TYPE_CHECKING:
-    from tether.server.app import Server
+from tether.server.keys import AUTH, CONFIG, METRICS, SESSIONS
+from tether.server.metrics import Metrics
+from tether.server.sessions import (
+    Caller,
+    SessionService,
+    TokenBucket,
+    as_error,
+    new_connection_id,
+)
+from tether.store.base import Appended, now_ms
 
 log = logging.getLogger("tether.connection")
 
@@ -129,82 +121,49 @@ class WsSink:
                 self.ws.close(code=CloseCode.SLOW_CONSUMER, message=b"write failed"))
 
 
-class TokenBucket:
-    __slots__ = ("capacity", "rate", "stamp", "tokens")
-
-    def __init__(self, rate: float, capacity: int) -> None:
-        self.rate = rate
-        self.capacity = float(capacity)
-        self.tokens = float(capacity)
-        self.stamp = time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-
-def resume_decision(cursor: Cursor | None, head: Head) -> tuple[bool, int, str | None]:
-    """Whether an attach at ``cursor`` resumes, the seq to continue after, and why not.
-
-    ``cursor`` must already be known to belong to this session.
-    """
-    if cursor is None:
-        if head.first_seq <= 1:
-            return True, 0, None
-        return False, head.last_seq, "history_trimmed"
-    if cursor.epoch != head.epoch:
-        return False, head.last_seq, "epoch_changed"
-    if cursor.seq > head.last_seq:
-        raise RequestError(ErrorCode.BAD_CURSOR, "cursor is ahead of the session's log")
-    if cursor.seq < head.first_seq - 1:
-        return False, head.last_seq, "cursor_expired"
-    return True, cursor.seq, None
-
-
-async def build_snapshot(server: Server, session: str, head: Head) -> tuple[list[Any], int]:
-    """The recent history, compacted (deltas of ended streams dropped), and its last seq."""
-    limit = server.config.snapshot_events
-    after = max(head.first_seq - 1, head.last_seq - limit)
-    events = await server.store.read(session, after, limit)
-    ended = {e.stream for e in events if e.type == STREAM_END}
-    kept = [e for e in events if not (e.type == STREAM_APPEND and e.stream in ended)]
-    last = events[-1].seq if events else head.last_seq
-    return [event_frame(e) for e in kept], max(last, head.last_seq)
-
-
 class Connection:
     """Server side of one WebSocket."""
 
     # Slots: ten thousand idle connections are ten thousand of these.
-    __slots__ = ("_closing", "_hello_timer", "acked", "bucket", "codec", "device",
-                 "errors_in_row", "format", "grant", "id", "inflight", "outbox",
-                 "presence_state", "remote", "sender", "server", "subs", "tools", "ws")
+    __slots__ = (
+        "_closing",
+        "_hello_timer",
+        "acked",
+        "auth",
+        "bucket",
+        "caller",
+        "codec",
+        "config",
+        "errors_in_row",
+        "format",
+        "id",
+        "inflight",
+        "metrics",
+        "outbox",
+        "remote",
+        "service",
+        "subs",
+        "ws",
+    )
 
-    def __init__(self, server: Server, ws: web.WebSocketResponse, codec: Codec,
+    def __init__(self, service: SessionService, auth: Authenticator, config: ServerConfig,
+                 metrics: Metrics, ws: web.WebSocketResponse, codec: Codec,
                  remote: str) -> None:
-        self.server = server
+        self.service = service
+        self.auth = auth
+        self.config = config
+        self.metrics = metrics
         self.ws = ws
         self.codec = codec
         self.remote = remote
         self.format = FORMAT_MSGPACK if codec.binary else FORMAT_JSON
-        self.outbox = Outbox(WsSink(ws, codec.binary), server.config.outbound_buffer_bytes,
-                             server.metrics)
-        self.id = secrets.token_hex(6)
-        self.grant: Grant | None = None
-        self.sender: Sender | None = None
-        self.device = ""
-        self.tools: tuple[str, ...] = ()
+        self.outbox = Outbox(WsSink(ws, codec.binary), config.outbound_buffer_bytes, metrics)
+        self.id = new_connection_id()
+        self.caller: Caller | None = None  # set by hello
         self.subs: dict[str, Subscription] = {}
-        self.presence_state: dict[str, dict[str, Any]] = {}
         self.acked: dict[str, Cursor] | None = None  # made on first ack
         self.inflight: set[asyncio.Future[Appended]] | None = None  # made on first publish
         self.errors_in_row = 0
-        config = server.config
         self.bucket = TokenBucket(config.publish_rate, config.publish_burst)
         self._hello_timer: asyncio.TimerHandle | None = None
         self._closing: asyncio.Task[bool] | None = None
@@ -214,17 +173,16 @@ class Connection:
     def send(self, frame: dict[str, Any]) -> None:
         self.outbox.push(self.codec.encode(frame))
 
-    def send_error(self, rid: RequestId, code: ErrorCode, message: str,
-                   session: str | None = None) -> None:
-        self.server.metrics.errors.labels(str(code)).inc()
-        self.send(error_frame(rid, code, message, temporary=code in (
-            ErrorCode.RATE_LIMITED, ErrorCode.STORE_UNAVAILABLE), session=session))
+    def send_error(self, rid: RequestId, error: TetherError, session: str | None = None) -> None:
+        self.metrics.errors.labels(str(error.code)).inc()
+        self.send(error_frame(rid, error.code, error.message, temporary=error.temporary,
+                              session=session))
         self.errors_in_row += 1
-        if self.errors_in_row >= self.server.config.max_errors_in_row:
+        if self.errors_in_row >= self.config.max_errors_in_row:
             self.close(CloseCode.TOO_MANY_ERRORS)
 
     def close(self, code: CloseCode, reason: str = "") -> None:
-        self.server.metrics.closes.labels(str(int(code))).inc()
+        self.metrics.closes.labels(str(int(code))).inc()
         message = (reason or code.name.lower()).encode()[:120]
         if not self.ws.closed and self._closing is None:
             # The receive loop awaits this before its handler returns; otherwise aiohttp would
@@ -240,12 +198,22 @@ class Connection:
         self.outbox.close()
         return await self.ws.close(code=code, message=message)
 
+    # --- the service's view of this connection (sessions.Live) -------------------------------
+
+    def expire(self) -> None:
+        self.close(CloseCode.TOKEN_EXPIRED, "token expired")
+
+    async def shutdown(self) -> None:
+        if not self.ws.closed:
+            self.metrics.closes.labels(str(int(CloseCode.SHUTDOWN))).inc()
+            await self.ws.close(code=CloseCode.SHUTDOWN, message=b"server shutting down")
+
     # --- the receive loop -------------------------------------------------------------------
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        self._hello_timer = loop.call_later(self.server.config.hello_timeout, self._hello_timeout)
-        hot = self.server.metrics.hot
+        self._hello_timer = loop.call_later(self.config.hello_timeout, self._hello_timeout)
+        hot = self.metrics.hot
         ws = self.ws
         try:
             while True:
@@ -258,7 +226,7 @@ class Connection:
                     # aiohttp closed the socket already: oversized frame (1009) or bad framing.
                     too_large = getattr(msg.data, "code", None) == 1009 or ws.close_code == 1009
                     code = "frame_too_large" if too_large else "ws_protocol"
-                    self.server.metrics.errors.labels(code).inc()
+                    self.metrics.errors.labels(code).inc()
                     log.info("connection %s error: %s", self.id, msg.data)
                     break
                 else:  # CLOSE, CLOSING, CLOSED
@@ -272,66 +240,65 @@ class Connection:
         try:
             raw = self.codec.decode(data)
         except DecodeError as exc:
-            self.send_error(None, ErrorCode.BAD_FRAME, str(exc))
+            self.send_error(None, RequestError(ErrorCode.BAD_FRAME, str(exc)))
             return
         try:
             frame = parse_client_frame(raw)
         except FrameError as exc:
-            self.send_error(exc.request_id, exc.code, exc.message, raw.get("session")
-                            if isinstance(raw.get("session"), str) else None)
+            session = raw.get("session")
+            self.send_error(exc.request_id, exc, session if isinstance(session, str) else None)
             return
         try:
             await self._dispatch(frame)
-        except RequestError as exc:
-            session = getattr(frame, "session", None)
-            self.send_error(frame.id, exc.code, exc.message, session)
+        except TetherError as exc:  # the one place errors become frames
+            self.send_error(frame.id, exc, getattr(frame, "session", None))
 
     async def _dispatch(self, frame: ClientFrame) -> None:
         if isinstance(frame, Publish):
             await self._publish(frame)
         elif isinstance(frame, Hello):
-            await self._hello(frame)
-        elif self.grant is None:
+            self._hello(frame)
+        elif self.caller is None:
             raise RequestError(ErrorCode.NOT_READY, "send hello first")
         elif isinstance(frame, Attach):
-            await self._attach(frame)
+            await self._attach(self.caller, frame)
         elif isinstance(frame, Ack):
             self._ack(frame)
         elif isinstance(frame, Detach):
-            await self._detach(frame)
+            await self._detach(self.caller, frame)
         elif isinstance(frame, PresenceSet):
-            await self._presence_set(frame)
+            info = await self.service.update_presence(self.caller, frame.session, frame.state)
+            self.send(presence_frame(frame.session, "set", [info], rid=frame.id))
         else:  # Ping
             self.send({"op": "pong", "id": frame.id, "time": now_ms()})
         self.errors_in_row = 0
 
     def _hello_timeout(self) -> None:
-        if self.grant is None:
+        if self.caller is None:
             self.close(CloseCode.HELLO_TIMEOUT)
 
     # --- handlers ---------------------------------------------------------------------------
 
-    async def _hello(self, frame: Hello) -> None:
-        if self.grant is not None:
+    def _hello(self, frame: Hello) -> None:
+        if self.caller is not None:
             raise RequestError(ErrorCode.INVALID, "hello was already sent on this connection")
         try:
-            grant = self.server.verify(frame.token)
+            grant = self.auth.verify(frame.token)
         except AuthError as exc:
-            self.server.metrics.errors.labels(exc.close_code.name.lower()).inc()
+            self.metrics.errors.labels(exc.close_code.name.lower()).inc()
             log.info("connection %s refused: %s", self.id, exc.message)
             self.close(exc.close_code, exc.message)
             return
-        self.grant = grant
         if self._hello_timer is not None:
             self._hello_timer.cancel()
             self._hello_timer = None
-        client = frame.client or f"c-{secrets.token_hex(6)}"
-        self.sender = Sender(grant.sub, client, frame.kind)
-        self.device = frame.device
-        self.tools = frame.tools
-        config = self.server.config
-        # Expiry is enforced by the server's once-a-second sweep (Server.expire_tokens): one
+        client = frame.client or f"c-{new_connection_id()}"
+        self.caller = Caller(grant, Sender(grant.sub, client, frame.kind), self.id,
+                             frame.device, frame.tools, self.bucket)
+        # Expiry is enforced by the service's once-a-second sweep (SessionService.live): one
         # timer for all connections instead of one each.
+        self.service.live.add(self)
+        config = self.config
         self.send(welcome_frame(frame.id, self.id, grant.sub, client, sorted(grant.caps),
                                 config.heartbeat, {
                                     "max_frame_bytes": config.max_frame_bytes,
@@ -340,93 +307,37 @@ class Connection:
                                     "publish_rate": config.publish_rate,
                                 }))
 
-    def _require(self, session: str, cap: str) -> Grant:
-        grant = self.grant
-        if grant is None:
-            raise RequestError(ErrorCode.NOT_READY, "send hello first")
-        if not grant.allows(session, cap):
-            raise RequestError(ErrorCode.FORBIDDEN,
-                               f"token does not allow {cap!r} on session {session!r}")
-        return grant
-
-    async def _attach(self, frame: Attach) -> None:
+    async def _attach(self, caller: Caller, frame: Attach) -> None:
         session = frame.session
-        grant = self._require(session, "subscribe")
-        server = self.server
-        if session not in self.subs and len(self.subs) >= server.config.max_sessions_per_connection:
+        limit = self.config.max_sessions_per_connection
+        if session not in self.subs and len(self.subs) >= limit:
             raise RequestError(ErrorCode.TOO_MANY_SESSIONS,
-                               f"at most {server.config.max_sessions_per_connection} sessions "
-                               "per connection")
-        cursor = frame.cursor
-        if cursor is not None and not epoch_belongs(cursor.epoch, session):
-            raise RequestError(ErrorCode.BAD_CURSOR, "cursor belongs to another session")
+                               f"at most {limit} sessions per connection")
+        service = self.service
+        attachment = await service.attach(caller, self, session, frame.cursor,
+                                          replacing=self.subs.pop(session, None))
+        self.subs[session] = attachment.subscription
         try:
-            head = await server.store.head(session)
-        except StoreError as exc:
-            raise RequestError(ErrorCode.STORE_UNAVAILABLE, str(exc)) from None
-        resumed, after, reason = resume_decision(cursor, head)
-        # Only now that the new attach can proceed does it replace an existing one.
-        old = self.subs.pop(session, None)
-        if old is not None:
-            server.hub.unsubscribe(old)
-        # Subscribe before reading anything so no commit can fall between history and live.
-        sub = server.hub.subscribe(self, session, head.epoch, after)
-        self.subs[session] = sub
-        try:
-            snapshot: dict[str, Any] | None = None
-            if not resumed:
-                events, last = await build_snapshot(server, session, head)
-                sub.last_seq = last
-                snapshot = {"events": events, "presence": []}
-            if cursor is not None or not resumed:
-                server.metrics.resumes.labels("true" if resumed else "false").inc()
-            members: list[dict[str, Any]] = []
-            if grant.allows(session, "presence"):
-                info = self._member_info(session, frame.presence or {})
-                self.presence_state[session] = info
-                await server.store.set_presence(session, self._member_id(),
-                                                info, server.config.presence_ttl)
-                await server.publish_presence(session, PRESENCE_JOIN, info)
-            members = await server.store.presence(session)
-        except StoreError as exc:
-            server.hub.unsubscribe(sub)
-            self.subs.pop(session, None)
-            raise RequestError(ErrorCode.STORE_UNAVAILABLE, str(exc)) from None
-        if snapshot is not None:
-            snapshot["presence"] = members
-        self.send(attached_frame(frame.id, session,
-                                 Cursor(head.epoch, after if resumed else sub.last_seq),
-                                 resumed, snapshot, reason))
+            await service.join(caller, session, frame.presence or {})
+            members = await service.members(session)
+        except BaseException:
+            service.detach(self.subs.pop(session))
+            raise
+        snapshot = None
+        if attachment.snapshot is not None:
+            snapshot = {"events": attachment.snapshot, "presence": members}
+        self.send(attached_frame(frame.id, session, attachment.cursor, attachment.resumed,
+                                 snapshot, attachment.reason))
         self.send(presence_frame(session, "list", members))
-        sub.catch_up("attach")
+        attachment.start()
 
-    def _member_id(self) -> str:
-        assert self.sender is not None
-        return f"{self.sender.sub}/{self.sender.client}/{self.id}"
-
-    def _member_info(self, session: str, state: dict[str, Any]) -> dict[str, Any]:
-        assert self.sender is not None
-        return {"member": self._member_id(), "sub": self.sender.sub,
-                "client": self.sender.client, "device": self.device, "kind": self.sender.kind,
-                "tools": list(self.tools), "state": state, "since": now_ms()}
-
-    async def _detach(self, frame: Detach) -> None:
+    async def _detach(self, caller: Caller, frame: Detach) -> None:
         sub = self.subs.pop(frame.session, None)
         if sub is None:
             raise RequestError(ErrorCode.NOT_ATTACHED, f"not attached to {frame.session!r}")
-        self.server.hub.unsubscribe(sub)
-        await self._leave(frame.session)
+        self.service.detach(sub)
+        await self.service.leave(caller, frame.session)
         self.send({"op": "detached", "id": frame.id, "session": frame.session})
-
-    async def _leave(self, session: str) -> None:
-        info = self.presence_state.pop(session, None)
-        if info is None:
-            return
-        try:
-            await self.server.store.clear_presence(session, info["member"])
-            await self.server.publish_presence(session, PRESENCE_LEAVE, info)
-        except StoreError as exc:
-            log.warning("presence leave of %s failed: %s", session, exc)
 
     def _ack(self, frame: Ack) -> None:
         sub = self.subs.get(frame.session)
@@ -438,61 +349,19 @@ class Connection:
             self.acked = {}
         self.acked[frame.session] = frame.cursor
 
-    async def _presence_set(self, frame: PresenceSet) -> None:
-        self._require(frame.session, "presence")
-        info = self.presence_state.get(frame.session)
-        if info is None:
-            raise RequestError(ErrorCode.NOT_ATTACHED, f"not attached to {frame.session!r}")
-        info["state"] = frame.state
-        try:
-            await self.server.store.set_presence(frame.session, info["member"], info,
-                                                 self.server.config.presence_ttl)
-            await self.server.publish_presence(frame.session, PRESENCE_UPDATE, info)
-        except StoreError as exc:
-            raise RequestError(ErrorCode.STORE_UNAVAILABLE, str(exc)) from None
-        self.send(presence_frame(frame.session, "set", [info], rid=frame.id))
-
     async def _publish(self, frame: Publish) -> None:
-        if self.grant is None:
+        caller = self.caller
+        if caller is None:
             raise RequestError(ErrorCode.NOT_READY, "send hello first")
-        self._require(frame.session, "publish")
-        if not self.bucket.take():
-            raise RequestError(ErrorCode.RATE_LIMITED,
-                               f"more than {self.server.config.publish_rate:g} publishes/s")
-        validate_event(frame.type, frame.data, self.server.config.max_event_bytes,
-                       frame.transient)
-        assert self.sender is not None
-        if frame.type in CONTROL_TYPES:
-            # Control frames skip the publish queue: a cancel must not wait behind data.
-            try:
-                appended = await self.server.runs.control(frame.session, frame.type,
-                                                          frame.data, self.sender, self.grant)
-            except StoreError as exc:
-                raise RequestError(ErrorCode.STORE_UNAVAILABLE, str(exc)) from None
-            self.send(published_frame(frame.id, appended.event, appended.duplicate))
-            return
-        if frame.transient:
-            event = Event(frame.session, "", 0, frame.type, frame.data, self.sender, now_ms(),
-                          transient=True)
-            try:
-                await self.server.store.publish_transient(event)
-            except StoreError as exc:
-                raise RequestError(ErrorCode.STORE_UNAVAILABLE, str(exc)) from None
-            self.server.metrics.published_transient.inc()
-            self.send(published_frame(frame.id, event, False))
-            return
-        # Commit concurrently so one connection can have many publishes in one group commit;
-        # bounded so a flood pauses reading (TCP backpressure) instead of growing memory.
+        # Commits run concurrently so one connection can have many publishes in one group
+        # commit; bounded so a flood pauses reading (TCP backpressure) instead of growing memory.
         inflight = self.inflight
         if inflight is None:
             inflight = self.inflight = set()
-        elif len(inflight) >= self.server.config.max_inflight_publishes:
+        elif len(inflight) >= self.config.max_inflight_publishes:
             await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-        try:
-            future = self.server.store.append_future(frame.session, frame.type, frame.data,
-                                                     self.sender, frame.key)
-        except StoreError as exc:
-            raise RequestError(ErrorCode.STORE_UNAVAILABLE, str(exc)) from None
+        future = self.service.publish(caller, frame.session, frame.type, frame.data, frame.key,
+                                      frame.transient)
         # A done-callback, not a task per publish: the reply is a few dict operations.
         inflight.add(future)
         future.add_done_callback(functools.partial(self._committed, frame))
@@ -504,61 +373,71 @@ class Connection:
             return
         exc = future.exception()
         if exc is not None:
-            if isinstance(exc, StreamClosedError):
-                self.send_error(frame.id, ErrorCode.STREAM_CLOSED, str(exc), frame.session)
-            elif isinstance(exc, StoreError):
-                self.send_error(frame.id, ErrorCode.STORE_UNAVAILABLE, str(exc), frame.session)
-            else:  # data the store cannot encode (MessagePack bytes, say)
-                self.send_error(frame.id, ErrorCode.INVALID, f"event not stored: {exc}",
-                                frame.session)
+            self.send_error(frame.id, as_error(exc), frame.session)
             return
         appended = future.result()
-        self.server.metrics.published_stored.inc()
         self.send(published_frame(frame.id, appended.event, appended.duplicate))
-        if not appended.duplicate and appended.event.type == "message":
-            # A person's message may start a run.
-            task = asyncio.get_running_loop().create_task(
-                self.server.runs.on_committed(appended.event))
-            self.server.background(task)
 
     async def _cleanup(self) -> None:
         if self._hello_timer is not None:
             self._hello_timer.cancel()
+        self.service.live.discard(self)
         for sub in self.subs.values():
-            self.server.hub.unsubscribe(sub)
+            self.service.detach(sub)
         sessions = list(self.subs)
         self.subs.clear()
         self.outbox.close()
-        for session in sessions:
-            await self._leave(session)
-
-    async def refresh_presence(self) -> None:
-        for session, info in list(self.presence_state.items()):
-            await self.server.store.set_presence(session, info["member"], info,
-                                                 self.server.config.presence_ttl)
+        if self.caller is not None:
+            for session in sessions:
+                await self.service.leave(self.caller, session)
 
 
-def validate_event(event_type: str, data: Any, max_bytes: int, transient: bool) -> None:
-    """Raise :class:`RequestError` unless the event may be published."""
-    problem = check_event_type(event_type)
-    if problem is not None:
-        code = (ErrorCode.UNKNOWN_EVENT_TYPE if "reserved namespace" in problem
-                else ErrorCode.INVALID)
-        raise RequestError(code, problem)
-    if event_type in SERVER_TYPES:
-        raise RequestError(ErrorCode.FORBIDDEN, f"only the server writes {event_type!r} events")
-    if event_type in CONTROL_TYPES and transient:
-        raise RequestError(ErrorCode.INVALID, "run control events cannot be transient")
-    if event_type in (STREAM_APPEND, STREAM_END):
-        if transient:
-            raise RequestError(ErrorCode.INVALID, "stream events cannot be transient")
-        problem = check_stream_data(event_type, data)
-        if problem is not None:
-            raise RequestError(ErrorCode.INVALID, problem)
-    try:
-        size = len(orjson.dumps(data))
-    except TypeError as exc:
-        raise RequestError(ErrorCode.INVALID, f"data is not JSON-compatible: {exc}") from None
-    if size > max_bytes:
-        raise RequestError(ErrorCode.TOO_LARGE,
-                           f"event data is {size} bytes, more than {max_bytes}")
+class WebSocketEndpoint:
+    """``GET /v1/ws``: upgrades, negotiates the codec, runs a :class:`Connection` per socket."""
+
+    def __init__(self, service: SessionService, auth: Authenticator, config: ServerConfig,
+                 metrics: Metrics) -> None:
+        self.service = service
+        self.auth = auth
+        self.config = config
+        self.metrics = metrics
+        self.connections: set[Connection] = set()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        config = self.config
+        ws = web.WebSocketResponse(
+            protocols=SUBPROTOCOLS,
+            heartbeat=config.heartbeat or None,
+            max_msg_size=config.max_frame_bytes,
+            compress=config.compression,
+            autoping=True,
+        )
+        if not ws.can_prepare(request).ok:
+            raise RequestError(ErrorCode.INVALID, "expected a WebSocket upgrade")
+        await ws.prepare(request)
+        codec = CODECS.get(ws.ws_protocol or "")
+        if codec is None:
+            self.metrics.errors.labels("unsupported_codec").inc()
+            await ws.close(code=CloseCode.UNSUPPORTED_CODEC,
+                           message=b"offer tether.v1.json or tether.v1.msgpack")
+            return ws
+        conn = Connection(self.service, self.auth, config, self.metrics, ws, codec,
+                          request.remote or "")
+        self.connections.add(conn)
+        self.metrics.hot.connections_ws += 1
+        try:
+            await conn.run()
+        finally:
+            self.metrics.hot.connections_ws -= 1
+            self.connections.discard(conn)
+        return ws
+
+
+WS_ENDPOINT: web.AppKey[WebSocketEndpoint] = web.AppKey("tether.ws")
+
+
+def install(app: web.Application) -> None:
+    """Serve the WebSocket protocol at ``/v1/ws`` (needs the shared services in ``app``)."""
+    endpoint = WebSocketEndpoint(app[SESSIONS], app[AUTH], app[CONFIG], app[METRICS])
+    app[WS_ENDPOINT] = endpoint
+    app.router.add_get("/v1/ws", endpoint.handle)

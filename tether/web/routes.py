@@ -28,8 +28,9 @@ from aiohttp import web
 
 from tether.agents.runner import RUN_INDEX
 from tether.protocol.events import valid_session_id
-from tether.server.auth import AuthError, issue_token, verify_token
-from tether.server.http import SERVER_KEY
+from tether.server.auth import AuthError, issue_token
+from tether.server.http import bearer_token
+from tether.server.keys import AUTH, CONFIG, RUNS, STORE
 
 HERE = Path(__file__).parent
 STATIC_DIR = HERE / "static"
@@ -151,6 +152,10 @@ def _host_of(header: str) -> str:
     return urlsplit("//" + header).hostname or ""
 
 
+FORWARDING_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto",
+                      "X-Real-IP", "X-Client-IP", "CF-Connecting-IP", "True-Client-IP", "Via")
+
+
 def dev_login_enabled(bind_host: str) -> bool:
     """Dev login exists only on servers bound to a loopback address (and not switched off with
     ``TETHER_DEV_LOGIN=0``)."""
@@ -169,6 +174,10 @@ def dev_login_allowed(bind_host: str, request: web.Request) -> str | None:
     """
     if not dev_login_enabled(bind_host):
         return "dev login is only available when tether listens on a loopback address"
+    # Behind a reverse proxy on the same host every request comes from loopback; a proxy
+    # says so with these headers, and then the real client may be anyone.
+    if any(name in request.headers for name in FORWARDING_HEADERS):
+        return "dev login refuses requests that came through a proxy"
     if not _is_loopback(request.remote):
         return "dev login is only available to local clients"
     if not _is_loopback(_host_of(request.headers.get("Host", ""))):
@@ -185,8 +194,7 @@ def _error(status: int, code: str, message: str) -> web.Response:
 
 
 async def dev_login(request: web.Request) -> web.Response:
-    server = request.app[SERVER_KEY]
-    refused = dev_login_allowed(server.config.host, request)
+    refused = dev_login_allowed(request.app[CONFIG].host, request)
     if refused is not None:
         return _error(404, "not_found", refused)
     if request.content_type != "application/json":
@@ -199,8 +207,9 @@ async def dev_login(request: web.Request) -> web.Response:
     if not isinstance(name, str) or not DEV_NAME.match(name.strip()):
         return _error(400, "invalid", "'name': 1–32 letters, digits, spaces, . @ ' - or _")
     sub = name.strip()
-    token = issue_token(server.secret, sub, DEV_SESSIONS, DEV_CAPS, DEV_TTL)
-    grant = verify_token(server.secret, token)
+    auth = request.app[AUTH]
+    token = issue_token(auth.secret, sub, DEV_SESSIONS, DEV_CAPS, DEV_TTL)
+    grant = auth.verify(token)
     return web.Response(body=orjson.dumps({
         "token": token, "sub": sub, "sessions": DEV_SESSIONS, "caps": DEV_CAPS,
         "expires_at": int(grant.exp * 1000) if grant.exp else None,
@@ -211,9 +220,9 @@ async def dev_login(request: web.Request) -> web.Response:
 
 
 async def web_config(request: web.Request) -> web.Response:
-    server = request.app[SERVER_KEY]
+    config = request.app[CONFIG]
     agents: list[dict[str, Any]] = []
-    for agent in server.runs.agents:
+    for agent in request.app[RUNS].agents:
         agents.append({
             "name": agent.name,
             "sessions": list(agent.sessions),
@@ -223,9 +232,9 @@ async def web_config(request: web.Request) -> web.Response:
                        "approval": t.requires_approval} for t in agent.tools.values()],
         })
     return web.Response(body=orjson.dumps({
-        "dev_login": dev_login_enabled(server.config.host),
+        "dev_login": dev_login_enabled(config.host),
         "dev_sessions": DEV_SESSIONS,
-        "heartbeat": server.config.heartbeat,
+        "heartbeat": config.heartbeat,
         "agents": agents,
         "version": 1,
     }), content_type="application/json", headers={"Cache-Control": "no-cache"})
@@ -236,18 +245,16 @@ SESSIONS_SCAN = 2000  # run-index events read per listing, newest first
 
 async def web_sessions(request: web.Request) -> web.Response:
     """Sessions with runs that the token may read, newest activity first (at most 100)."""
-    server = request.app[SERVER_KEY]
-    header = request.headers.get("Authorization", "")
-    token = header[7:] if header.lower().startswith("bearer ") else request.query.get("token")
     try:
-        grant = verify_token(server.secret, token)
+        grant = request.app[AUTH].verify(bearer_token(request))
     except AuthError as exc:
         return _error(401, "unauthorized", exc.message)
-    head = await server.store.head(RUN_INDEX)
+    store = request.app[STORE]
+    head = await store.head(RUN_INDEX)
     after = max(head.first_seq - 1, head.last_seq - SESSIONS_SCAN)
     found: dict[str, dict[str, Any]] = {}
     while True:
-        page = await server.store.read(RUN_INDEX, after, 1000)
+        page = await store.read(RUN_INDEX, after, 1000)
         for event in page:
             data = event.data
             if event.type != "run.index" or not isinstance(data, dict):
@@ -268,8 +275,8 @@ async def web_sessions(request: web.Request) -> web.Response:
                         content_type="application/json", headers={"Cache-Control": "no-store"})
 
 
-def add_routes(app: web.Application) -> None:
-    """Register the web app, the SDK and the dev login on ``app`` (a tether server's)."""
+def install(app: web.Application) -> None:
+    """Serve the web app, the SDK and the dev login on ``app`` (a tether server's)."""
     app.router.add_get("/", index)
     app.router.add_get("/s/{session}", index)
     app.router.add_get("/static/{name}", static_file)

@@ -1,0 +1,469 @@
+"""The session service: every operation on a session, written once for every transport.
+
+A transport (the WebSocket endpoint, HTTP, SSE, AG-UI, and whatever comes next) parses its own
+wire format, identifies a :class:`Caller`, and then calls this service; it never touches the
+store, the hub or the run manager for session work itself. So publish (validation, limits,
+idempotency, commit, run triggering), attach (the resume decision, subscribe-then-read,
+snapshot or replay), presence and run control behave the same whatever the wire.
+
+Failures are :class:`~tether.protocol.codes.TetherError` subclasses carrying their code; each
+transport translates them in one place (an ``error`` frame, an HTTP JSON body).
+
+The hot path stays free of tasks: :meth:`SessionService.publish` returns the store's commit
+future itself, with the service's own bookkeeping attached as a done-callback registered
+before the transport's, so a reply costs no coroutine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import orjson
+
+from tether.protocol.codes import ErrorCode, RequestError, TetherError
+from tether.protocol.cursor import Cursor, CursorError, epoch_belongs
+from tether.protocol.events import (
+    CONTROL_TYPES,
+    PRESENCE_JOIN,
+    PRESENCE_LEAVE,
+    PRESENCE_UPDATE,
+    SERVER_TYPES,
+    STREAM_APPEND,
+    STREAM_END,
+    SYSTEM,
+    Event,
+    Sender,
+    check_event_type,
+    check_stream_data,
+    valid_session_id,
+)
+from tether.protocol.frames import event_frame
+from tether.server.auth import Grant, require
+from tether.server.config import ServerConfig
+from tether.server.hub import Hub, Peer, Subscription
+from tether.server.metrics import Metrics
+from tether.store.base import Appended, Head, PresenceStore, SessionStore, now_ms
+
+if TYPE_CHECKING:
+    from tether.agents.runner import RunManager
+
+log = logging.getLogger("tether.sessions")
+
+SHUTDOWN_WAIT = 2.0  # seconds a stopping node waits for close handshakes
+
+
+# --- pure rules ----------------------------------------------------------------------------
+
+
+class TokenBucket:
+    """A publish-rate limit: ``rate`` per second sustained, ``capacity`` in a burst."""
+
+    __slots__ = ("capacity", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, capacity: int) -> None:
+        self.rate = rate
+        self.capacity = float(capacity)
+        self.tokens = float(capacity)
+        self.stamp = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+def parse_session(session: object) -> str:
+    """``session`` if it is a valid session id; else ``invalid``."""
+    if not valid_session_id(session):
+        raise RequestError(ErrorCode.INVALID, "invalid session id")
+    assert isinstance(session, str)
+    return session
+
+
+def parse_cursor(text: str | None, session: str) -> Cursor | None:
+    """A cursor from its text (None when absent); ``bad_cursor`` if malformed or foreign."""
+    if not text:
+        return None
+    try:
+        cursor = Cursor.parse(text)
+    except CursorError as exc:
+        raise RequestError(ErrorCode.BAD_CURSOR, str(exc)) from None
+    check_cursor(cursor, session)
+    return cursor
+
+
+def check_cursor(cursor: Cursor | None, session: str) -> None:
+    if cursor is not None and not epoch_belongs(cursor.epoch, session):
+        raise RequestError(ErrorCode.BAD_CURSOR, "cursor belongs to another session")
+
+
+def resume_decision(cursor: Cursor | None, head: Head) -> tuple[bool, int, str | None]:
+    """Whether an attach at ``cursor`` resumes, the seq to continue after, and why not.
+
+    ``cursor`` must already be known to belong to this session.
+    """
+    if cursor is None:
+        if head.first_seq <= 1:
+            return True, 0, None
+        return False, head.last_seq, "history_trimmed"
+    if cursor.epoch != head.epoch:
+        return False, head.last_seq, "epoch_changed"
+    if cursor.seq > head.last_seq:
+        raise RequestError(ErrorCode.BAD_CURSOR, "cursor is ahead of the session's log")
+    if cursor.seq < head.first_seq - 1:
+        return False, head.last_seq, "cursor_expired"
+    return True, cursor.seq, None
+
+
+def validate_event(event_type: str, data: Any, max_bytes: int, transient: bool) -> None:
+    """Raise :class:`RequestError` unless the event may be published."""
+    check_event_type(event_type)
+    if event_type in SERVER_TYPES:
+        raise RequestError(ErrorCode.FORBIDDEN, f"only the server writes {event_type!r} events")
+    if event_type in CONTROL_TYPES and transient:
+        raise RequestError(ErrorCode.INVALID, "run control events cannot be transient")
+    if event_type in (STREAM_APPEND, STREAM_END):
+        if transient:
+            raise RequestError(ErrorCode.INVALID, "stream events cannot be transient")
+        problem = check_stream_data(event_type, data)
+        if problem is not None:
+            raise RequestError(ErrorCode.INVALID, problem)
+    try:
+        size = len(orjson.dumps(data))
+    except TypeError as exc:
+        raise RequestError(ErrorCode.INVALID, f"data is not JSON-compatible: {exc}") from None
+    if size > max_bytes:
+        raise RequestError(ErrorCode.TOO_LARGE,
+                           f"event data is {size} bytes, more than {max_bytes}")
+
+
+def as_error(exc: BaseException) -> TetherError:
+    """The error to report for a failed operation: its own code, or ``invalid`` for data the
+    store could not encode (anything else a store raises about one event's content)."""
+    if isinstance(exc, TetherError):
+        return exc
+    return RequestError(ErrorCode.INVALID, f"event not stored: {exc}")
+
+
+# --- who acts ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Caller:
+    """Who acts on sessions, whatever the transport: a verified grant and an identity.
+
+    A WebSocket connection is one caller for its lifetime; an HTTP request is one for the
+    request. ``bucket`` limits its publish rate (None: not limited here).
+    """
+
+    grant: Grant
+    sender: Sender
+    connection: str = ""  # a short id of the transport connection, for presence member ids
+    device: str = ""
+    tools: tuple[str, ...] = ()
+    bucket: TokenBucket | None = None
+    presence: dict[str, dict[str, Any]] = field(default_factory=dict)  # session → member info
+
+    @property
+    def member_id(self) -> str:
+        return f"{self.sender.sub}/{self.sender.client}/{self.connection}"
+
+    def require(self, session: str, cap: str) -> None:
+        require(self.grant, session, cap)
+
+
+class Live(Protocol):
+    """An open delivery (a WebSocket, an SSE stream) the service ends at token expiry and at
+    shutdown, on every transport alike."""
+
+    @property
+    def caller(self) -> Caller | None: ...
+
+    def expire(self) -> None:
+        """The token expired: end with the transport's "token expired" signal."""
+
+    async def shutdown(self) -> None:
+        """The node is stopping: end with the transport's "reconnect" signal."""
+
+
+class Catchup(enum.Enum):
+    """What an attach that cannot resume gives the reader."""
+
+    SNAPSHOT = "snapshot"  # the recent history, compacted, in the attached reply
+    REPLAY = "replay"  # everything retained, from its beginning, as ordinary events
+
+
+@dataclass(slots=True)
+class Attachment:
+    """The outcome of an attach: the subscription (buffering) and the reply's contents.
+
+    The transport sends its reply (``attached``), then calls :meth:`start` so that live and
+    missed events follow the reply, in order.
+    """
+
+    session: str
+    subscription: Subscription
+    head: Head
+    cursor: Cursor  # where the reader stands after the reply
+    after: int  # the seq delivery continues after
+    resumed: bool
+    reason: str | None
+    snapshot: list[dict[str, Any]] | None = None
+
+    def start(self) -> None:
+        self.subscription.catch_up("attach")
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    session: str
+    events: list[Event]
+    head: Head
+    cursor: Cursor
+    resumed: bool
+    reason: str | None
+
+    @property
+    def more(self) -> bool:
+        return self.cursor.seq < self.head.last_seq
+
+
+# --- the service ---------------------------------------------------------------------------
+
+
+class SessionService:
+    """Publish, attach, history, presence and run control for every transport of a node."""
+
+    def __init__(self, config: ServerConfig, store: SessionStore, presence: PresenceStore,
+                 hub: Hub, runs: RunManager, metrics: Metrics) -> None:
+        self.config = config
+        self.store = store
+        self.presence = presence
+        self.hub = hub
+        self.runs = runs
+        self.metrics = metrics
+        self.live: set[Live] = set()  # open deliveries: ended at token expiry and shutdown
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # --- publish -----------------------------------------------------------------------------
+
+    def publish(self, caller: Caller, session: str, type: str, data: Any,
+                key: str | None = None, transient: bool = False) -> asyncio.Future[Appended]:
+        """Validate (raising at once) and commit; the future resolves after the commit.
+
+        Control events (``run.cancel`` …) go to the run manager, which validates them against
+        the run before anything is written; transient events are fanned out, not stored
+        (seq 0). A committed ``message`` from a person may start a run, in the background:
+        the reply does not wait for it.
+        """
+        caller.require(session, "publish")
+        bucket = caller.bucket
+        if bucket is not None and not bucket.take():
+            raise RequestError(ErrorCode.RATE_LIMITED,
+                               f"more than {self.config.publish_rate:g} publishes/s")
+        validate_event(type, data, self.config.max_event_bytes, transient)
+        if type in CONTROL_TYPES:
+            # Not on the data path: a cancel must not wait behind queued data.
+            return asyncio.ensure_future(
+                self.runs.control(session, type, data, caller.sender, caller.grant))
+        if transient:
+            return asyncio.ensure_future(self._publish_transient(
+                Event(session, "", 0, type, data, caller.sender, now_ms(), transient=True)))
+        future = self.store.append_future(session, type, data, caller.sender, key)
+        future.add_done_callback(self._committed)
+        return future
+
+    async def _publish_transient(self, event: Event) -> Appended:
+        await self.store.publish_transient(event)
+        self.metrics.published_transient.inc()
+        return Appended(event, duplicate=False)
+
+    def _committed(self, future: asyncio.Future[Appended]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        appended = future.result()
+        self.metrics.published_stored.inc()
+        if not appended.duplicate and appended.event.type == "message":
+            self.background(self.runs.on_committed(appended.event))
+
+    # --- reading -----------------------------------------------------------------------------
+
+    async def position(self, session: str, cursor: Cursor | None) -> tuple[Head, bool, int,
+                                                                           str | None]:
+        """The head of ``session`` and the resume decision for ``cursor``."""
+        check_cursor(cursor, session)
+        head = await self.store.head(session)
+        resumed, after, reason = resume_decision(cursor, head)
+        return head, resumed, after, reason
+
+    async def history(self, caller: Caller, session: str, cursor: Cursor | None, limit: int,
+                      compact: bool = False) -> History:
+        """One page of the log after ``cursor`` (from what is retained when it cannot
+        resume, saying so)."""
+        caller.require(session, "subscribe")
+        head, resumed, after, reason = await self.position(session, cursor)
+        if not resumed:
+            after = head.first_seq - 1
+        events = await self.store.read(session, after, limit)
+        if compact:
+            events = _compacted(events)
+        last = events[-1].seq if events else after
+        return History(session, events, head, Cursor(head.epoch, last), resumed, reason)
+
+    async def attach(self, caller: Caller, peer: Peer, session: str, cursor: Cursor | None, *,
+                     catchup: Catchup = Catchup.SNAPSHOT,
+                     replacing: Subscription | None = None) -> Attachment:
+        """Subscribe ``peer`` to ``session`` from ``cursor`` (buffering until ``start()``).
+
+        Subscribes before reading anything, so no commit can fall between history and live.
+        ``replacing`` (an earlier attach of the same peer) is dropped only once this one can
+        proceed.
+        """
+        caller.require(session, "subscribe")
+        head, resumed, after, reason = await self.position(session, cursor)
+        if not resumed and catchup is Catchup.REPLAY:
+            after = head.first_seq - 1
+        if replacing is not None:
+            self.hub.unsubscribe(replacing)
+        sub = self.hub.subscribe(peer, session, head.epoch, after)
+        attachment = Attachment(session, sub, head, Cursor(head.epoch, after), after, resumed,
+                                reason)
+        try:
+            if not resumed and catchup is Catchup.SNAPSHOT:
+                attachment.snapshot, sub.last_seq = await self._snapshot(session, head)
+                attachment.cursor = Cursor(head.epoch, sub.last_seq)
+        except BaseException:
+            self.hub.unsubscribe(sub)
+            raise
+        if cursor is not None or not resumed:
+            self.metrics.resumes.labels("true" if resumed else "false").inc()
+        return attachment
+
+    def detach(self, sub: Subscription) -> None:
+        self.hub.unsubscribe(sub)
+
+    async def _snapshot(self, session: str, head: Head) -> tuple[list[Any], int]:
+        """The recent history, compacted (deltas of ended streams dropped), and its last seq."""
+        limit = self.config.snapshot_events
+        after = max(head.first_seq - 1, head.last_seq - limit)
+        events = await self.store.read(session, after, limit)
+        last = events[-1].seq if events else head.last_seq
+        return [event_frame(e) for e in _compacted(events)], max(last, head.last_seq)
+
+    # --- presence ----------------------------------------------------------------------------
+
+    async def join(self, caller: Caller, session: str, state: dict[str, Any]) -> None:
+        """Make ``caller`` present in ``session`` (if its token allows presence)."""
+        if not caller.grant.allows(session, "presence"):
+            return
+        info = {"member": caller.member_id, "sub": caller.sender.sub,
+                "client": caller.sender.client, "device": caller.device,
+                "kind": caller.sender.kind, "tools": list(caller.tools), "state": state,
+                "since": now_ms()}
+        caller.presence[session] = info
+        await self.presence.set_presence(session, caller.member_id, info,
+                                      self.config.presence_ttl)
+        await self._announce(session, PRESENCE_JOIN, info)
+
+    async def members(self, session: str) -> list[dict[str, Any]]:
+        return await self.presence.presence(session)
+
+    async def update_presence(self, caller: Caller, session: str,
+                              state: dict[str, Any]) -> dict[str, Any]:
+        caller.require(session, "presence")
+        info = caller.presence.get(session)
+        if info is None:
+            raise RequestError(ErrorCode.NOT_ATTACHED, f"not attached to {session!r}")
+        info["state"] = state
+        await self.presence.set_presence(session, info["member"], info, self.config.presence_ttl)
+        await self._announce(session, PRESENCE_UPDATE, info)
+        return info
+
+    async def leave(self, caller: Caller, session: str) -> None:
+        """``caller`` is no longer present in ``session``; store failures are logged only."""
+        info = caller.presence.pop(session, None)
+        if info is None:
+            return
+        try:
+            await self.presence.clear_presence(session, info["member"])
+            await self._announce(session, PRESENCE_LEAVE, info)
+        except TetherError as exc:
+            log.warning("presence leave of %s failed: %s", session, exc)
+
+    async def refresh_presence(self, caller: Caller) -> None:
+        for session, info in list(caller.presence.items()):
+            await self.presence.set_presence(session, info["member"], info,
+                                          self.config.presence_ttl)
+
+    async def _announce(self, session: str, kind: str, info: dict[str, Any]) -> None:
+        await self.store.publish_transient(
+            Event(session, "", 0, kind, info, SYSTEM, now_ms(), transient=True))
+
+    # --- runs --------------------------------------------------------------------------------
+
+    async def start_run(self, caller: Caller, session: str, agent_name: str | None,
+                        input: Any) -> tuple[str, str]:
+        """Start a run of the session's agent (or the named one); (run id, agent name)."""
+        caller.require(session, "publish")
+        agent = self.runs.agent_for(session, agent_name)
+        if agent is None:
+            raise RequestError(ErrorCode.NOT_FOUND, f"no agent serves {session!r}" + (
+                f" under the name {agent_name!r}" if agent_name else ""))
+        run = await self.runs.create_run(session, agent, input, "api")
+        return run, agent.name
+
+    # --- lifetime ----------------------------------------------------------------------------
+
+    def expire_tokens(self) -> None:
+        """End every open delivery whose token has expired."""
+        now = time.time()
+        for live in list(self.live):
+            caller = live.caller
+            exp = caller.grant.exp if caller is not None else None
+            if exp is not None and exp <= now:
+                live.expire()
+
+    async def refresh_presence_all(self) -> None:
+        """Keep the presence of every open delivery from expiring."""
+        for live in list(self.live):
+            caller = live.caller
+            if caller is not None and caller.presence:
+                await self.refresh_presence(caller)
+
+    async def shutdown(self) -> None:
+        """End every open delivery, waiting briefly for close handshakes."""
+        ends = [asyncio.ensure_future(live.shutdown()) for live in list(self.live)]
+        if ends:
+            await asyncio.wait(ends, timeout=SHUTDOWN_WAIT)
+
+    def background(self, coro: Any) -> None:
+        """Run ``coro`` as a task kept until it ends; its failure is logged."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+
+def _compacted(events: list[Event]) -> list[Event]:
+    """``events`` without the deltas of streams that end among them (the end holds the text)."""
+    ended = {e.stream for e in events if e.type == STREAM_END}
+    return [e for e in events if not (e.type == STREAM_APPEND and e.stream in ended)]
+
+
+def new_connection_id() -> str:
+    return secrets.token_hex(6)
+

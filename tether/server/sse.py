@@ -1,0 +1,131 @@
+"""One open ``text/event-stream`` response, for every transport that streams over SSE.
+
+:class:`SseStream` is the SSE counterpart of a WebSocket connection: a hub peer (its outbox is
+fed by the hub), a :class:`~tether.server.sessions.Live` delivery (the service ends it when its
+token expires — with an ``error`` event, code ``token_expired`` — and at shutdown), and the
+keep-alive loop that also notices a client that went away. ``…/stream``, AG-UI and any later
+SSE transport differ only in the bytes they push.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import orjson
+from aiohttp import web
+
+from tether.server.hub import FORMAT_SSE, Outbox
+from tether.server.sessions import Caller, SessionService
+
+if TYPE_CHECKING:
+    from tether.server.config import ServerConfig
+    from tether.server.metrics import Metrics
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+               "X-Accel-Buffering": "no"}
+
+
+class SseSink:
+    """Writes an outbox's bytes to one streaming response."""
+
+    __slots__ = ("response",)
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        self.response = response
+
+    async def send(self, data: bytes) -> None:
+        await self.response.write(data)
+
+    async def send_many(self, frames: list[bytes]) -> None:
+        await self.response.write(b"".join(frames))
+
+    def write_now(self, frames: list[bytes]) -> bool:
+        return False  # aiohttp's response writes are awaited; the outbox's writer task does it
+
+    def abort(self) -> None:
+        transport = self.response._req.transport if self.response._req else None
+        if transport is not None:
+            transport.abort()
+
+
+class SseStream:
+    """An SSE response being served; see the module docstring.
+
+    ``format`` is the hub's SSE encoding; a transport that re-encodes (AG-UI) gives its own
+    outbox class.
+    """
+
+    format = FORMAT_SSE
+
+    def __init__(self, request: web.Request, service: SessionService, caller: Caller,
+                 config: ServerConfig, metrics: Metrics,
+                 outbox: Callable[[SseSink], Outbox] | None = None) -> None:
+        self.request = request
+        self.service = service
+        self.caller: Caller | None = caller
+        self.config = config
+        self.metrics = metrics
+        self.response = web.StreamResponse(headers=SSE_HEADERS)
+        sink = SseSink(self.response)
+        self.outbox: Outbox = (outbox(sink) if outbox is not None
+                               else Outbox(sink, config.outbound_buffer_bytes, metrics))
+        self.task: asyncio.Task[object] | None = None
+        self._ended = asyncio.Event()
+
+    async def open(self) -> None:
+        """Send the response headers and start counting this stream as open."""
+        await self.response.prepare(self.request)
+        self.task = asyncio.current_task()
+        self.service.live.add(self)
+        self.metrics.hot.connections_sse += 1
+
+    async def serve(self) -> None:
+        """Keep the stream open until the client leaves, the outbox fails or the stream ends.
+
+        Comment lines every heartbeat keep proxies from timing the stream out and reveal a
+        dead client.
+        """
+        transport = self.request.transport
+        ticks = 0
+        with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
+            while (not self.outbox.closed and not self._ended.is_set()
+                   and transport is not None and not transport.is_closing()):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._ended.wait(), 1.0)
+                ticks += 1
+                if ticks >= self.config.heartbeat:
+                    ticks = 0
+                    self.outbox.push(b": keep-alive\n\n")
+            # Let what was queued before the end (an expiry's error event) go out.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self.outbox.flush()
+
+    def close(self) -> None:
+        """Stop counting the stream; the caller unsubscribes it from the hub."""
+        if self.task is not None and self in self.service.live:
+            self.service.live.discard(self)
+            self.metrics.hot.connections_sse -= 1
+        self.outbox.close()
+
+    # --- sessions.Live ---
+
+    def expiry_message(self) -> bytes:
+        """What the stream says last when its token expires (documented in protocol.md)."""
+        body = {"code": "token_expired", "message": "token expired"}
+        return b"event: error\ndata: " + orjson.dumps(body) + b"\n\n"
+
+    def expire(self) -> None:
+        if self._ended.is_set():
+            return
+        self.metrics.closes.labels("token_expired").inc()
+        self.outbox.push(self.expiry_message())
+        self._ended.set()
+
+    async def shutdown(self) -> None:
+        self._ended.set()
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
