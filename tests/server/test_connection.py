@@ -1,0 +1,53 @@
+"""The WebSocket transport's own parts: frame headers written by hand, the upgrade refusals.
+
+The protocol's behaviour end to end is in ``test_ws.py``; these check the pieces under it.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType
+
+from tether.server import Server
+from tether.server.connection import WsSink
+
+
+def parse_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """RFC 6455 server frames (unmasked): (first byte, payload) each."""
+    frames = []
+    i = 0
+    while i < len(data):
+        first, second = data[i], data[i + 1]
+        assert second & 0x80 == 0, "server frames are not masked"
+        n = second & 0x7F
+        i += 2
+        if n == 126:
+            (n,) = struct.unpack("!H", data[i:i + 2])
+            i += 2
+        elif n == 127:
+            (n,) = struct.unpack("!Q", data[i:i + 8])
+            i += 8
+        frames.append((first, data[i:i + n]))
+        i += n
+    return frames
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_frame_headers_at_every_length_boundary(binary: bool) -> None:
+    sink = WsSink.__new__(WsSink)
+    sink.opcode = WSMsgType.BINARY if binary else WSMsgType.TEXT
+    sink.first_byte = 0x80 | int(sink.opcode)
+    payloads = [b"x" * n for n in (0, 1, 125, 126, 127, 65535, 65536, 70000)]
+    frames = parse_frames(sink._frame(payloads))
+    assert [p for _, p in frames] == payloads
+    assert {first for first, _ in frames} == {0x80 | (2 if binary else 1)}
+
+
+async def test_a_plain_get_is_refused_with_a_json_error(server: Server) -> None:
+    async with aiohttp.ClientSession() as http:
+        resp = await http.get(f"http://127.0.0.1:{server.port}/v1/ws")
+        assert resp.status == 400
+        assert (await resp.json())["error"]["code"] == "invalid"
