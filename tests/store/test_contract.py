@@ -1,4 +1,4 @@
-"""The one contract every SessionStore must keep, run against memory, sqlite and redis."""
+"""The one contract every store keeps (log, fan-out, presence): memory, sqlite and redis."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import STORE_KINDS, make_store
 from tether.protocol.events import Event, Sender
-from tether.store import Retention, SessionStore, StreamClosedError
+from tether.store import Retention, Store, StreamClosedError
 
 ALICE = Sender("alice", "c1", "human")
 
@@ -34,14 +34,14 @@ def collector(count: int) -> tuple[_Collected, asyncio.Event]:
 BOB = Sender("bob", "c2", "human")
 
 
-async def test_new_session_head_is_empty_and_stable(store: SessionStore) -> None:
+async def test_new_session_head_is_empty_and_stable(store: Store) -> None:
     head = await store.head("s1")
     assert (head.last_seq, head.first_seq) == (0, 1)
     assert (await store.head("s1")).epoch == head.epoch
     assert await store.read("s1", 0, 10) == []
 
 
-async def test_append_assigns_gapless_seq_and_read_pages(store: SessionStore) -> None:
+async def test_append_assigns_gapless_seq_and_read_pages(store: Store) -> None:
     for i in range(25):
         appended = await store.append("s1", "message", {"i": i}, ALICE)
         assert appended.event.seq == i + 1
@@ -57,7 +57,7 @@ async def test_append_assigns_gapless_seq_and_read_pages(store: SessionStore) ->
     assert await store.read("s1", 25, 10) == []
 
 
-async def test_sessions_are_independent(store: SessionStore) -> None:
+async def test_sessions_are_independent(store: Store) -> None:
     await store.append("a", "message", 1, ALICE)
     await store.append("a", "message", 2, ALICE)
     appended = await store.append("b", "message", 3, ALICE)
@@ -66,7 +66,7 @@ async def test_sessions_are_independent(store: SessionStore) -> None:
 
 
 async def test_concurrent_appends_are_gapless_and_listeners_see_commit_order(
-    store: SessionStore,
+    store: Store,
 ) -> None:
     seen, all_seen = collector(300)
     store.listen("s1", seen.append)
@@ -81,7 +81,7 @@ async def test_concurrent_appends_are_gapless_and_listeners_see_commit_order(
     assert [e.data for e in stored] == [e.data for e in seen]
 
 
-async def test_listener_runs_after_commit(store: SessionStore) -> None:
+async def test_listener_runs_after_commit(store: Store) -> None:
     checks: list[asyncio.Task[list[Event]]] = []
     called = asyncio.Event()
 
@@ -97,7 +97,7 @@ async def test_listener_runs_after_commit(store: SessionStore) -> None:
     store.unlisten("s1", on_event)
 
 
-async def test_idempotency_key_returns_original_event(store: SessionStore) -> None:
+async def test_idempotency_key_returns_original_event(store: Store) -> None:
     first = await store.append("s1", "message", "hi", ALICE, key="k1")
     again = await store.append("s1", "message", "hi", ALICE, key="k1")
     assert again.duplicate and again.event.seq == first.event.seq
@@ -109,7 +109,7 @@ async def test_idempotency_key_returns_original_event(store: SessionStore) -> No
     assert (await store.head("s1")).last_seq == 2
 
 
-async def test_concurrent_duplicates_append_once(store: SessionStore) -> None:
+async def test_concurrent_duplicates_append_once(store: Store) -> None:
     results = await asyncio.gather(
         *(store.append("s1", "message", "x", ALICE, key="same") for _ in range(20))
     )
@@ -118,7 +118,7 @@ async def test_concurrent_duplicates_append_once(store: SessionStore) -> None:
     assert (await store.head("s1")).last_seq == 1
 
 
-async def test_stream_end_carries_the_concatenated_deltas(store: SessionStore) -> None:
+async def test_stream_end_carries_the_concatenated_deltas(store: Store) -> None:
     deltas = ["Hel", "lo", ", wo", "rld ", "— ünï", "cödé 🎉", ""]
     for text in deltas:
         await store.append("s1", "stream.append", {"stream": "m1", "text": text}, ALICE)
@@ -135,7 +135,7 @@ async def test_stream_end_carries_the_concatenated_deltas(store: SessionStore) -
     assert (await store.head("s1")).last_seq == end.event.seq
 
 
-async def test_transient_events_reach_listeners_and_are_not_stored(store: SessionStore) -> None:
+async def test_transient_events_reach_listeners_and_are_not_stored(store: Store) -> None:
     seen, arrived = collector(1)
     store.listen("s1", seen.append)
     head = await store.head("s1")
@@ -147,7 +147,7 @@ async def test_transient_events_reach_listeners_and_are_not_stored(store: Sessio
     assert (await store.head("s1")).last_seq == 0
 
 
-async def test_presence_set_list_clear(store: SessionStore) -> None:
+async def test_presence_set_list_clear(store: Store) -> None:
     await store.set_presence("s1", "alice/c1", {"sub": "alice", "client": "c1"}, ttl=30)
     await store.set_presence("s1", "bob/c2", {"sub": "bob", "client": "c2"}, ttl=30)
     members = await store.presence("s1")
@@ -157,7 +157,7 @@ async def test_presence_set_list_clear(store: SessionStore) -> None:
     assert await store.presence("other") == []
 
 
-async def test_presence_expires(store: SessionStore) -> None:
+async def test_presence_expires(store: Store) -> None:
     await store.set_presence("s1", "ghost", {"sub": "ghost"}, ttl=0.05)
     async def gone() -> None:
         while await store.presence("s1"):

@@ -1,12 +1,15 @@
-"""Session stores: the log, live fan-out and presence behind one protocol."""
+"""Session stores: the log with its live fan-out (``SessionStore``) and presence beside it
+(``PresenceStore``); every store implements both (``Store``). See ``base.py``."""
 
 from collections.abc import Callable
 
 from tether.store.base import (
     Appended,
     Head,
+    PresenceStore,
     Retention,
     SessionStore,
+    Store,
     StoreError,
     StreamClosedError,
 )
@@ -16,8 +19,10 @@ __all__ = [
     "Appended",
     "Head",
     "MemoryStore",
+    "PresenceStore",
     "Retention",
     "SessionStore",
+    "Store",
     "StoreError",
     "StreamClosedError",
     "open_store",
@@ -25,7 +30,7 @@ __all__ = [
 
 
 def open_store(url: str, retention: Retention | None = None, *,
-               on_batch: Callable[[int], None] | None = None) -> SessionStore:
+               on_batch: Callable[[int], None] | None = None) -> Store:
     """Open a store from a URL: ``memory://``, ``sqlite:///path/to/dir``, ``redis://host:port/0``.
 
     ``on_batch`` hears the size of every commit of a batching store (sqlite, redis).

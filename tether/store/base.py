@@ -1,4 +1,23 @@
-"""The ``SessionStore`` protocol: what every store does, and what each must guarantee.
+"""The store protocols: what every store does, and what each must guarantee.
+
+A store is two things, declared as two protocols:
+
+* :class:`SessionStore` -- the log and its live fan-out: ``append``/``append_future``,
+  ``read``, ``head``, ``trim``, ``listen``/``unlisten``, ``publish_transient``, plus
+  lifecycle (``start``, ``close``) and the :class:`Retention` it applies. The log is the
+  truth; live fan-out is only a shortcut for reading it, so the two belong together.
+* :class:`PresenceStore` -- who is attached right now: ``set_presence``, ``clear_presence``,
+  ``presence``. Presence is soft state with a TTL, never part of the log, and shares nothing
+  with it but the session id, so it is a separate concern.
+
+Every concrete store (memory, sqlite, redis) implements both, and :class:`Store` names that
+combination; it is what :func:`tether.store.open_store` returns and what a server holds. Code
+that only needs one side should ask for that protocol. Each store module asserts statically
+(``type[Store]``) that its class conforms, so ``mypy`` fails if one drifts from the protocols.
+
+Capabilities that differ between stores are declared members, not probed: ``live_is_lossy``
+is True when live fan-out may drop events (Redis pub/sub is at-most-once), which tells the
+server to check subscriptions' tails against the log periodically.
 
 Guarantees (checked by ``tests/store/test_contract.py`` against every implementation):
 
@@ -12,6 +31,7 @@ Guarantees (checked by ``tests/store/test_contract.py`` against every implementa
   :class:`StreamClosedError`.
 * Retention trims the oldest events by count and age; ``head().first_seq`` tells readers
   whether their cursor is still covered.
+* Presence entries expire ``ttl`` seconds after their last ``set_presence``.
 """
 
 from __future__ import annotations
@@ -21,17 +41,22 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
+from tether.protocol.codes import ErrorCode, TetherError
 from tether.protocol.events import STREAM_APPEND, STREAM_END, Event, Sender
 
 
-class StoreError(Exception):
-    """The store could not serve a request (I/O, connection, corruption)."""
+class StoreError(TetherError):
+    """The store could not serve a request (I/O, connection, corruption). Temporary."""
+
+    code = ErrorCode.STORE_UNAVAILABLE
 
 
-class StreamClosedError(Exception):
+class StreamClosedError(TetherError):
     """An append to, or an end of, a stream that has already ended."""
+
+    code = ErrorCode.STREAM_CLOSED
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,10 +89,14 @@ class Retention:
 Listener = Callable[[Event], None]
 
 
+@runtime_checkable
 class SessionStore(Protocol):
-    """One interface for the log, live fan-out and presence (memory, sqlite, redis)."""
+    """The log and its live fan-out: one interface for memory, sqlite and redis."""
 
     retention: Retention
+    # True when listeners may miss events (an at-most-once live channel such as Redis
+    # pub/sub): the server then checks each channel's tail against the log periodically.
+    live_is_lossy: bool
 
     async def start(self) -> None:
         """Open files or connections. Must be called before any other method."""
@@ -93,6 +122,10 @@ class SessionStore(Protocol):
         """The session's epoch and bounds; creates the epoch for a new session."""
         ...
 
+    async def trim(self) -> int:
+        """Apply retention now; return the number of events removed."""
+        ...
+
     async def publish_transient(self, event: Event) -> None:
         """Fan ``event`` out to listeners (on every node) without storing it."""
 
@@ -101,6 +134,11 @@ class SessionStore(Protocol):
 
     def unlisten(self, session: str, listener: Listener) -> None:
         """Stop calling ``listener``; unknown listeners are ignored."""
+
+
+@runtime_checkable
+class PresenceStore(Protocol):
+    """Who is attached to a session now: soft state with a TTL, kept beside the log."""
 
     async def set_presence(self, session: str, member: str, info: dict[str, Any],
                            ttl: float) -> None:
@@ -113,9 +151,10 @@ class SessionStore(Protocol):
         """Present members' info, expired entries excluded."""
         ...
 
-    async def trim(self) -> int:
-        """Apply retention now; return the number of events removed."""
-        ...
+
+@runtime_checkable
+class Store(SessionStore, PresenceStore, Protocol):
+    """A complete store: the log with its fan-out, and presence (every concrete store)."""
 
 
 def now_ms() -> int:
@@ -223,11 +262,14 @@ class Listeners:
 
 
 class InProcessFanout:
-    """Live fan-out and presence kept in this process: for stores that serve one node."""
+    """Live fan-out kept in this process: for stores that serve one node.
+
+    Dispatch is a direct call after commit, so no listener can miss an event: stores built on
+    this set ``live_is_lossy = False``.
+    """
 
     def __init__(self) -> None:
         self._listeners = Listeners()
-        self._presence: dict[str, dict[str, tuple[dict[str, Any], float]]] = {}
 
     async def publish_transient(self, event: Event) -> None:
         self._listeners.dispatch(event)
@@ -237,6 +279,13 @@ class InProcessFanout:
 
     def unlisten(self, session: str, listener: Listener) -> None:
         self._listeners.remove(session, listener)
+
+
+class InProcessPresence:
+    """Presence kept in this process (a :class:`PresenceStore`): for stores that serve one node."""
+
+    def __init__(self) -> None:
+        self._presence: dict[str, dict[str, tuple[dict[str, Any], float]]] = {}
 
     async def set_presence(self, session: str, member: str, info: dict[str, Any],
                            ttl: float) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tether.protocol.cursor import new_epoch
 from tether.protocol.events import Event, Sender
@@ -12,7 +12,9 @@ from tether.store.base import (
     Appended,
     Head,
     InProcessFanout,
+    InProcessPresence,
     Retention,
+    Store,
     StreamText,
     now_ms,
 )
@@ -29,11 +31,16 @@ class _Log:
         self.keys: dict[tuple[str, str], tuple[Event, float]] = {}
 
 
-class MemoryStore(InProcessFanout):
+class MemoryStore(InProcessFanout, InProcessPresence):
+    """A :class:`~tether.store.base.Store` in process memory: the log, fan-out and presence."""
+
+    live_is_lossy = False  # listeners are called in process, right after commit
+
     def __init__(self, retention: Retention | None = None) -> None:
         self.retention = retention or Retention()
         self._logs: dict[str, _Log] = {}
         InProcessFanout.__init__(self)
+        InProcessPresence.__init__(self)
         self._streams = StreamText(lambda session, stream: ([], False))
 
     async def start(self) -> None:
@@ -114,3 +121,8 @@ class MemoryStore(InProcessFanout):
                 removed += old
             log.keys = {k: v for k, v in log.keys.items() if v[1] >= key_cutoff}
         return removed
+
+
+if TYPE_CHECKING:
+    # mypy fails here if MemoryStore stops conforming to SessionStore or PresenceStore.
+    _conforms: type[Store] = MemoryStore

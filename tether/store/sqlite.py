@@ -32,7 +32,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 import orjson
 
@@ -42,7 +42,9 @@ from tether.store.base import (
     Appended,
     Head,
     InProcessFanout,
+    InProcessPresence,
     Retention,
+    Store,
     StoreError,
     StreamText,
     now_ms,
@@ -199,8 +201,13 @@ class _Checkpointer(threading.Thread):
             self._conn.close()
 
 
-class SqliteStore(InProcessFanout):
-    """The embedded default store: one SQLite database, group commit (module docstring)."""
+class SqliteStore(InProcessFanout, InProcessPresence):
+    """The embedded default store: one SQLite database, group commit (module docstring).
+
+    Live fan-out and presence stay in this process: one writer serves one node.
+    """
+
+    live_is_lossy = False  # listeners are called in process, right after commit
 
     def __init__(self, path: str, retention: Retention | None = None, *,
                  on_batch: Callable[[int], None] | None = None,
@@ -224,6 +231,7 @@ class SqliteStore(InProcessFanout):
         self._flush_handle: asyncio.Handle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         InProcessFanout.__init__(self)
+        InProcessPresence.__init__(self)
         self._streams = StreamText(self._load_stream)
         self._count_slack = max(1, min(_COUNT_SLACK_MAX, self.retention.max_events // 8))
 
@@ -631,3 +639,8 @@ class SqliteStore(InProcessFanout):
             if upto == first:
                 return removed
             await asyncio.sleep(0)
+
+
+if TYPE_CHECKING:
+    # mypy fails here if SqliteStore stops conforming to SessionStore or PresenceStore.
+    _conforms: type[Store] = SqliteStore
