@@ -81,8 +81,8 @@ async def drop_connections(srv: Server, client: Client | None = None,
     """Close the server side of ``client``'s connection (every connection when ``None``)."""
     dropped = 0
     for conn in list(srv.connections):
-        if client is None or (conn.sender is not None
-                              and conn.sender.client == client.client_id):
+        if client is None or (conn.caller is not None
+                              and conn.caller.sender.client == client.client_id):
             await conn.ws.close(code=code, message=b"test drop")
             dropped += 1
     return dropped
