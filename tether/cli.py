@@ -15,7 +15,13 @@ from typing import Any
 
 import orjson
 
-from tether.server.auth import CAPABILITIES, issue_token, load_secret, parse_ttl
+from tether.server.auth import (
+    CAPABILITIES,
+    KeyConfigError,
+    issue_token,
+    parse_ttl,
+    signing_secret,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,6 +47,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, data_dir=Path(args.data) if args.data else None,
         store_url=args.store, secret=args.secret, heartbeat=args.heartbeat,
         outbound_buffer_bytes=args.buffer, log_level=args.log_level, node_id=args.node,
+        secret_file=Path(args.secret_file) if args.secret_file else None,
+        public_key_file=tuple(args.public_key) if args.public_key else None,
+        jwks=tuple(args.jwks) if args.jwks else None, jwks_refresh=args.jwks_refresh,
     )
     if args.retention_events is not None or args.retention_age is not None:
         config.retention = Retention(
@@ -55,9 +64,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
               if spec != "none"]
 
     async def run() -> None:
-        server = Server(config)
+        try:
+            server = Server(config)
+        except KeyConfigError as exc:
+            raise SystemExit(f"tether: error: {exc}") from None
         for agent in agents:
             server.runs.register(agent)
+        await server.auth.start()  # JWKS URLs fetched before the first token can arrive
         await server.start()
         # Everything allocated so far lives as long as the process: keep it out of every
         # collection, and collect the young generation less often (the hot path allocates).
@@ -73,6 +86,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         await server.stop()
+        await server.auth.close()
 
     asyncio.run(run())
     return 0
@@ -97,9 +111,21 @@ def load_agent(spec: str) -> Any:
     return agent
 
 
+def _signing_key(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(secret, kid) that signs tokens, found as ``tether serve`` finds it."""
+    from tether.server.config import ServerConfig
+
+    config = ServerConfig.from_env(
+        data_dir=Path(args.data) if args.data else None, secret=args.secret,
+        secret_file=Path(args.secret_file) if args.secret_file else None)
+    try:
+        return signing_secret(config.secret, config.secret_file, config.data_dir)
+    except KeyConfigError as exc:
+        raise SystemExit(f"tether: error: {exc}") from None
+
+
 def _cmd_token(args: argparse.Namespace) -> int:
-    data = Path(args.data or os.environ.get("TETHER_DATA", "tether-data"))
-    secret = load_secret(args.secret, data)
+    # Arguments first: a refused command must not create DATA/secret.
     caps = [c.strip() for c in args.caps.split(",") if c.strip()]
     unknown = set(caps) - set(CAPABILITIES)
     if unknown:
@@ -110,7 +136,8 @@ def _cmd_token(args: argparse.Namespace) -> int:
     except ValueError:
         raise SystemExit(
             f"tether: error: bad --ttl {args.ttl!r} (e.g. 90s, 15m, 1h, 7d)") from None
-    print(issue_token(secret, args.sub, args.session or ["*"], caps, ttl))
+    secret, kid = _signing_key(args)
+    print(issue_token(secret, args.sub, args.session or ["*"], caps, ttl, kid=kid))
     return 0
 
 
@@ -119,9 +146,9 @@ def _token_for(args: argparse.Namespace) -> str:
         return str(args.token)
     if os.environ.get("TETHER_TOKEN"):
         return os.environ["TETHER_TOKEN"]
-    data = Path(args.data or os.environ.get("TETHER_DATA", "tether-data"))
-    secret = load_secret(args.secret, data)
-    return issue_token(secret, "cli", [args.session_id], ["subscribe", "publish"], 3600)
+    secret, kid = _signing_key(args)
+    return issue_token(secret, "cli", [args.session_id], ["subscribe", "publish"], 3600,
+                       kid=kid)
 
 
 def _line(event: Any) -> dict[str, Any]:
@@ -183,8 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data", default=None, help="data folder (default ./tether-data)")
     serve.add_argument("--store", default=None,
                        help="store URL: sqlite:///DIR (default: sqlite in --data), redis://HOST:PORT/DB")
+    serve.add_argument("--secret-file", default=None, metavar="FILE",
+                       help="file of the HS256 secret, or of kid=secret lines (the first "
+                            "signs); default TETHER_SECRET_FILE, else DATA/secret")
     serve.add_argument("--secret", default=None,
-                       help="token signing secret (default TETHER_SECRET, else DATA/secret)")
+                       help="HS256 secret inline (visible in ps: prefer --secret-file)")
+    serve.add_argument("--public-key", action="append", metavar="[KID=]FILE",
+                       help="PEM public key accepting RS256/ES256/EdDSA tokens with this kid "
+                            "(default: the file name without extension); repeatable")
+    serve.add_argument("--jwks", action="append", metavar="FILE|URL",
+                       help="JWKS file or http(s) URL of public keys, by kid; repeatable")
+    serve.add_argument("--jwks-refresh", type=float, default=None, metavar="SECONDS",
+                       help="how often JWKS URLs are fetched again (default 300)")
     serve.add_argument("--heartbeat", type=float, default=None, help="ping interval, seconds")
     serve.add_argument("--buffer", type=int, default=None,
                        help="outbound buffer per connection, bytes (default 1 MiB)")
@@ -206,7 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--caps", default="subscribe,publish,presence",
                        help=f"comma-separated capabilities from {','.join(CAPABILITIES)}")
     token.add_argument("--ttl", default="1h", help="lifetime: 90s, 15m, 1h, 7d, or 'never'")
-    token.add_argument("--secret", default=None)
+    token.add_argument("--secret-file", default=None, metavar="FILE",
+                       help="the server's secret file: its first secret signs")
+    token.add_argument("--secret", default=None,
+                       help="secret inline (visible in ps: prefer --secret-file)")
     token.add_argument("--data", default=None)
     token.set_defaults(func=_cmd_token)
 
@@ -222,7 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--url", default="ws://127.0.0.1:8765", help="server URL")
         p.add_argument("--token", default=None,
                        help="access token (default TETHER_TOKEN, else minted from the data folder)")
-        p.add_argument("--secret", default=None)
+        p.add_argument("--secret-file", default=None, metavar="FILE")
+        p.add_argument("--secret", default=None,
+                       help="secret inline (visible in ps: prefer --secret-file)")
         p.add_argument("--data", default=None)
         p.set_defaults(func=func)
     return parser

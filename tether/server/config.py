@@ -20,13 +20,33 @@ class ServerConfig:
     # None = sqlite in data_dir; otherwise memory://, sqlite:///DIR or redis://HOST:PORT/DB
     store_url: str | None = None
     secret: str | None = None  # None = TETHER_SECRET, else a file in data_dir (created once)
+    # A file of one secret, or of kid=secret lines / a JSON {kid: secret}: the first signs.
+    # Replaces `secret` (both set: an error). Keeps secrets out of `ps` and the environment.
+    secret_file: Path | None = None
+    # PEM public keys, "[KID=]FILE" (kid defaults to the file name without extension).
+    public_key_file: tuple[str, ...] = ()
+    jwks: tuple[str, ...] = ()  # JWKS files or http(s) URLs
+    jwks_refresh: float = 300.0  # seconds between fetches of each JWKS URL
+    jwks_cooldown: float = 10.0  # least seconds between fetches caused by unknown kids
     heartbeat: float = 15.0  # seconds between server pings; a peer has heartbeat/2 to pong
     hello_timeout: float = 10.0  # seconds to send hello after the upgrade
     max_frame_bytes: int = 1 << 20  # a larger incoming frame closes with 1009
     max_event_bytes: int = 256 << 10  # encoded event data larger than this: too_large
+    max_event_depth: int = 32  # event data or presence state nested deeper: invalid
+    max_presence_bytes: int = 4096  # one presence state (JSON) larger than this: too_large
+    max_presence_total_bytes: int = 65536  # a connection's presence states, all sessions
     max_sessions_per_connection: int = 100
     publish_rate: float = 1000.0  # sustained publishes per second per connection
     publish_burst: int = 2000  # token-bucket depth for the publish rate
+    # Per subject (the token's sub), across WebSocket, HTTP and SSE; 0 turns a limit off.
+    subject_publish_rate: float = 5000.0  # publishes per second, all connections together
+    subject_publish_burst: int = 10000
+    subject_presence_rate: float = 50.0  # presence.set per second
+    subject_presence_burst: int = 200
+    subject_attach_rate: float = 500.0  # attaches (and SSE/AG-UI opens) per second
+    subject_attach_burst: int = 5000
+    subject_connections: int = 1000  # open WebSocket connections at once
+    subject_streams: int = 100  # open SSE and AG-UI streams at once
     max_inflight_publishes: int = 1000  # per connection; reading pauses beyond this
     outbound_buffer_bytes: int = 1 << 20  # per connection; beyond it live → catch-up from store
     catchup_page: int = 500  # events per store read while catching up
@@ -48,7 +68,8 @@ class ServerConfig:
         env = os.environ
         for f in fields(cls):
             value = env.get(f"TETHER_{f.name.upper()}")
-            if value is None or f.name == "retention":
+            if value is None or f.name in ("retention", "secret_file", "public_key_file",
+                                           "jwks"):
                 continue
             current = getattr(config, f.name)
             if isinstance(current, bool):
@@ -72,6 +93,15 @@ class ServerConfig:
             config.store_url = store
         if "TETHER_DATA" in env:
             config.data_dir = Path(env["TETHER_DATA"])
+        if env.get("TETHER_SECRET_FILE"):
+            config.secret_file = Path(env["TETHER_SECRET_FILE"])
+        config.public_key_file = split_list(env.get("TETHER_PUBLIC_KEY_FILE", ""))
+        config.jwks = split_list(env.get("TETHER_JWKS", ""))
+        # A flag beats the environment: --secret-file hides TETHER_SECRET, and the reverse.
+        if overrides.get("secret_file") is not None and overrides.get("secret") is None:
+            config.secret = None
+        if overrides.get("secret") is not None and overrides.get("secret_file") is None:
+            config.secret_file = None
         for name, override in overrides.items():
             if override is not None:
                 setattr(config, name, override)
@@ -79,3 +109,8 @@ class ServerConfig:
 
     def resolved_store_url(self) -> str:
         return self.store_url or f"sqlite://{self.data_dir}"
+
+
+def split_list(value: str) -> tuple[str, ...]:
+    """A comma-separated environment value as a tuple."""
+    return tuple(part.strip() for part in value.split(",") if part.strip())
