@@ -393,6 +393,14 @@ def test_tether_token_validates_before_creating_a_secret(tmp_path: Path) -> None
     assert not (tmp_path / "secret").exists()
 
 
+def test_a_refused_key_setting_leaves_no_generated_secret(tmp_path: Path) -> None:
+    for settings in ({"public_key_file": (str(tmp_path / "missing.pem"),)},
+                     {"jwks": (str(tmp_path / "missing.json"),)}, {"jwks_refresh": 0.0}):
+        with pytest.raises(KeyConfigError):
+            Authenticator.from_config(ServerConfig(data_dir=tmp_path, **settings))
+    assert not (tmp_path / "secret").exists()
+
+
 def test_serve_with_a_secret_file_keeps_it_out_of_ps(tmp_path: Path) -> None:
     secret_file = write_secret(tmp_path / "secrets", f"k2={NEW}\nk1={OLD}\n")
     port = free_port()

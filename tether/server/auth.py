@@ -344,6 +344,9 @@ class JwksUrl:
         except (httpx.HTTPError, orjson.JSONDecodeError, KeyConfigError) as exc:
             log.warning("JWKS fetch from %s failed: %s", self.url, exc or type(exc).__name__)
             return False
+        except Exception:  # the refresh loop must outlive any one bad answer
+            log.exception("JWKS fetch from %s failed", self.url)
+            return False
         removed = set(self.keys) - set(keys)
         if set(keys) != set(self.keys):
             log.info("JWKS %s: kids %s", self.url, ", ".join(sorted(keys)) or "(none)")
@@ -439,7 +442,16 @@ class Authenticator:
         """
         if config.secret_file is not None and config.secret:
             raise KeyConfigError("give the secret either inline or as a file, not both")
-        keys: list[Key] = []
+        if config.jwks_refresh <= 0 or config.jwks_cooldown < 0:
+            raise KeyConfigError("the JWKS refresh must be positive, the cooldown not negative")
+        # Public keys first: a setting that fails must not leave a generated DATA/secret.
+        keys = [load_public_key(spec) for spec in config.public_key_file]
+        urls: list[str] = []
+        for spec in config.jwks:
+            if is_url(spec):
+                urls.append(spec)
+            else:
+                keys += load_jwks_file(spec).values()
         signing_kid: str | None = None
         if config.secret_file is not None:
             pairs = read_secret_file(config.secret_file)
@@ -448,13 +460,6 @@ class Authenticator:
                      for kid, value in pairs if kid is not None]
         else:
             secret = load_secret(config.secret, config.data_dir)
-        keys += [load_public_key(spec) for spec in config.public_key_file]
-        urls: list[str] = []
-        for spec in config.jwks:
-            if is_url(spec):
-                urls.append(spec)
-            else:
-                keys += load_jwks_file(spec).values()
         return cls(secret, keys=keys, signing_kid=signing_kid, jwks_urls=urls,
                    jwks_refresh=config.jwks_refresh, jwks_cooldown=config.jwks_cooldown)
 
