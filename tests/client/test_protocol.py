@@ -198,11 +198,18 @@ def test_publish_errors_permanent_and_temporary() -> None:
     for attempt in range(3):
         out = proto.receive({"op": "error", "id": rid, "code": "rate_limited",
                              "message": "slow down", "temporary": True})
-        assert out == [RetryLater(rid, attempt, "rate_limited", "slow down")]
+        retry = RetryLater(rid, attempt, "rate_limited", "slow down", session="demo",
+                           op="publish")
+        assert out == [retry]
         assert not proto.has_outstanding()
-        again = proto.resend(rid)
-        assert again == frame  # same id, same key
-        assert proto.resend(rid) is None  # already in flight
+        assert sends(proto.retry(retry)) == [frame]  # same id, same key
+        assert proto.retry(retry) == []  # already in flight
+    rid, frame = proto.publish("demo", "typing", {}, transient=True)
+    out = proto.receive({"op": "error", "id": rid, "code": "rate_limited", "message": "",
+                         "temporary": True, "retry_after": 250})
+    # Unordered (transient): retried on its own, with the server's retry_after in seconds.
+    assert out == [RetryLater(rid, 0, "rate_limited", "", op="publish", retry_after=0.25)]
+    assert proto.resend(rid) == frame
 
 
 def test_error_without_id_or_unknown_frame_is_a_notice() -> None:
@@ -258,6 +265,12 @@ def test_attach_errors() -> None:
     assert out == [RetryLater(frame["id"], 0, "store_unavailable", "down", session="demo")]
     again = proto.retry_attach("demo")
     assert again is not None and again["id"] != frame["id"]
+    out = proto.receive({"op": "error", "id": again["id"], "code": "store_unavailable",
+                         "message": "down", "temporary": True, "retry_after": 1500})
+    (retry,) = out
+    assert isinstance(retry, RetryLater) and retry.retry_after == 1.5 and retry.attempt == 1
+    assert proto.give_up(retry) == [AttachFailed("demo", "store_unavailable", "down")]
+    assert "demo" not in proto.sessions
 
 
 def test_failed_resync_attach_is_retried_even_though_it_was_attached() -> None:

@@ -6,7 +6,7 @@ I/O), :mod:`tether.client.client` the asyncio layer on aiohttp, :mod:`tether.cli
 thread-backed blocking wrapper.
 """
 
-from tether.client.client import Client, ConnectionState, Session, Stream, ws_url
+from tether.client.client import Client, ConnectionState, Session, SessionState, Stream, ws_url
 from tether.client.errors import (
     AttachError,
     ClientClosed,
@@ -42,6 +42,7 @@ __all__ = [
     "SessionClosed",
     "SessionEvent",
     "SessionItem",
+    "SessionState",
     "Snapshot",
     "Stream",
     "SyncClient",

@@ -3,7 +3,8 @@
 This module owns I/O only: connecting with aiohttp, the reconnect loop (exponential backoff with
 full jitter), the per-connection writer and heartbeat watchdog, the bounded per-session queues
 and the futures of pending calls. Every protocol decision (dedupe, epochs, replay of pending
-publishes, re-attach cursors) is made by :class:`~tether.client.protocol.ClientProtocol`.
+publishes and their order, re-attach cursors) is made by
+:class:`~tether.client.protocol.ClientProtocol`.
 
 Usage::
 
@@ -33,8 +34,8 @@ import logging
 import random
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
-from types import TracebackType
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from types import MappingProxyType, TracebackType
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
@@ -50,6 +51,7 @@ from tether.client.errors import (
     TetherError,
 )
 from tether.client.protocol import (
+    INTERRUPT_TYPES,
     Attached,
     AttachFailed,
     ClientProtocol,
@@ -81,10 +83,6 @@ StateCallback = Callable[["ConnectionState"], None]
 PresenceCallback = Callable[["Session", str, tuple[dict[str, Any], ...]], None]
 
 
-
-# Control events that must not wait behind queued publishes.
-_INTERRUPTS = frozenset({"run.cancel", "run.steer"})
-
 class ConnectionState(enum.Enum):
     """Where the client's connection stands; see :meth:`Client.on_state`."""
 
@@ -92,6 +90,35 @@ class ConnectionState(enum.Enum):
     CONNECTED = "connected"  # welcomed; sessions are (being) re-attached
     RECONNECTING = "reconnecting"  # connection lost; retrying with backoff
     CLOSED = "closed"  # closed by the application or stopped for good
+
+
+class SessionState(enum.Enum):
+    """Where one :class:`Session` stands; read it from :attr:`Session.state`.
+
+    The allowed moves are :data:`SESSION_TRANSITIONS`; ``DETACHED`` and ``CLOSED`` are final.
+    """
+
+    ATTACHING = "attaching"  # attach() sent (or waiting for a connection); not attached yet
+    ATTACHED = "attached"  # attached on the current connection: events flow
+    REATTACHING = "reattaching"  # was attached; connection lost (or the server refused the
+    # re-attach for now): re-attaching from the last cursor, with no gap and no duplicate
+    DETACHING = "detaching"  # detach() called: no new publishes; pending ones finish first
+    DETACHED = "detached"  # detached by the application; queued items can still be iterated
+    CLOSED = "closed"  # the client closed or stopped, or the server refused the (re-)attach
+
+
+SESSION_TRANSITIONS: Final[Mapping[SessionState, frozenset[SessionState]]] = MappingProxyType({
+    SessionState.ATTACHING: frozenset({SessionState.ATTACHED, SessionState.DETACHING,
+                                       SessionState.CLOSED}),
+    SessionState.ATTACHED: frozenset({SessionState.REATTACHING, SessionState.DETACHING,
+                                      SessionState.CLOSED}),
+    SessionState.REATTACHING: frozenset({SessionState.ATTACHED, SessionState.DETACHING,
+                                         SessionState.CLOSED}),
+    SessionState.DETACHING: frozenset({SessionState.DETACHED, SessionState.CLOSED}),
+    SessionState.DETACHED: frozenset(),
+    SessionState.CLOSED: frozenset(),
+})
+"""Every allowed move of :class:`SessionState`; anything else is a bug and raises."""
 
 
 def ws_url(url: str) -> str:
@@ -218,7 +245,8 @@ class Session:
       loop keeps working; check ``isinstance(item, Snapshot)`` to rebuild state from it.
 
     ``cursor`` is the cursor of the last item the iterator yielded: persist it and pass it to
-    ``attach`` to resume exactly there later. ``resumed`` is the last (re-)attach's flag.
+    ``attach`` to resume exactly there later. ``resumed`` is the last (re-)attach's flag;
+    ``state`` the :class:`SessionState`.
     Iteration ends after :meth:`detach` or :meth:`Client.close` (once queued items are
     drained) and raises :class:`ConnectionFailed` / :class:`AttachError` if the client stopped.
     """
@@ -228,13 +256,18 @@ class Session:
         self.name = name
         self.cursor: str | None = cursor
         self.resumed: bool | None = None
+        self._state = SessionState.ATTACHING
         self._queue = _ItemQueue(queue_size, client._wake_reader)
         self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._presence_callbacks: list[PresenceCallback] = []
-        self._detached = False
 
     def __repr__(self) -> str:
-        return f"<Session {self.name!r} cursor={self.cursor!r}>"
+        return f"<Session {self.name!r} {self._state.value} cursor={self.cursor!r}>"
+
+    @property
+    def state(self) -> SessionState:
+        """Where the session stands (read-only; see :class:`SessionState`)."""
+        return self._state
 
     @property
     def presence(self) -> dict[str, dict[str, Any]]:
@@ -256,12 +289,25 @@ class Session:
         A uuid4 idempotency ``key`` is generated unless given. The publish stays pending across
         reconnects and is re-sent with the same key, so it commits once even if a reply was
         lost (the server answers a retry with the original cursor). Temporary errors
-        (``rate_limited``, ``store_unavailable``) are retried with backoff; others raise
-        :class:`PublishError`. A ``transient`` publish is fanned out without being stored and
-        returns ``None``; it is best effort: one in flight when the connection drops is not
-        re-sent.
+        (``rate_limited``, ``store_unavailable``) are retried with backoff (the error's
+        ``retry_after`` when the server gives one); others raise :class:`PublishError`, and so
+        does the last temporary error once ``max_attempts`` retries are spent.
+
+        Order: publishes of one session that are awaited concurrently (pipelined) are sent in
+        call order, and the server commits them in that order. After a temporary refusal the
+        session's publishes are held, then re-sent one at a time in call order once the
+        backoff is over and no publish of the session is in flight any more; pipelining
+        resumes when none is left unanswered. So a refused publish, and every publish made
+        after the client saw the refusal, commit in call order. The one exception the protocol
+        cannot prevent: a publish that was already in flight behind the refused one and that
+        the server accepted keeps its place, ahead of it. Awaiting each publish before the
+        next (one in flight) gives log order == call order whatever the server refuses.
+        ``run.cancel`` and ``run.steer`` go ahead of queued publishes on purpose.
+
+        A ``transient`` publish is fanned out without being stored and returns ``None``; it is
+        best effort: one in flight when the connection drops is not re-sent.
         """
-        if self._detached:
+        if self._state in (SessionState.DETACHING, SessionState.DETACHED):
             raise SessionClosed(f"session {self.name!r} is detached")
         return await self.client._publish(self.name, type, data, key, transient)
 
@@ -305,7 +351,7 @@ class Session:
 
     async def set_presence(self, state: dict[str, Any]) -> None:
         """Set this client's presence state; it is restored on every re-attach."""
-        if self._detached:
+        if self._state in (SessionState.DETACHING, SessionState.DETACHED):
             raise SessionClosed(f"session {self.name!r} is detached")
         await self.client._set_presence(self.name, state)
 
@@ -347,13 +393,41 @@ class Session:
 
     async def detach(self) -> None:
         """Stop following the session. Publishes already made are awaited first (they may be
-        waiting for a reconnect); queued items can still be iterated, then iteration ends."""
-        if self._detached:
+        waiting for a reconnect); queued items can still be iterated, then iteration ends.
+        Nothing to do once detaching, detached or closed."""
+        if self._state in (SessionState.DETACHING, SessionState.DETACHED, SessionState.CLOSED):
             return
-        self._detached = True
+        self._transition(SessionState.DETACHING)
         await self.client._detach(self)
 
     # --- called by the client ---------------------------------------------------------------
+
+    def _transition(self, new: SessionState) -> None:
+        """Move to ``new``; a move :data:`SESSION_TRANSITIONS` does not allow is a bug."""
+        if new is self._state:
+            return
+        if new not in SESSION_TRANSITIONS[self._state]:
+            raise RuntimeError(f"session {self.name!r}: {self._state.name} -> {new.name} "
+                               "is not a session state transition")
+        self._state = new
+
+    def _attached(self, resumed: bool) -> None:
+        """An ``attached`` frame: the first attach, a re-attach, or a resync on the same
+        connection (which keeps ``ATTACHED``). A detaching session stays detaching."""
+        self.resumed = resumed
+        if self._state in (SessionState.ATTACHING, SessionState.REATTACHING):
+            self._transition(SessionState.ATTACHED)
+
+    def _lost(self) -> None:
+        """The server no longer sends this session's events: the connection closed, or it
+        refused a re-attach for now. A re-attach follows (after the next welcome)."""
+        if self._state is SessionState.ATTACHED:
+            self._transition(SessionState.REATTACHING)
+
+    def _closed(self) -> None:
+        """The client stopped, or the server refused the (re-)attach for good."""
+        if self._state is not SessionState.DETACHED:
+            self._transition(SessionState.CLOSED)
 
     def _presence_changed(self, action: str, members: tuple[dict[str, Any], ...]) -> None:
         for callback in tuple(self._presence_callbacks):
@@ -421,7 +495,6 @@ class Client:
         self._conn: _Connection | None = None
         self._run_task: asyncio.Task[None] | None = None
         self._connected_once: asyncio.Future[None] | None = None
-        self._closing = False  # set by close() and when the client stops by itself
         self._close_started = False  # close() was called: resources are (being) released
         self._error: TetherError | None = None  # why the client stopped, once it has
         self._fatal: ConnectionFailed | None = None  # set by a refused hello
@@ -436,6 +509,11 @@ class Client:
     @property
     def state(self) -> ConnectionState:
         return self._state
+
+    @property
+    def _closing(self) -> bool:
+        """close() was called, or the client stopped by itself (then ``_error`` says why)."""
+        return self._close_started or self._error is not None
 
     @property
     def reading_paused(self) -> bool:
@@ -537,7 +615,6 @@ class Client:
                     await asyncio.shield(self._run_task)
             return
         self._close_started = True
-        self._closing = True
         self._stop.set()
         self._wake_reader()
         conn = self._conn
@@ -583,7 +660,8 @@ class Client:
             return await fut
         except asyncio.CancelledError:
             self._waiters.pop(rid, None)
-            self._proto.cancel(rid)
+            for outcome in self._proto.cancel(rid):
+                self._apply_sync(outcome)
             raise
 
     async def _publish(self, session: str, type: str, data: Any, key: str | None,
@@ -607,6 +685,8 @@ class Client:
             await asyncio.wait(publishes)
         if self._sessions.get(name) is session:
             del self._sessions[name]
+        if session.state is SessionState.DETACHING:  # not closed meanwhile
+            session._transition(SessionState.DETACHED)
         session._queue.finish(None)
         if not session._ready.done():
             session._ready.set_exception(SessionClosed(f"session {name!r} was detached"))
@@ -706,6 +786,8 @@ class Client:
                 task.cancel()
             for outcome in self._proto.connection_lost():
                 self._apply_sync(outcome)
+            for session in self._sessions.values():
+                session._lost()
             if not ws.closed and conn.dropped is None:
                 closer = loop.create_task(ws.close())
                 self._background.add(closer)
@@ -801,7 +883,7 @@ class Client:
         conn = self._conn
         if conn is None:
             return  # no connection: the protocol state re-sends what matters after welcome
-        if frame.get("op") == "publish" and frame.get("type") in _INTERRUPTS:
+        if frame.get("op") == "publish" and frame.get("type") in INTERRUPT_TYPES:
             conn.outbox.appendleft(frame)  # interrupts go ahead of queued data
         else:
             conn.outbox.append(frame)
@@ -837,7 +919,7 @@ class Client:
         elif isinstance(outcome, Attached):
             session = self._sessions.get(outcome.session)
             if session is not None:
-                session.resumed = outcome.resumed
+                session._attached(outcome.resumed)
                 if not session._ready.done():
                     session._ready.set_result(None)
         elif isinstance(outcome, AttachFailed):
@@ -870,6 +952,7 @@ class Client:
         session = self._sessions.pop(outcome.session, None)
         if session is None:
             return
+        session._closed()
         error = AttachError(outcome.code, outcome.message)
         if not session._ready.done():
             session._ready.set_exception(error)
@@ -877,28 +960,27 @@ class Client:
             session._queue.finish(error)
 
     def _on_retry_later(self, outcome: RetryLater) -> None:
+        if outcome.op == "attach" and outcome.session is not None:
+            session = self._sessions.get(outcome.session)
+            if session is not None:
+                session._lost()  # the server dropped the subscription before refusing
         if self.max_attempts is not None and outcome.attempt >= self.max_attempts:
-            if outcome.session is not None:
-                self._proto.sessions.pop(outcome.session, None)
-                self._on_attach_failed(AttachFailed(outcome.session, outcome.code,
-                                                    outcome.message))
-            else:
-                self._proto.cancel(outcome.id)
-                self._on_failed(Failed(outcome.id, outcome.code, outcome.message))
+            for result in self._proto.give_up(outcome):
+                self._apply_sync(result)
             return
-        delay = backoff_delay(outcome.attempt, self.backoff_base, self.backoff_cap, self._rng)
+        delay = outcome.retry_after
+        if delay is None:
+            delay = backoff_delay(outcome.attempt, self.backoff_base, self.backoff_cap,
+                                  self._rng)
         log.info("tether: %s, retrying in %.2fs", outcome.code, delay)
         handle: asyncio.TimerHandle | None = None
 
         def retry() -> None:
             assert handle is not None
             self._timers.discard(handle)
-            if outcome.session is not None:
-                frame = self._proto.retry_attach(outcome.session)
-            else:
-                frame = self._proto.resend(outcome.id)
-            if frame is not None:
-                self._send(frame)
+            for result in self._proto.retry(outcome):
+                self._apply_sync(result)
+            self._wake_reader()  # a reply is awaited again: a paused reader must read
 
         handle = asyncio.get_running_loop().call_later(delay, retry)
         self._timers.add(handle)
@@ -953,7 +1035,6 @@ class Client:
         """The client stopped: fail every pending call, end every iterator."""
         if self._error is None:
             self._error = error
-        self._closing = True
         self._stop.set()
         for handle in self._timers:
             handle.cancel()
@@ -965,6 +1046,7 @@ class Client:
         self._waiters.clear()
         iterator_error = None if isinstance(error, ClientClosed) else error
         for session in self._sessions.values():
+            session._closed()
             if not session._ready.done():
                 session._ready.set_exception(error)
                 session._ready.exception()

@@ -9,7 +9,7 @@ What it owns:
 
 * request-id allocation (monotonic for the whole client lifetime, so an id is never reused and a
   late reply can never be matched to the wrong request) and reply matching;
-* per-session state (:class:`SessionState`): the epoch and last accepted ``seq``, which make
+* per-session state (:class:`SessionRecord`): the epoch and last accepted ``seq``, which make
   delivery exactly-once and ordered: an event of the current epoch with ``seq <= last`` is a
   duplicate and dropped, one with ``seq > last + 1`` is a gap and triggers a re-attach from the
   last accepted cursor instead of being delivered out of order;
@@ -19,10 +19,41 @@ What it owns:
 * pending publishes with their idempotency keys: they survive a reconnect and are re-sent with
   the same id *and key* after the next ``welcome``, so a publish whose reply was lost commits
   once (the server answers ``duplicate: true`` with the original cursor);
+* the order of a session's publishes across temporary refusals (``rate_limited``,
+  ``store_unavailable``): see *Publish order* below;
 * the re-attach of every session, from its last accepted cursor, after each ``welcome``;
 * presence maps maintained from ``presence`` frames;
 * the pure policies the I/O layer applies with its own clock: :func:`backoff_delay` (exponential
   backoff with full jitter) and :class:`Heartbeat` (idle → ping → drop).
+
+Publish order
+-------------
+
+The server handles the frames of one connection in order and the store assigns seqs in the order
+appends start, so publishes pipelined on one connection commit in the order they were sent. A
+temporary refusal breaks that: the refused publish must be sent again, after publishes the
+server has already taken. So, per session (for the *ordered* publishes: everything except
+transient events and the run interrupts ``run.cancel``/``run.steer``, which go ahead on purpose):
+
+1. On a temporary refusal the session enters *retry*: its publishes are held (new ones are not
+   sent; refused ones are not re-sent) while a backoff runs (the error's ``retry_after`` when
+   the server gives one, else :func:`backoff_delay`).
+2. After the backoff, and once no publish of the session is in flight any more (each was
+   committed, refused, or failed), the earliest unanswered one is re-sent, alone. When it is
+   committed the next one follows, one at a time, in call order; a new refusal starts another
+   backoff. When nothing of the session is left unanswered, pipelining resumes.
+
+What this guarantees, for the publishes of one session on one client: nothing is lost or
+committed twice (idempotency keys); a publish that was refused, and every publish made after
+the client saw that refusal, commit in call order, after everything the server took before.
+The one inversion the protocol cannot prevent: publishes already *in flight* behind a refused
+one (sent before its refusal came back, or whose refusal was lost with the connection) that the
+server then accepted commit ahead of it. They keep their place (a later re-send with the same
+key would answer ``duplicate`` with the original cursor); only pipelining creates them, so a
+caller that awaits each publish, or a session that is never refused, gets log order == call
+order. (Across a reconnect this assumes the server is done with the old connection: frames a
+server still reads from a socket the client gave up on may commit around their re-sends, each
+key once.)
 """
 
 from __future__ import annotations
@@ -41,7 +72,12 @@ Frame = dict[str, Any]
 
 SNAPSHOT_TYPE = "tether.snapshot"
 
+# Run interrupts must not wait behind queued data: the I/O layer sends them ahead of its
+# outbox, and they are neither held nor holding in a session's ordered retry.
+INTERRUPT_TYPES = frozenset({"run.cancel", "run.steer"})
+
 __all__ = [
+    "INTERRUPT_TYPES",
     "SNAPSHOT_TYPE",
     "AttachFailed",
     "Attached",
@@ -59,7 +95,7 @@ __all__ = [
     "Send",
     "SessionEvent",
     "SessionItem",
-    "SessionState",
+    "SessionRecord",
     "Snapshot",
     "Welcomed",
     "backoff_delay",
@@ -243,14 +279,20 @@ class Failed:
 
 @dataclass(frozen=True, slots=True)
 class RetryLater:
-    """Request ``id`` hit a temporary error; call :meth:`ClientProtocol.resend` after
-    ``backoff_delay(attempt, ...)``. For an attach, ``id`` is the session's retry token."""
+    """Request ``id`` hit a temporary error: wait ``retry_after`` seconds when the server said
+    (the error frame's ``retry_after``, in ms on the wire), else ``backoff_delay(attempt, ...)``,
+    then call :meth:`ClientProtocol.retry` with this outcome (or :meth:`ClientProtocol.give_up`
+    once the I/O layer's attempts are spent). ``op`` is ``"attach"`` or ``"publish"``;
+    ``session`` is set for an attach and for an ordered publish (whose retry resumes the
+    session's held publishes, in order)."""
 
     id: int
     attempt: int
     code: str
     message: str
     session: str | None = None
+    op: str = "attach"
+    retry_after: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,6 +331,11 @@ class PendingPublish:
     in_flight: bool = False  # sent on the current connection, reply not yet received
     attempts: int = 0  # temporary errors so far
 
+    @property
+    def ordered(self) -> bool:
+        """Whether it keeps its place among the session's publishes (see *Publish order*)."""
+        return not self.transient and self.type not in INTERRUPT_TYPES
+
     def frame(self) -> Frame:
         frame: Frame = {"op": "publish", "id": self.id, "session": self.session,
                         "type": self.type, "data": self.data, "key": self.key}
@@ -298,8 +345,8 @@ class PendingPublish:
 
 
 @dataclass(slots=True)
-class SessionState:
-    """Where one attached session stands.
+class SessionRecord:
+    """Where one attached session stands in the protocol.
 
     ``epoch``/``last_seq`` are the position of the last *accepted* event (handed to the I/O layer
     for the session queue), the position every (re-)attach resumes from. Until the first
@@ -337,6 +384,14 @@ class SessionState:
 
 
 @dataclass(slots=True)
+class _Retry:
+    """A session whose ordered publishes are held after a temporary refusal."""
+
+    backoff: bool = True  # a backoff runs: send nothing until retry_publishes()
+    head: int | None = None  # the publish re-sent alone, while it awaits its reply
+
+
+@dataclass(slots=True)
 class _Request:
     op: str  # hello, attach, detach, presence.set, ping
     session: str | None = None
@@ -357,8 +412,11 @@ class ClientProtocol:
         self.device = device
         self.kind = kind
         self.tools = tools
-        self.sessions: dict[str, SessionState] = {}
-        self.publishes: dict[int, PendingPublish] = {}
+        self.sessions: dict[str, SessionRecord] = {}
+        self.publishes: dict[int, PendingPublish] = {}  # by id, so in call order
+        # Sessions whose ordered publishes are held after a temporary refusal (see *Publish
+        # order* in the module docstring).
+        self.retrying: dict[str, _Retry] = {}
         self.connected = False  # a welcome was received on the current connection
         self._requests: dict[int, _Request] = {}
         self._last_id = 0
@@ -412,6 +470,8 @@ class ClientProtocol:
             elif request.op == "ping":
                 outcomes.append(Completed(rid))
         self._requests.clear()
+        for retry in self.retrying.values():
+            retry.head = None  # its reply is lost with the connection; re-sent after welcome
         for rid, pub in list(self.publishes.items()):
             if pub.in_flight and pub.transient:
                 # Transient events are best effort and carry no idempotency on the server:
@@ -428,12 +488,16 @@ class ClientProtocol:
         # cannot reach a session before its attach.
         for state in self.sessions.values():
             outcomes.append(Send(self._attach_request(state)))
-        for pub in sorted(self.publishes.values(), key=lambda p: p.id):
+        for pub in self.publishes.values():  # in call order
+            if pub.ordered and pub.session in self.retrying:
+                continue  # one at a time, by _pump below
             pub.in_flight = True
             outcomes.append(Send(pub.frame()))
+        for session in list(self.retrying):
+            outcomes.extend(self._pump(session))
         return outcomes
 
-    def _attach_request(self, state: SessionState) -> Frame:
+    def _attach_request(self, state: SessionRecord) -> Frame:
         rid = self.next_id()
         self._requests[rid] = _Request("attach", state.name)
         return state.attach_frame(rid)
@@ -453,7 +517,7 @@ class ClientProtocol:
                 raise ValueError(str(exc)) from None
         if session in self.sessions:
             raise ValueError(f"already attached to {session!r}")
-        state = SessionState(session, requested=cursor, presence_state=presence)
+        state = SessionRecord(session, requested=cursor, presence_state=presence)
         self.sessions[session] = state
         return self._attach_request(state) if self.connected else None
 
@@ -468,11 +532,15 @@ class ClientProtocol:
 
     def publish(self, session: str, type: str, data: Any, *, key: str | None = None,
                 transient: bool = False) -> tuple[int, Frame | None]:
-        """Register a publish; a fresh uuid4 idempotency key unless ``key`` is given."""
+        """Register a publish; a fresh uuid4 idempotency key unless ``key`` is given.
+
+        The frame is ``None`` while there is no welcomed connection, and while the session's
+        publishes are held after a temporary refusal: it is sent later, in call order.
+        """
         rid = self.next_id()
         pub = PendingPublish(rid, session, type, data, key or uuid.uuid4().hex, transient)
         self.publishes[rid] = pub
-        if not self.connected:
+        if not self.connected or (pub.ordered and session in self.retrying):
             return rid, None
         pub.in_flight = True
         return rid, pub.frame()
@@ -498,8 +566,36 @@ class ClientProtocol:
         self._requests[rid] = _Request("ping")
         return rid, {"op": "ping", "id": rid}
 
+    def retry(self, retry: RetryLater) -> list[Outcome]:
+        """The backoff of a :class:`RetryLater` is over: what to send now, if anything."""
+        if retry.op == "attach":
+            frame = self.retry_attach(retry.session) if retry.session is not None else None
+            return [Send(frame)] if frame is not None else []
+        if retry.session is not None:
+            return self.retry_publishes(retry.session)
+        frame = self.resend(retry.id)
+        return [Send(frame)] if frame is not None else []
+
+    def give_up(self, retry: RetryLater) -> list[Outcome]:
+        """Stop retrying: the request of ``retry`` fails with its last temporary error."""
+        if retry.op == "attach":
+            state = self.sessions.pop(retry.session, None) if retry.session else None
+            if state is None:
+                return []
+            outcomes: list[Outcome] = [Failed(w, retry.code, retry.message)
+                                       for w in state.presence_waiters]
+            outcomes.append(AttachFailed(state.name, retry.code, retry.message))
+            return outcomes
+        outcomes = [Failed(retry.id, retry.code, retry.message)] \
+            if self.publishes.pop(retry.id, None) is not None else []
+        if retry.session is not None:
+            # The backoff this outcome asked for will not run: the next publish goes now.
+            outcomes.extend(self.retry_publishes(retry.session))
+        return outcomes
+
     def resend(self, rid: int) -> Frame | None:
-        """The frame to re-send for a request that got a temporary error, if still relevant."""
+        """The frame to re-send for an unordered publish (transient, interrupt) that got a
+        temporary error, if still relevant."""
         pub = self.publishes.get(rid)
         if pub is not None:
             if pub.in_flight or not self.connected:
@@ -508,6 +604,14 @@ class ClientProtocol:
             return pub.frame()
         return None
 
+    def retry_publishes(self, session: str) -> list[Outcome]:
+        """The backoff of ``session``'s held publishes is over: re-send the earliest
+        unanswered one once none is in flight (now, or when the last in-flight reply comes)."""
+        retry = self.retrying.get(session)
+        if retry is not None:
+            retry.backoff = False
+        return self._pump(session)
+
     def retry_attach(self, session: str) -> Frame | None:
         """Re-send an attach that got a temporary error."""
         state = self.sessions.get(session)
@@ -515,10 +619,37 @@ class ClientProtocol:
             return None
         return self._attach_request(state)
 
-    def cancel(self, rid: int) -> None:
-        """Forget request ``rid`` (the caller stopped waiting). A publish may still commit."""
-        self.publishes.pop(rid, None)
+    def cancel(self, rid: int) -> list[Outcome]:
+        """Forget request ``rid`` (the caller stopped waiting). A publish may still commit.
+
+        Returns what to send instead: the next held publish of its session, if it waited for
+        this one."""
         self._requests.pop(rid, None)
+        pub = self.publishes.pop(rid, None)
+        if pub is None or not pub.ordered:
+            return []
+        return self._pump(pub.session)
+
+    def _pump(self, session: str) -> list[Outcome]:
+        """Advance ``session``'s ordered retry: when no backoff runs and none of its publishes
+        is in flight, send the earliest unanswered one alone; when none is left, leave retry
+        so that publishes are pipelined again."""
+        retry = self.retrying.get(session)
+        if retry is None or retry.backoff or not self.connected:
+            return []  # not retrying, or a backoff runs, or the welcome will call us
+        head: PendingPublish | None = None
+        for pub in self.publishes.values():  # in call order
+            if pub.session == session and pub.ordered:
+                if pub.in_flight:
+                    return []  # its reply (commit or refusal) must come first
+                if head is None:
+                    head = pub
+        if head is None:
+            del self.retrying[session]
+            return []
+        head.in_flight = True
+        retry.head = head.id
+        return [Send(head.frame())]
 
     # --- backpressure ---------------------------------------------------------------------
 
@@ -642,8 +773,11 @@ class ClientProtocol:
         if pub is None:
             return []  # a reply to a publish the caller cancelled
         cursor = frame.get("cursor")
-        return [Completed(pub.id, cursor if isinstance(cursor, str) else None,
-                          duplicate=frame.get("duplicate") is True)]
+        outcomes: list[Outcome] = [Completed(pub.id, cursor if isinstance(cursor, str) else None,
+                                             duplicate=frame.get("duplicate") is True)]
+        if pub.ordered and pub.session in self.retrying:
+            outcomes.extend(self._pump(pub.session))
+        return outcomes
 
     def _on_error(self, frame: Frame) -> list[Outcome]:
         rid = frame.get("id")
@@ -657,9 +791,23 @@ class ClientProtocol:
             if temporary:
                 pub.in_flight = False
                 pub.attempts += 1
-                return [RetryLater(rid, pub.attempts - 1, code, message)]
+                if not pub.ordered:
+                    return [RetryLater(rid, pub.attempts - 1, code, message, op="publish",
+                                       retry_after=_retry_after(frame))]
+                retry = self.retrying.get(pub.session)
+                if retry is not None and retry.head != rid:
+                    # In flight behind one already refused: its turn comes, in call order.
+                    return self._pump(pub.session)
+                # The first refusal, or the publish re-sent alone refused again: hold the
+                # session's publishes and back off.
+                self.retrying[pub.session] = _Retry()
+                return [RetryLater(rid, pub.attempts - 1, code, message, session=pub.session,
+                                   op="publish", retry_after=_retry_after(frame))]
             del self.publishes[rid]
-            return [Failed(rid, code, message)]
+            failed: list[Outcome] = [Failed(rid, code, message)]
+            if pub.ordered and pub.session in self.retrying:
+                failed.extend(self._pump(pub.session))
+            return failed
         request = self._requests.pop(rid, None)
         if request is None:
             return [Notice(frame)]
@@ -676,7 +824,7 @@ class ClientProtocol:
                 state.attached = False
                 state.attach_attempts += 1
                 return [RetryLater(rid, state.attach_attempts - 1, code, message,
-                                   session=state.name)]
+                                   session=state.name, retry_after=_retry_after(frame))]
             del self.sessions[state.name]
             outcomes: list[Outcome] = [Failed(w, code, message) for w in state.presence_waiters]
             outcomes.append(AttachFailed(state.name, code, message))
@@ -706,6 +854,14 @@ class ClientProtocol:
                 state.presence[str(m.get("member"))] = m
         outcomes.append(PresenceChanged(state.name, action, members))
         return outcomes
+
+
+def _retry_after(frame: Frame) -> float | None:
+    """An error frame's ``retry_after`` (ms, optional) in seconds."""
+    value = frame.get("retry_after")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        return None
+    return min(float(value), 86_400_000.0) / 1000.0
 
 
 # --- pure policies the I/O layer applies with its own clock and randomness --------------------

@@ -21,7 +21,7 @@ from collections.abc import Coroutine, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
 
-from tether.client.client import Client, ConnectionState, Session, TokenSource
+from tether.client.client import Client, ConnectionState, Session, SessionState, TokenSource
 from tether.client.errors import SessionClosed
 from tether.client.protocol import SessionItem
 
@@ -47,6 +47,10 @@ class SyncSession:
     @property
     def resumed(self) -> bool | None:
         return self.session.resumed
+
+    @property
+    def state(self) -> SessionState:
+        return self.session.state
 
     @property
     def presence(self) -> dict[str, dict[str, Any]]:
