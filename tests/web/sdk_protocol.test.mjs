@@ -135,11 +135,12 @@ test("temporary errors retry; permanent ones fail", () => {
   const proto = new ClientProtocol({ clientId: "c" });
   welcomed(proto);
   const [id] = proto.publish("s", "message", {});
-  const [retry] = proto.receive({ op: "error", id, code: "rate_limited", message: "slow down", temporary: true });
+  const [retry] = proto.receive({ op: "error", id, code: "rate_limited", message: "slow down", temporary: true, retry_after: 250 });
   assert.equal(retry.kind, "retryLater");
   assert.equal(retry.attempt, 0);
-  const again = proto.resend(id);
-  assert.equal(again.id, id);
+  assert.equal(retry.retryAfter, 250);
+  const [again] = proto.retry(retry);
+  assert.equal(again.frame.id, id);
   const [failed] = proto.receive({ op: "error", id, code: "forbidden", message: "no" });
   assert.deepEqual(failed, { kind: "failed", id, code: "forbidden", message: "no" });
 });

@@ -221,7 +221,10 @@ export class Session implements AsyncIterable<SessionItem> {
   /** Members present now, by member id. */
   readonly presence: Record<string, PresenceMember>;
   readonly members: PresenceMember[];
-  /** Resolves with the committed cursor (null for transient events). */
+  /** Resolves with the committed cursor (null for transient events). Publishes pipelined on
+   * one session commit in call order; after a temporary refusal (`rate_limited`,
+   * `store_unavailable`) the session's publishes are held and re-sent one at a time in call
+   * order, so only a publish already in flight behind the refused one can land ahead of it. */
   publish(type: string, data?: any, options?: PublishOptions): Promise<string | null>;
   stream(id?: string | null): Stream;
   /** Publish `run.cancel`. */
@@ -270,11 +273,28 @@ export class Client {
   close(): Promise<void>;
 }
 
+/** A temporary error: wait `retryAfter` ms (the server's, when it gave one) or the backoff, then
+ * apply `ClientProtocol.retry(outcome)`; or `giveUp(outcome)` once the attempts are spent. */
+export interface RetryLaterOutcome {
+  kind: "retryLater";
+  op: "attach" | "publish";
+  id: number;
+  attempt: number;
+  code: string;
+  message: string;
+  /** The session of an attach, or of an ordered publish (whose retry resumes the session's
+   * held publishes in call order); null for a transient publish or a run interrupt. */
+  session: string | null;
+  retryAfter: number | null;
+}
+
 /** The protocol state machine without I/O (advanced; used by tests). */
 export class ClientProtocol {
   constructor(options: { clientId: string; device?: string; kind?: string; tools?: string[] });
   sessions: Map<string, any>;
   publishes: Map<number, any>;
+  /** Sessions whose publishes are held after a temporary refusal: {backoff, head}. */
+  retrying: Map<string, { backoff: boolean; head: number | null }>;
   connected: boolean;
   hello(token: string | null): Record<string, any>;
   connectionLost(): any[];
@@ -283,9 +303,12 @@ export class ClientProtocol {
   publish(session: string, type: string, data: any, options?: PublishOptions): [number, Record<string, any> | null];
   setPresence(session: string, state: Record<string, any>): [number, Record<string, any> | null];
   ping(): [number, Record<string, any>] | null;
+  retry(outcome: RetryLaterOutcome): any[];
+  giveUp(outcome: RetryLaterOutcome): any[];
   resend(id: number): Record<string, any> | null;
+  retryPublishes(session: string): any[];
   retryAttach(session: string): Record<string, any> | null;
-  cancel(id: number): void;
+  cancel(id: number): any[];
   receive(frame: Record<string, any>): any[];
 }
 

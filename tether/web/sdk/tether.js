@@ -40,6 +40,8 @@ export const CloseCode = Object.freeze({
 });
 
 const TEMPORARY_ERRORS = new Set(["rate_limited", "store_unavailable"]);
+// Run interrupts go ahead of queued publishes on purpose: never held in a session's ordered retry.
+const INTERRUPT_TYPES = new Set(["run.cancel", "run.steer"]);
 const CURSOR_RE = /^([A-Za-z0-9_-]{1,64}):(0|[1-9][0-9]{0,18})$/;
 const SYSTEM_SENDER = Object.freeze({ sub: "tether", client: "server", kind: "system" });
 const STORAGE_PREFIX = "tether:v1:";
@@ -224,6 +226,17 @@ class SessionState {
  * Request ids are never reused; pending publishes keep their idempotency key across
  * connections; an event with seq ≤ the last accepted one is dropped; a gap triggers a re-attach
  * from the last accepted cursor instead of an out-of-order delivery.
+ *
+ * Publish order (as in the Python SDK): the server commits the publishes of one connection in
+ * the order it receives them. After a temporary refusal (`rate_limited`, `store_unavailable`)
+ * a session's publishes are held (new ones are not sent) while a backoff runs (the error's
+ * `retry_after` when given, else backoffDelay); then, once none of them is in flight, the
+ * earliest unanswered one is re-sent alone, the next when it is committed, and so on in call
+ * order; pipelining resumes when none is left. So a refused publish, and every publish made
+ * after the client saw the refusal, commit in call order. The one inversion the protocol
+ * cannot prevent: a publish already in flight behind the refused one that the server accepted
+ * keeps its place ahead of it. Transient events and run interrupts (`run.cancel`,
+ * `run.steer`) are not held.
  */
 export class ClientProtocol {
   constructor({ clientId, device = "", kind = "human", tools = [] } = {}) {
@@ -232,7 +245,8 @@ export class ClientProtocol {
     this.kind = kind;
     this.tools = [...tools];
     this.sessions = new Map();
-    this.publishes = new Map(); // id → pending publish
+    this.publishes = new Map(); // id → pending publish, in call order
+    this.retrying = new Map(); // session → {backoff, head}: its ordered publishes are held
     this.connected = false;
     this._requests = new Map(); // id → {op, session}
     this._lastId = 0;
@@ -270,6 +284,7 @@ export class ClientProtocol {
       }
     }
     this._requests.clear();
+    for (const retry of this.retrying.values()) retry.head = null; // re-sent after welcome
     for (const [id, pub] of [...this.publishes]) {
       if (pub.inFlight && pub.transient) {
         // Best effort: re-sending a transient event could show it twice.
@@ -297,11 +312,16 @@ export class ClientProtocol {
     return [id, { op: "detach", id, session }];
   }
 
+  /** Register a publish; the frame is null while offline or while the session's publishes are
+   * held after a temporary refusal (it is sent later, in call order). */
   publish(session, type, data, { key = null, transient = false } = {}) {
     const id = this.nextId();
-    const pub = { id, session, type, data, key: key || newKey(), transient, inFlight: false, attempts: 0 };
+    const pub = {
+      id, session, type, data, key: key || newKey(), transient, inFlight: false, attempts: 0,
+      ordered: !transient && !INTERRUPT_TYPES.has(type),
+    };
     this.publishes.set(id, pub);
-    if (!this.connected) return [id, null];
+    if (!this.connected || (pub.ordered && this.retrying.has(session))) return [id, null];
     pub.inFlight = true;
     return [id, publishFrame(pub)];
   }
@@ -326,11 +346,48 @@ export class ClientProtocol {
     return [id, { op: "ping", id }];
   }
 
+  /** The backoff of a retryLater outcome is over: the outcomes to apply now. */
+  retry(outcome) {
+    if (outcome.op === "attach") {
+      const frame = outcome.session !== null ? this.retryAttach(outcome.session) : null;
+      return frame ? [{ kind: "send", frame }] : [];
+    }
+    if (outcome.session !== null) return this.retryPublishes(outcome.session);
+    const frame = this.resend(outcome.id);
+    return frame ? [{ kind: "send", frame }] : [];
+  }
+
+  /** Stop retrying: the request of a retryLater outcome fails with its last temporary error. */
+  giveUp(outcome) {
+    const { id, code, message } = outcome;
+    if (outcome.op === "attach") {
+      const state = outcome.session !== null ? this.sessions.get(outcome.session) : undefined;
+      if (!state) return [];
+      this.sessions.delete(state.name);
+      const outcomes = state.presenceWaiters.map((w) => ({ kind: "failed", id: w, code, message }));
+      outcomes.push({ kind: "attachFailed", session: state.name, code, message });
+      return outcomes;
+    }
+    const outcomes = this.publishes.delete(id) ? [{ kind: "failed", id, code, message }] : [];
+    // The backoff this outcome asked for will not run: the next publish goes now.
+    if (outcome.session !== null) outcomes.push(...this.retryPublishes(outcome.session));
+    return outcomes;
+  }
+
+  /** Re-send an unordered publish (transient, interrupt) that got a temporary error. */
   resend(id) {
     const pub = this.publishes.get(id);
     if (!pub || pub.inFlight || !this.connected) return null;
     pub.inFlight = true;
     return publishFrame(pub);
+  }
+
+  /** The backoff of `session`'s held publishes is over: re-send the earliest unanswered one
+   * once none is in flight (now, or when the last in-flight reply comes). */
+  retryPublishes(session) {
+    const retry = this.retrying.get(session);
+    if (retry) retry.backoff = false;
+    return this._pump(session);
   }
 
   retryAttach(session) {
@@ -339,9 +396,34 @@ export class ClientProtocol {
     return this._attachRequest(state);
   }
 
+  /** Forget request `id` (the caller stopped waiting; a publish may still commit). Returns
+   * the outcomes to apply: the next held publish of its session, if it waited for this one. */
   cancel(id) {
-    this.publishes.delete(id);
     this._requests.delete(id);
+    const pub = this.publishes.get(id);
+    if (!pub) return [];
+    this.publishes.delete(id);
+    return pub.ordered ? this._pump(pub.session) : [];
+  }
+
+  /** Advance `session`'s ordered retry: when no backoff runs and none of its publishes is in
+   * flight, send the earliest unanswered one alone; when none is left, pipeline again. */
+  _pump(session) {
+    const retry = this.retrying.get(session);
+    if (!retry || retry.backoff || !this.connected) return [];
+    let head = null;
+    for (const pub of this.publishes.values()) { // in call order
+      if (pub.session !== session || !pub.ordered) continue;
+      if (pub.inFlight) return []; // its reply (commit or refusal) must come first
+      head ??= pub;
+    }
+    if (!head) {
+      this.retrying.delete(session);
+      return [];
+    }
+    head.inFlight = true;
+    retry.head = head.id;
+    return [{ kind: "send", frame: publishFrame(head) }];
   }
 
   hasOutstanding() {
@@ -385,10 +467,12 @@ export class ClientProtocol {
     for (const state of this.sessions.values()) {
       outcomes.push({ kind: "send", frame: this._attachRequest(state) });
     }
-    for (const pub of [...this.publishes.values()].sort((a, b) => a.id - b.id)) {
+    for (const pub of this.publishes.values()) { // in call order
+      if (pub.ordered && this.retrying.has(pub.session)) continue; // one at a time: _pump
       pub.inFlight = true;
       outcomes.push({ kind: "send", frame: publishFrame(pub) });
     }
+    for (const session of [...this.retrying.keys()]) outcomes.push(...this._pump(session));
     return outcomes;
   }
 
@@ -461,12 +545,14 @@ export class ClientProtocol {
     const pub = Number.isInteger(id) ? this.publishes.get(id) : undefined;
     if (!pub) return [];
     this.publishes.delete(id);
-    return [{
+    const outcomes = [{
       kind: "completed",
       id,
       value: typeof frame.cursor === "string" ? frame.cursor : null,
       duplicate: frame.duplicate === true,
     }];
+    if (pub.ordered && this.retrying.has(pub.session)) outcomes.push(...this._pump(pub.session));
+    return outcomes;
   }
 
   _onError(frame) {
@@ -475,15 +561,26 @@ export class ClientProtocol {
     const message = String(frame.message ?? "");
     const temporary = frame.temporary === true || TEMPORARY_ERRORS.has(code);
     if (!Number.isInteger(id)) return [{ kind: "notice", frame }];
+    const retryAfter = retryAfterOf(frame);
     const pub = this.publishes.get(id);
     if (pub) {
       if (temporary) {
         pub.inFlight = false;
         pub.attempts += 1;
-        return [{ kind: "retryLater", id, attempt: pub.attempts - 1, code, message, session: null }];
+        if (!pub.ordered) {
+          return [{ kind: "retryLater", op: "publish", id, attempt: pub.attempts - 1, code, message, session: null, retryAfter }];
+        }
+        const retry = this.retrying.get(pub.session);
+        // In flight behind one already refused: its turn comes, in call order.
+        if (retry && retry.head !== id) return this._pump(pub.session);
+        // The first refusal, or the publish re-sent alone refused again: hold and back off.
+        this.retrying.set(pub.session, { backoff: true, head: null });
+        return [{ kind: "retryLater", op: "publish", id, attempt: pub.attempts - 1, code, message, session: pub.session, retryAfter }];
       }
       this.publishes.delete(id);
-      return [{ kind: "failed", id, code, message }];
+      const outcomes = [{ kind: "failed", id, code, message }];
+      if (pub.ordered && this.retrying.has(pub.session)) outcomes.push(...this._pump(pub.session));
+      return outcomes;
     }
     const request = this._requests.get(id);
     if (!request) return [{ kind: "notice", frame }];
@@ -495,7 +592,7 @@ export class ClientProtocol {
       state.resyncing = false;
       if (temporary) {
         state.attachAttempts += 1;
-        return [{ kind: "retryLater", id, attempt: state.attachAttempts - 1, code, message, session: state.name }];
+        return [{ kind: "retryLater", op: "attach", id, attempt: state.attachAttempts - 1, code, message, session: state.name, retryAfter }];
       }
       this.sessions.delete(state.name);
       const outcomes = state.presenceWaiters.map((w) => ({ kind: "failed", id: w, code, message }));
@@ -526,6 +623,12 @@ export class ClientProtocol {
     outcomes.push({ kind: "presence", session: state.name, action, members });
     return outcomes;
   }
+}
+
+/** An error frame's `retry_after` (ms, optional), or null. */
+function retryAfterOf(frame) {
+  const value = frame.retry_after;
+  return typeof value === "number" && Number.isFinite(value) && value >= 0 ? Math.min(value, 86400000) : null;
 }
 
 function publishFrame(pub) {
@@ -1441,23 +1544,23 @@ export class Client {
 
   _onRetryLater(outcome) {
     if (this.maxAttempts !== null && outcome.attempt >= this.maxAttempts) {
-      if (outcome.session !== null) {
-        this._proto.sessions.delete(outcome.session);
-        this._onAttachFailed({ session: outcome.session, code: outcome.code, message: outcome.message });
-      } else {
-        this._proto.cancel(outcome.id);
-        this._onFailed(outcome);
-      }
+      this._applyNow(this._proto.giveUp(outcome));
       return;
     }
-    const delay = backoffDelay(outcome.attempt, this.backoffBase, this.backoffCap, this._random);
+    const delay = outcome.retryAfter ?? backoffDelay(outcome.attempt, this.backoffBase, this.backoffCap, this._random);
     const timer = setTimeout(() => {
       this._timers.delete(timer);
-      const frame = outcome.session !== null
-        ? this._proto.retryAttach(outcome.session) : this._proto.resend(outcome.id);
-      if (frame) this._send(frame);
+      this._applyNow(this._proto.retry(outcome));
     }, delay);
     this._timers.add(timer);
+  }
+
+  /** Apply outcomes produced outside a received frame (a timer, a give-up). */
+  _applyNow(outcomes) {
+    for (const outcome of outcomes) {
+      if (outcome.kind === "send") this._send(outcome.frame);
+      else this._apply(this._conn, outcome);
+    }
   }
 
   _finish(error) {
