@@ -27,7 +27,9 @@ async def next_data(resp: aiohttp.ClientResponse) -> tuple[str | None, bytes]:
     """The next SSE message with data: (event name, data)."""
     event = None
     while True:
-        line = (await asyncio.wait_for(resp.content.readline(), 10)).rstrip(b"\n")
+        raw = await asyncio.wait_for(resp.content.readline(), 10)
+        assert raw, "the stream ended"
+        line = raw.rstrip(b"\n")
         if line.startswith(b"event: "):
             event = line[7:].decode()
         elif line.startswith(b"data: "):

@@ -99,6 +99,7 @@ async def test_stalled_reader_costs_bounded_memory_and_loses_nothing(tmp_path: P
     data.mkdir()
     server = ServerProcess(data, env={
         "TETHER_PUBLISH_RATE": "1000000", "TETHER_PUBLISH_BURST": "1000000",
+        "TETHER_SUBJECT_PUBLISH_RATE": "0",
         "TETHER_HEARTBEAT": "120", "TETHER_OUTBOUND_BUFFER_BYTES": str(BUFFER),
         "TETHER_COMPRESSION": "false"}).start()
     try:

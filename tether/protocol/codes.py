@@ -16,6 +16,7 @@ class CloseCode(enum.IntEnum):
     # 4000–4499: transient, reconnect with backoff and resume from the last cursor.
     SHUTDOWN = 4000
     SLOW_CONSUMER = 4001
+    TOO_MANY_CONNECTIONS = 4002
     # 4500–4999: permanent, do not reconnect without changing something.
     UNAUTHORIZED = 4500
     TOKEN_EXPIRED = 4501
@@ -35,6 +36,8 @@ class CloseCode(enum.IntEnum):
 CLOSE_CODE_MEANINGS: dict[CloseCode, str] = {
     CloseCode.SHUTDOWN: "the server is shutting down or restarting; reconnect, resume from cursor",
     CloseCode.SLOW_CONSUMER: "writing to the client failed or stalled; reconnect and resume",
+    CloseCode.TOO_MANY_CONNECTIONS: "the token's subject holds too many connections; reconnect "
+                                    "later (with backoff)",
     CloseCode.UNAUTHORIZED: "missing, malformed, forged or wrong-secret token",
     CloseCode.TOKEN_EXPIRED: "the token expired; get a new one before reconnecting",
     CloseCode.HELLO_TIMEOUT: "no hello within the hello timeout after the upgrade",
@@ -68,7 +71,7 @@ class ErrorCode(enum.StrEnum):
     BAD_CURSOR = "bad_cursor"  # malformed cursor, or a cursor from another session
     NOT_ATTACHED = "not_attached"  # detach/ack/presence.set on a session not attached
     TOO_MANY_SESSIONS = "too_many_sessions"  # attach beyond the per-connection limit
-    RATE_LIMITED = "rate_limited"  # publish rate per connection exceeded (temporary)
+    RATE_LIMITED = "rate_limited"  # a rate or count limit (temporary; retry_after when known)
     TOO_LARGE = "too_large"  # event data larger than the maximum event size
     UNKNOWN_EVENT_TYPE = "unknown_event_type"  # a reserved-namespace type that does not exist
     STREAM_CLOSED = "stream_closed"  # append or end on a stream that already ended
@@ -118,6 +121,7 @@ class TetherError(Exception):
     """
 
     code: ErrorCode = ErrorCode.INTERNAL
+    retry_after: float | None = None  # seconds, when the server knows when a retry can pass
 
     @property
     def message(self) -> str:
@@ -131,6 +135,8 @@ class TetherError(Exception):
 class RequestError(TetherError):
     """A request failed; answered with an ``error`` frame, the connection stays open."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, *,
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.retry_after = retry_after

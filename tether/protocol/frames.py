@@ -16,6 +16,7 @@ from tether.protocol.events import Event, valid_session_id
 
 RequestId = int | str | None
 CLIENT_KINDS = ("human", "agent")
+MAX_TOOLS = 64  # front-end tools one client may declare in hello
 
 
 class FrameError(RequestError):
@@ -161,8 +162,10 @@ def parse_client_frame(frame: dict[str, Any]) -> ClientFrame:
         if kind not in CLIENT_KINDS:
             raise FrameError(ErrorCode.INVALID, "'kind' must be 'human' or 'agent'", rid)
         tools = frame.get("tools", [])
-        if not isinstance(tools, list) or not all(isinstance(t, str) for t in tools):
-            raise FrameError(ErrorCode.INVALID, "'tools' must be a list of strings", rid)
+        if (not isinstance(tools, list) or len(tools) > MAX_TOOLS
+                or not all(isinstance(t, str) and 0 < len(t) <= 64 for t in tools)):
+            raise FrameError(ErrorCode.INVALID, f"'tools' must be a list of at most {MAX_TOOLS} "
+                             "names of 1–64 characters", rid)
         return Hello(
             rid,
             token,
@@ -218,10 +221,13 @@ def published_frame(rid: RequestId, event: Event, duplicate: bool) -> dict[str, 
 
 
 def error_frame(rid: RequestId, code: ErrorCode, message: str, *, temporary: bool = False,
-                session: str | None = None) -> dict[str, Any]:
+                session: str | None = None, retry_after: float | None = None
+                ) -> dict[str, Any]:
     frame: dict[str, Any] = {"op": "error", "id": rid, "code": str(code), "message": message}
     if temporary:
         frame["temporary"] = True
+    if retry_after is not None:
+        frame["retry_after"] = max(1, round(retry_after * 1000))  # milliseconds
     if session is not None:
         frame["session"] = session
     return frame

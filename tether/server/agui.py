@@ -279,6 +279,10 @@ class AguiStream(SseStream):
         error = {"type": "RUN_ERROR", "message": "token expired", "code": "token_expired"}
         return b"data: " + orjson.dumps(error) + b"\n\n"
 
+    def push_message(self, data: bytes) -> None:
+        assert isinstance(self.outbox, AguiOutbox)
+        self.outbox.push_raw(data)  # past the translator, which takes only hub events
+
 
 def parse_position(text: str | None, session: str) -> tuple[Cursor | None, int | None]:
     """``Last-Event-ID`` / ``after``: a cursor, or ``"{cursor}.{i}"`` with a sub-event index."""
@@ -332,9 +336,13 @@ async def get_agui(request: web.Request) -> web.StreamResponse:
     if cursor is not None and index is not None and cursor.seq > 0:
         # Continue inside that event: deliver from the event itself, skipping what was sent.
         position = Cursor(cursor.epoch, cursor.seq - 1)
-    attachment = await service.attach(caller, stream, session,
-                                      position if position is not None else cursor,
-                                      catchup=Catchup.REPLAY)
+    try:
+        attachment = await service.attach(caller, stream, session,
+                                          position if position is not None else cursor,
+                                          catchup=Catchup.REPLAY)
+    except BaseException:
+        stream.close()
+        raise
     if attachment.resumed and position is not None and cursor is not None:
         agui.skip = (cursor.seq, index or 0)
     try:

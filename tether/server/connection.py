@@ -176,7 +176,7 @@ class Connection:
     def send_error(self, rid: RequestId, error: TetherError, session: str | None = None) -> None:
         self.metrics.errors.labels(str(error.code)).inc()
         self.send(error_frame(rid, error.code, error.message, temporary=error.temporary,
-                              session=session))
+                              session=session, retry_after=error.retry_after))
         self.errors_in_row += 1
         if self.errors_in_row >= self.config.max_errors_in_row:
             self.close(CloseCode.TOO_MANY_ERRORS)
@@ -252,6 +252,12 @@ class Connection:
             await self._dispatch(frame)
         except TetherError as exc:  # the one place errors become frames
             self.send_error(frame.id, exc, getattr(frame, "session", None))
+        except Exception:
+            # A bug in one request's handling answers that request; the connection and every
+            # other subscriber carry on.
+            log.exception("connection %s: %s frame failed", self.id, type(frame).__name__)
+            self.send_error(frame.id, RequestError(ErrorCode.INTERNAL, "internal error"),
+                            getattr(frame, "session", None))
 
     async def _dispatch(self, frame: ClientFrame) -> None:
         if isinstance(frame, Publish):
@@ -288,6 +294,12 @@ class Connection:
             self.metrics.errors.labels(exc.close_code.name.lower()).inc()
             log.info("connection %s refused: %s", self.id, exc.message)
             self.close(exc.close_code, exc.message)
+            return
+        try:
+            self.service.limits.open(grant.sub, "connections")
+        except RequestError as exc:
+            self.metrics.errors.labels(str(exc.code)).inc()
+            self.close(CloseCode.TOO_MANY_CONNECTIONS, exc.message)
             return
         if self._hello_timer is not None:
             self._hello_timer.cancel()
@@ -373,6 +385,8 @@ class Connection:
             return
         exc = future.exception()
         if exc is not None:
+            if not isinstance(exc, TetherError):
+                log.error("publish to %s failed", frame.session, exc_info=exc)
             self.send_error(frame.id, as_error(exc), frame.session)
             return
         appended = future.result()
@@ -382,6 +396,8 @@ class Connection:
         if self._hello_timer is not None:
             self._hello_timer.cancel()
         self.service.live.discard(self)
+        if self.caller is not None:
+            self.service.limits.close(self.caller.sender.sub, "connections")
         for sub in self.subs.values():
             self.service.detach(sub)
         sessions = list(self.subs)

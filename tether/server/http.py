@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -42,9 +43,19 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except TetherError as exc:
-        return error_response(request, exc.code, exc.message)
+        response = error_response(request, exc.code, exc.message)
+        if exc.retry_after is not None:
+            response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+        return response
     except web.HTTPRequestEntityTooLarge:
         return error_response(request, ErrorCode.TOO_LARGE, "request body too large")
+    except web.HTTPException:
+        raise  # aiohttp's own answers (404 of an unknown path, 405, …)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(request, ErrorCode.INTERNAL, "internal error")
 
 
 def error_response(request: web.Request, code: ErrorCode, message: str) -> web.Response:
@@ -147,7 +158,11 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
     service = request.app[SESSIONS]
     stream = SseStream(request, service, caller, request.app[CONFIG], request.app[METRICS])
     # Errors up to here are HTTP errors; the response starts only once the attach succeeded.
-    attachment = await service.attach(caller, stream, session, cursor)
+    try:
+        attachment = await service.attach(caller, stream, session, cursor)
+    except BaseException:
+        stream.close()
+        raise
     try:
         snapshot = None
         if attachment.snapshot is not None:

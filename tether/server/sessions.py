@@ -22,7 +22,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import orjson
 
@@ -81,6 +81,77 @@ class TokenBucket:
             return True
         return False
 
+    def wait(self) -> float:
+        """Seconds until one token is back."""
+        return (1.0 - self.tokens) / self.rate if self.rate > 0 else 1.0
+
+
+class _Subject:
+    __slots__ = ("attach", "connections", "presence", "publish", "streams")
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.publish = TokenBucket(config.subject_publish_rate, config.subject_publish_burst)
+        self.presence = TokenBucket(config.subject_presence_rate, config.subject_presence_burst)
+        self.attach = TokenBucket(config.subject_attach_rate, config.subject_attach_burst)
+        self.connections = 0
+        self.streams = 0
+
+
+class SubjectLimits:
+    """Limits per subject (a token's ``sub``), whatever the transport or connection count.
+
+    Rates are token buckets; a refusal is ``rate_limited`` with ``retry_after``. Counts (open
+    connections, open streams) are taken on open and given back on close. Subjects with
+    nothing open are forgotten least recently used first beyond ``MAX_SUBJECTS``: a
+    forgotten subject starts again with a full bucket, which costs at most one burst.
+    """
+
+    MAX_SUBJECTS = 100_000
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self._subjects: dict[str, _Subject] = {}
+
+    def _of(self, sub: str) -> _Subject:
+        subject = self._subjects.pop(sub, None)
+        if subject is None:
+            subject = _Subject(self.config)
+            if len(self._subjects) >= self.MAX_SUBJECTS:
+                self._forget_idle()
+        self._subjects[sub] = subject  # re-inserted: dict order is recency
+        return subject
+
+    def _forget_idle(self) -> None:
+        for name in list(self._subjects)[: self.MAX_SUBJECTS // 10]:
+            subject = self._subjects[name]
+            if not subject.connections and not subject.streams:
+                del self._subjects[name]
+
+    def take(self, sub: str, what: Literal["publish", "presence", "attach"]) -> None:
+        """Take one ``publish`` / ``presence`` / ``attach`` from ``sub``'s bucket, or refuse."""
+        bucket: TokenBucket = getattr(self._of(sub), what)
+        if bucket.rate <= 0 or bucket.take():
+            return
+        raise RequestError(ErrorCode.RATE_LIMITED,
+                           f"more than {bucket.rate:g} {what} per second for subject {sub!r}",
+                           retry_after=bucket.wait())
+
+    def open(self, sub: str, what: Literal["connections", "streams"]) -> None:
+        """Count one more open ``connections`` / ``streams`` of ``sub``, or refuse."""
+        limit = getattr(self.config, f"subject_{what}")
+        subject = self._of(sub)
+        count: int = getattr(subject, what)
+        if limit and count >= limit:
+            raise RequestError(ErrorCode.RATE_LIMITED,
+                               f"subject {sub!r} has {limit} open {what} already",
+                               retry_after=1.0)
+        setattr(subject, what, count + 1)
+
+    def close(self, sub: str, what: Literal["connections", "streams"]) -> None:
+        subject = self._subjects.get(sub)
+        if subject is not None:
+            setattr(subject, what, max(0, getattr(subject, what) - 1))
+
 
 def parse_session(session: object) -> str:
     """``session`` if it is a valid session id; else ``invalid``."""
@@ -125,7 +196,8 @@ def resume_decision(cursor: Cursor | None, head: Head) -> tuple[bool, int, str |
     return True, cursor.seq, None
 
 
-def validate_event(event_type: str, data: Any, max_bytes: int, transient: bool) -> None:
+def validate_event(event_type: str, data: Any, max_bytes: int, transient: bool,
+                   max_depth: int = 32) -> None:
     """Raise :class:`RequestError` unless the event may be published."""
     check_event_type(event_type)
     if event_type in SERVER_TYPES:
@@ -138,21 +210,53 @@ def validate_event(event_type: str, data: Any, max_bytes: int, transient: bool) 
         problem = check_stream_data(event_type, data)
         if problem is not None:
             raise RequestError(ErrorCode.INVALID, problem)
+    check_value(data, max_bytes, max_depth, "event data")
+
+
+def check_value(value: Any, max_bytes: int, max_depth: int, what: str) -> int:
+    """Raise unless ``value`` is deliverable in every wire format; return its JSON size.
+
+    Deliverable means: nested at most ``max_depth`` deep (the frame around it adds two levels,
+    far below every encoder's own limit), encodable by orjson — which refuses what MessagePack
+    clients can send but JSON cannot carry: bytes, extension types, non-string keys, integers
+    beyond 64 bits, lone surrogates — and at most ``max_bytes`` as JSON. What passes encodes as
+    JSON, MessagePack and SSE alike, so no accepted event can break a reader later.
+    """
+    too_deep = _deeper_than(value, max_depth)
+    if too_deep:
+        raise RequestError(ErrorCode.INVALID, f"{what} is nested more than {max_depth} deep")
     try:
-        size = len(orjson.dumps(data))
+        size = len(orjson.dumps(value))
     except TypeError as exc:
-        raise RequestError(ErrorCode.INVALID, f"data is not JSON-compatible: {exc}") from None
+        raise RequestError(ErrorCode.INVALID, f"{what} is not JSON-compatible: {exc}") from None
     if size > max_bytes:
-        raise RequestError(ErrorCode.TOO_LARGE,
-                           f"event data is {size} bytes, more than {max_bytes}")
+        raise RequestError(ErrorCode.TOO_LARGE, f"{what} is {size} bytes, more than {max_bytes}")
+    return size
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether containers in ``value`` nest more than ``limit`` deep (iterative: no recursion
+    limit to hit on hostile input)."""
+    if not isinstance(value, dict | list):
+        return False
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        for child in children:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+    return False
 
 
 def as_error(exc: BaseException) -> TetherError:
-    """The error to report for a failed operation: its own code, or ``invalid`` for data the
-    store could not encode (anything else a store raises about one event's content)."""
+    """The error to report for a failed operation: its own code, else ``internal`` (a bug:
+    validation admits only what every store and encoder takes)."""
     if isinstance(exc, TetherError):
         return exc
-    return RequestError(ErrorCode.INVALID, f"event not stored: {exc}")
+    return RequestError(ErrorCode.INTERNAL, "internal error")
 
 
 # --- who acts ------------------------------------------------------------------------------
@@ -253,6 +357,7 @@ class SessionService:
         self.runs = runs
         self.metrics = metrics
         self.live: set[Live] = set()  # open deliveries: ended at token expiry and shutdown
+        self.limits = SubjectLimits(config)
         self._background: set[asyncio.Task[Any]] = set()
 
     # --- publish -----------------------------------------------------------------------------
@@ -270,8 +375,11 @@ class SessionService:
         bucket = caller.bucket
         if bucket is not None and not bucket.take():
             raise RequestError(ErrorCode.RATE_LIMITED,
-                               f"more than {self.config.publish_rate:g} publishes/s")
-        validate_event(type, data, self.config.max_event_bytes, transient)
+                               f"more than {self.config.publish_rate:g} publishes/s",
+                               retry_after=bucket.wait())
+        self.limits.take(caller.sender.sub, "publish")
+        validate_event(type, data, self.config.max_event_bytes, transient,
+                       self.config.max_event_depth)
         if type in CONTROL_TYPES:
             # Not on the data path: a cancel must not wait behind queued data.
             return asyncio.ensure_future(
@@ -330,6 +438,7 @@ class SessionService:
         proceed.
         """
         caller.require(session, "subscribe")
+        self.limits.take(caller.sender.sub, "attach")
         head, resumed, after, reason = await self.position(session, cursor)
         if not resumed and catchup is Catchup.REPLAY:
             after = head.first_seq - 1
@@ -366,6 +475,7 @@ class SessionService:
         """Make ``caller`` present in ``session`` (if its token allows presence)."""
         if not caller.grant.allows(session, "presence"):
             return
+        self._check_presence(caller, session, state)
         info = {"member": caller.member_id, "sub": caller.sender.sub,
                 "client": caller.sender.client, "device": caller.device,
                 "kind": caller.sender.kind, "tools": list(caller.tools), "state": state,
@@ -384,10 +494,25 @@ class SessionService:
         info = caller.presence.get(session)
         if info is None:
             raise RequestError(ErrorCode.NOT_ATTACHED, f"not attached to {session!r}")
+        self._check_presence(caller, session, state)
+        self.limits.take(caller.sender.sub, "presence")
         info["state"] = state
         await self.presence.set_presence(session, info["member"], info, self.config.presence_ttl)
         await self._announce(session, PRESENCE_UPDATE, info)
         return info
+
+    def _check_presence(self, caller: Caller, session: str, state: dict[str, Any]) -> None:
+        """A presence state goes to every member of the session, in their wire format: the
+        same rules as event data, a smaller size per member and a budget per caller."""
+        config = self.config
+        size = check_value(state, config.max_presence_bytes, config.max_event_depth,
+                           "presence state")
+        others = sum(len(orjson.dumps(info["state"])) for s, info in caller.presence.items()
+                     if s != session)
+        if others + size > config.max_presence_total_bytes:
+            raise RequestError(ErrorCode.TOO_LARGE,
+                               f"presence states of one connection exceed "
+                               f"{config.max_presence_total_bytes} bytes")
 
     async def leave(self, caller: Caller, session: str) -> None:
         """``caller`` is no longer present in ``session``; store failures are logged only."""

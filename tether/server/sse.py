@@ -74,6 +74,8 @@ class SseStream:
                                else Outbox(sink, config.outbound_buffer_bytes, metrics))
         self.task: asyncio.Task[object] | None = None
         self._ended = asyncio.Event()
+        service.limits.open(caller.sender.sub, "streams")  # raises before anything is sent
+        self._counted = True
 
     async def open(self) -> None:
         """Send the response headers and start counting this stream as open."""
@@ -109,6 +111,9 @@ class SseStream:
         if self.task is not None and self in self.service.live:
             self.service.live.discard(self)
             self.metrics.hot.connections_sse -= 1
+        if self._counted and self.caller is not None:
+            self._counted = False
+            self.service.limits.close(self.caller.sender.sub, "streams")
         self.outbox.close()
 
     # --- sessions.Live ---
@@ -122,8 +127,12 @@ class SseStream:
         if self._ended.is_set():
             return
         self.metrics.closes.labels("token_expired").inc()
-        self.outbox.push(self.expiry_message())
+        self.push_message(self.expiry_message())
         self._ended.set()
+
+    def push_message(self, data: bytes) -> None:
+        """Queue a message of the stream's own (not a hub event)."""
+        self.outbox.push(data)
 
     async def shutdown(self) -> None:
         self._ended.set()
