@@ -28,7 +28,7 @@ from tether.agents import http as agents_http
 from tether.agents.runner import RunManager
 from tether.agents.schedule import Scheduler
 from tether.server import agui, connection, http
-from tether.server.auth import Authenticator, load_secret
+from tether.server.auth import Authenticator
 from tether.server.config import ServerConfig
 from tether.server.connection import WS_ENDPOINT, Connection
 from tether.server.hub import Hub
