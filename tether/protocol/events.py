@@ -30,6 +30,7 @@ CONTROL_TYPES = frozenset({"run.cancel", "run.steer", "approval.decision", "tool
 SERVER_TYPES = frozenset({
     "run.created", "run.state", "run.snapshot", "run.delta", "run.index", "run.claim",
     "tool.call", "approval.request", "tether.schedule", "tether.webhook", "tether.fire",
+    "tether.probe",
 })
 KNOWN_RESERVED_TYPES = frozenset({STREAM_APPEND, STREAM_END}) | CONTROL_TYPES | SERVER_TYPES
 TRANSIENT_ONLY_TYPES = frozenset({PRESENCE_JOIN, PRESENCE_LEAVE, PRESENCE_UPDATE})

@@ -52,6 +52,7 @@ class ServerConfig:
     catchup_page: int = 500  # events per store read while catching up
     snapshot_events: int = 200  # events in an attached{resumed:false} snapshot
     presence_ttl: float = 60.0  # seconds a presence entry lives without refresh
+    store_unhealthy_after: float = 5.0  # seconds of failing commits before /healthz says 503
     trim_interval: float = 60.0  # seconds between retention passes
     lease_seconds: float = 10.0  # a run's lease period; a dead node's runs move after ~2 of them
     tail_check_interval: float = 2.0  # lossy live channels (Redis): heal a lost last event

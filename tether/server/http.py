@@ -185,6 +185,11 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """200 while the store commits; 503 with the reason once commits have failed for
+    ``store_unhealthy_after`` seconds (a store that reads but cannot write is not healthy)."""
+    healthy, reason = await request.app[SESSIONS].check_store()
+    if not healthy:
+        return json_response({"status": "unavailable", "store": reason}, 503)
     try:
         await asyncio.wait_for(request.app[STORE].head("tether.healthz"), 2.0)
     except (TetherError, TimeoutError) as exc:

@@ -48,7 +48,14 @@ from tether.server.auth import Grant, require
 from tether.server.config import ServerConfig
 from tether.server.hub import Hub, Peer, Subscription
 from tether.server.metrics import Metrics
-from tether.store.base import Appended, Head, PresenceStore, SessionStore, now_ms
+from tether.store.base import (
+    Appended,
+    Head,
+    PresenceStore,
+    SessionStore,
+    StoreError,
+    now_ms,
+)
 
 if TYPE_CHECKING:
     from tether.agents.runner import RunManager
@@ -56,6 +63,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tether.sessions")
 
 SHUTDOWN_WAIT = 2.0  # seconds a stopping node waits for close handshakes
+HEALTH_SESSION = "tether.healthz"  # the server's own: probe commits of /healthz
 
 
 # --- pure rules ----------------------------------------------------------------------------
@@ -84,6 +92,38 @@ class TokenBucket:
     def wait(self) -> float:
         """Seconds until one token is back."""
         return (1.0 - self.tokens) / self.rate if self.rate > 0 else 1.0
+
+
+class StoreHealth:
+    """Whether the store commits: seen from every publish, and probed when nothing was seen.
+
+    A store whose reads work while its commits fail (a full disk) answers ``head`` happily;
+    what counts is the outcome of commits. The state changes are logged once each, not per
+    request.
+    """
+
+    def __init__(self) -> None:
+        self.failing_since: float | None = None
+        self.reason = ""
+        self.last_ok = 0.0
+
+    def ok(self) -> None:
+        self.last_ok = time.monotonic()
+        if self.failing_since is not None:
+            log.warning("store commits again after %.1f s of failures",
+                        time.monotonic() - self.failing_since)
+            self.failing_since = None
+            self.reason = ""
+
+    def failed(self, reason: str) -> None:
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+            log.error("store cannot commit: %s", reason)
+        self.reason = reason
+
+    def unhealthy_for(self) -> float:
+        """Seconds the store has been failing (0 when it is not)."""
+        return 0.0 if self.failing_since is None else time.monotonic() - self.failing_since
 
 
 class _Subject:
@@ -358,6 +398,7 @@ class SessionService:
         self.metrics = metrics
         self.live: set[Live] = set()  # open deliveries: ended at token expiry and shutdown
         self.limits = SubjectLimits(config)
+        self.health = StoreHealth()
         self._background: set[asyncio.Task[Any]] = set()
 
     # --- publish -----------------------------------------------------------------------------
@@ -387,7 +428,11 @@ class SessionService:
         if transient:
             return asyncio.ensure_future(self._publish_transient(
                 Event(session, "", 0, type, data, caller.sender, now_ms(), transient=True)))
-        future = self.store.append_future(session, type, data, caller.sender, key)
+        try:
+            future = self.store.append_future(session, type, data, caller.sender, key)
+        except StoreError as exc:
+            self.health.failed(str(exc))
+            raise
         future.add_done_callback(self._committed)
         return future
 
@@ -397,8 +442,14 @@ class SessionService:
         return Appended(event, duplicate=False)
 
     def _committed(self, future: asyncio.Future[Appended]) -> None:
-        if future.cancelled() or future.exception() is not None:
+        if future.cancelled():
             return
+        exc = future.exception()
+        if exc is not None:
+            if isinstance(exc, StoreError):
+                self.health.failed(str(exc))
+            return
+        self.health.ok()
         appended = future.result()
         self.metrics.published_stored.inc()
         if not appended.duplicate and appended.event.type == "message":
@@ -546,6 +597,26 @@ class SessionService:
                 f" under the name {agent_name!r}" if agent_name else ""))
         run = await self.runs.create_run(session, agent, input, "api")
         return run, agent.name
+
+    async def check_store(self, probe_after: float = 10.0) -> tuple[bool, str]:
+        """(healthy, reason): unhealthy once commits have failed for ``store_unhealthy_after``.
+
+        Without a commit seen for ``probe_after`` seconds, commit a probe event (to the
+        server's own ``tether.healthz`` session) to find out.
+        """
+        if time.monotonic() - self.health.last_ok > probe_after or self.health.failing_since:
+            try:
+                await asyncio.wait_for(self.store.append(
+                    HEALTH_SESSION, "tether.probe", None, SYSTEM), 2.0)
+                self.health.ok()
+            except TimeoutError:
+                self.health.failed("a probe commit took more than 2 s")
+            except StoreError as exc:
+                self.health.failed(str(exc))
+        if self.health.unhealthy_for() >= self.config.store_unhealthy_after \
+                and self.health.failing_since is not None:
+            return False, self.health.reason
+        return True, ""
 
     # --- lifetime ----------------------------------------------------------------------------
 
