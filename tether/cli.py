@@ -8,6 +8,7 @@ import contextlib
 import gc
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -200,6 +201,22 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    """List stored events that readers would get as ``tether.unreadable`` placeholders."""
+    from tether.store.doctor import scan
+
+    data_dir = Path(args.data or os.environ.get("TETHER_DATA", "tether-data"))
+    try:
+        findings = list(scan(data_dir))
+    except (FileNotFoundError, sqlite3.Error) as exc:
+        print(f"tether: error: {exc}", file=sys.stderr)
+        return 2
+    for finding in findings:
+        print(f"{finding.session}:{finding.seq}\t{finding.type}\t{finding.reason}")
+    print(f"{len(findings)} unreadable event(s) in {data_dir}", file=sys.stderr)
+    return 1 if findings else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tether", description="Durable sessions over WebSocket for AI agents.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -249,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="secret inline (visible in ps: prefer --secret-file)")
     token.add_argument("--data", default=None)
     token.set_defaults(func=_cmd_token)
+
+    doctor = sub.add_parser("doctor", help="find stored events that cannot be delivered")
+    doctor.add_argument("--data", default=None, help="data folder (default ./tether-data)")
+    doctor.set_defaults(func=_cmd_doctor)
 
     for name, func, text in (("tail", _cmd_tail, "print a session's events live, resuming"),
                              ("publish", _cmd_publish, "publish one event and print its cursor")):

@@ -30,7 +30,7 @@ CONTROL_TYPES = frozenset({"run.cancel", "run.steer", "approval.decision", "tool
 SERVER_TYPES = frozenset({
     "run.created", "run.state", "run.snapshot", "run.delta", "run.index", "run.claim",
     "tool.call", "approval.request", "tether.schedule", "tether.webhook", "tether.fire",
-    "tether.probe",
+    "tether.probe", "tether.unreadable",
 })
 KNOWN_RESERVED_TYPES = frozenset({STREAM_APPEND, STREAM_END}) | CONTROL_TYPES | SERVER_TYPES
 TRANSIENT_ONLY_TYPES = frozenset({PRESENCE_JOIN, PRESENCE_LEAVE, PRESENCE_UPDATE})
@@ -123,3 +123,20 @@ class Event:
             stream = self.data.get("stream")
             return stream if isinstance(stream, str) else None
         return None
+
+
+UNREADABLE = "tether.unreadable"
+# Containers nested deeper than this cannot be framed by every encoder (orjson stops at 255
+# levels, and the frame adds two); publish validation keeps new events far below it.
+MAX_DELIVERABLE_DEPTH = 200
+
+
+def unreadable(event: Event, reason: str) -> Event:
+    """The placeholder delivered instead of a stored event that cannot be decoded or encoded.
+
+    Same session, epoch, seq, sender and time — the log keeps no gap — with type
+    ``tether.unreadable`` and data ``{"type": <the original type>, "reason": ...}``.
+    """
+    return Event(event.session, event.epoch, event.seq, UNREADABLE,
+                 {"type": event.type, "reason": reason}, event.sender, event.time,
+                 event.transient)

@@ -177,6 +177,8 @@ class Connection:
         self.metrics.errors.labels(str(error.code)).inc()
         self.send(error_frame(rid, error.code, error.message, temporary=error.temporary,
                               session=session, retry_after=error.retry_after))
+        if error.temporary:
+            return  # a pipelining client that is rate limited is slowed down, never closed
         self.errors_in_row += 1
         if self.errors_in_row >= self.config.max_errors_in_row:
             self.close(CloseCode.TOO_MANY_ERRORS)

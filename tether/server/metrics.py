@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from tether.store.readable import UnreadableCounter
+
 
 class HotCounters:
     """Integers bumped on the hot path; exported by :class:`_HotCollector`."""
@@ -61,6 +63,10 @@ class _HotCollector(Collector):
         conns.add_metric(["ws"], hot.connections_ws)
         conns.add_metric(["sse"], hot.connections_sse)
         yield conns
+        unreadable = CounterMetricFamily(
+            "tether_unreadable_events", "Stored events delivered as tether.unreadable placeholders")
+        unreadable.add_metric([], UnreadableCounter.count)
+        yield unreadable
 
 
 class Metrics:

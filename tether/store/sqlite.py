@@ -49,6 +49,7 @@ from tether.store.base import (
     StreamText,
     now_ms,
 )
+from tether.store.readable import decode_rows
 
 try:
     import fcntl
@@ -583,10 +584,7 @@ class SqliteStore(InProcessFanout, InProcessPresence):
             if head is None:
                 return []
             rows = self._db().execute(_READ, (head.id, after, limit)).fetchall()
-        epoch = head.epoch
-        loads = orjson.loads
-        return [Event(session, epoch, seq, type_, loads(data), Sender(sub, client, kind), t)
-                for seq, type_, data, sub, client, kind, t in rows]
+        return decode_rows(session, head.epoch, rows)
 
     # -- retention ---------------------------------------------------------------------------
 
