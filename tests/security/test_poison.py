@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.helpers import SECRET, Peer, token
 from tests.server.test_http import read_sse
@@ -29,8 +30,11 @@ def nested(depth: int) -> Any:
     return value
 
 
-async def test_a_poison_event_is_a_placeholder_for_every_reader(tmp_path: Path) -> None:
-    server = Server(ServerConfig(port=0, secret=SECRET, data_dir=tmp_path))
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+async def test_a_poison_event_is_a_placeholder_for_every_reader(
+        tmp_path: Path, kind: str, request: pytest.FixtureRequest) -> None:
+    url = request.getfixturevalue("redis_url") if kind == "redis" else None
+    server = Server(ServerConfig(port=0, secret=SECRET, data_dir=tmp_path, store_url=url))
     await server.start()
     try:
         store = server.store
@@ -60,7 +64,8 @@ async def test_a_poison_event_is_a_placeholder_for_every_reader(tmp_path: Path) 
             assert "tether_unreadable_events_total" in await metrics.text()
     finally:
         await server.stop()
-    check_doctor(tmp_path)
+    if kind == "sqlite":
+        check_doctor(tmp_path)
 
 
 def check_doctor(data: Path) -> None:

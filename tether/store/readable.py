@@ -78,3 +78,17 @@ def _placeholder(event: Event, reason: str) -> Event:
     UnreadableCounter.count += 1
     log.warning("unreadable event %s:%d (%s): %s", event.session, event.seq, event.type, reason)
     return unreadable(event, reason)
+
+
+def checked(event: Event, raw: bytes | str) -> Event:
+    """``event`` (decoded from ``raw``), or its placeholder when it cannot be delivered."""
+    if isinstance(event.data, dict | list) and _nested(raw):
+        problem = problem_with(event.data)
+        if problem is not None:
+            return _placeholder(event, problem)
+    return event
+
+
+def undecodable(event: Event, exc: Exception) -> Event:
+    """The placeholder of a stored entry that does not decode."""
+    return _placeholder(event, f"stored data does not decode: {exc}")

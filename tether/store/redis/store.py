@@ -25,6 +25,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from tether.protocol.events import Event, Sender
 from tether.store.base import Appended, Head, Listener, Retention, Store, StoreError
+from tether.store.readable import checked, undecodable
 from tether.store.redis.client import RedisClient
 from tether.store.redis.codec import decode_sender, seq_of
 from tether.store.redis.commit import CommitQueue
@@ -106,9 +107,15 @@ class RedisStore:
         epoch = result[0].decode()
         events = []
         for entry_id, fields in result[1]:
-            raw = orjson.loads(fields[3])
-            events.append(Event(session, epoch, seq_of(entry_id), raw[0], raw[2],
-                                decode_sender(raw[1]), int(fields[1])))
+            seq, time = seq_of(entry_id), int(fields[1])
+            try:
+                raw = orjson.loads(fields[3])
+                event = Event(session, epoch, seq, raw[0], raw[2], decode_sender(raw[1]), time)
+            except (orjson.JSONDecodeError, IndexError, TypeError, KeyError) as exc:
+                placeholder = Event(session, epoch, seq, "unknown", None, Sender(""), time)
+                events.append(undecodable(placeholder, exc))
+                continue
+            events.append(checked(event, fields[3]))
         return events
 
     async def head(self, session: str) -> Head:
