@@ -9,12 +9,18 @@ pages, then merges the buffer, dedupes by seq and turns live again. The same mec
 resume after a disconnect, a late joiner, a slow consumer and a gap in an at-most-once live
 channel (Redis pub/sub).
 
+What to do is decided by :class:`Delivery`, a state machine without I/O: a literal table
+``(State, Input) -> (State, Action)`` (:data:`TABLE`). :class:`Subscription` feeds it inputs and
+performs the actions it returns: push to the outbox, run the reader task that reads the store,
+wait for the outbox to drain.
+
 Each event is encoded once per wire format; every subscriber of that format gets the same bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 from collections import deque
@@ -34,7 +40,6 @@ FORMAT_JSON = "json"
 FORMAT_MSGPACK = "msgpack"
 FORMAT_SSE = "sse"
 
-_NO_PENDING: list[tuple[Event, bytes]] = []  # shared, never appended to
 _BATCH_BYTES = 256 << 10  # at most this much per transport write from one outbox
 
 _PRESENCE_ACTIONS = {PRESENCE_JOIN: "join", PRESENCE_LEAVE: "leave", PRESENCE_UPDATE: "update"}
@@ -61,9 +66,28 @@ def encode_event(fmt: str, event: Event) -> bytes:
 
 
 class Sink(Protocol):
-    async def send(self, data: bytes) -> None: ...
+    """Where an :class:`Outbox` writes: a WebSocket, an SSE response."""
 
-    def abort(self) -> None: ...
+    async def send(self, data: bytes) -> None:
+        """Write one frame, waiting for the transport."""
+        ...
+
+    async def send_many(self, frames: list[bytes]) -> None:
+        """Write several frames, at best in one transport write, waiting for the transport."""
+        ...
+
+    def write_now(self, frames: list[bytes]) -> bool:
+        """Write ``frames`` synchronously if the transport takes them without waiting.
+
+        False, with nothing written, when it cannot (transport paused by backpressure, frames
+        to compress one by one, or a sink that never writes synchronously); an exception when
+        the peer is gone.
+        """
+        ...
+
+    def abort(self) -> None:
+        """Drop the peer: a write failed or it cannot keep up."""
+        ...
 
 
 class Outbox:
@@ -116,11 +140,8 @@ class Outbox:
 
         A failed write means the peer is gone: the outbox closes (and counts as written).
         """
-        write_now = getattr(self.sink, "write_now", None)
-        if write_now is None:
-            return False
         try:
-            if not write_now(frames):
+            if not self.sink.write_now(frames):
                 return False
         except Exception as exc:
             log.debug("outbox write failed: %r", exc)
@@ -156,10 +177,10 @@ class Outbox:
     async def _write(self) -> None:
         hot = self.metrics.hot
         queue = self.queue
-        send_many = getattr(self.sink, "send_many", None)
+        sink = self.sink
         try:
             while queue:
-                if send_many is not None and len(queue) > 1:
+                if len(queue) > 1:
                     # Everything queued goes out in one write (up to a bound).
                     frames: list[bytes] = []
                     size = 0
@@ -168,13 +189,13 @@ class Outbox:
                         frames.append(data)
                         size += len(data)
                     self.size -= size
-                    await send_many(frames)
+                    await sink.send_many(frames)
                     hot.frames_out += len(frames)
                     hot.bytes_out += size
                 else:
                     data = queue.popleft()
                     self.size -= len(data)
-                    await self.sink.send(data)
+                    await sink.send(data)
                     hot.frames_out += 1
                     hot.bytes_out += len(data)
                 if self._drain_waiters and self.size <= self.limit // 2:
@@ -221,119 +242,366 @@ class Peer(Protocol):
     format: str
 
 
-class Subscription:
-    """One peer's position in one session; see the module docstring."""
+class State(enum.Enum):
+    """Where a subscription stands."""
 
-    __slots__ = ("catching_up", "channel", "epoch", "last_seq", "peer", "pending",
-                 "pending_bytes", "pending_overflow", "session", "task")
+    BUFFERING = "buffering"  # subscribed, the attach reply not sent yet: live events wait
+    CATCHING_UP = "catching_up"  # a reader goes through the store; live events wait
+    LIVE = "live"  # each live event is delivered as it arrives
+    CLOSED = "closed"  # unsubscribed, or the peer is gone: nothing more goes out
+
+
+class Input(enum.Enum):
+    """What happens to a subscription."""
+
+    # A live event from the channel, against last_seq and the outbox (Delivery.classify):
+    NEXT = "next"  # seq == last_seq + 1, the outbox has room
+    DUPLICATE = "duplicate"  # seq <= last_seq: delivered already
+    GAP = "gap"  # seq > last_seq + 1: the live channel lost something
+    FULL = "full"  # seq == last_seq + 1, but the outbox is full
+    TRANSIENT = "transient"  # presence, typing (no seq); the outbox has room
+    TRANSIENT_FULL = "transient_full"  # the same, the outbox is full
+    # From whoever owns the subscription (Subscription.catch_up):
+    START = "start"  # the attach reply is sent, or a live tail is stale: read the store
+    # From the reader, after a page of the store (Delivery.page_read):
+    PAGE_FULL = "page_full"  # a whole page: there is more to read
+    TAIL = "tail"  # a short page: the log's tail, and the outbox has room
+    TAIL_FULL = "tail_full"  # the log's tail, but the outbox is full
+    # From the reader, merging the buffer at the tail (Delivery.merge):
+    MERGED = "merged"  # the buffer continued the log without a gap
+    MERGE_GAP = "merge_gap"  # the buffer shows a gap: the rest is in the store
+    MERGE_OVERFLOW = "merge_overflow"  # the buffer overflowed and was dropped
+    # Endings:
+    ABORT = "abort"  # the reader stopped by itself: the peer is gone or the read failed
+    CANCEL = "cancel"  # unsubscribed
+
+
+class Action(enum.Enum):
+    """What the I/O side does for an input."""
+
+    DELIVER = "deliver"  # push the live event; it is now last_seq
+    PASS = "pass"  # push the transient event
+    DROP = "drop"  # nothing: the event is delivered already, ephemeral, or unwanted
+    BUFFER = "buffer"  # nothing: Delivery.live() kept the event in its bounded buffer
+    START_READ = "start_read"  # start the reader task (counts a catch-up)
+    READ = "read"  # the reader reads the page after last_seq (next page, or again)
+    DRAIN_THEN_READ = "drain_then_read"  # the reader waits for the outbox to drain, then READ
+    MERGE = "merge"  # the reader calls Delivery.merge() and pushes what it returns
+    GO_LIVE = "go_live"  # the reader ends: the subscription is live
+    STOP_READ = "stop_read"  # cancel the reader task
+    NONE = "none"  # nothing to do
+    INVALID = "invalid"  # this input cannot happen in this state: Delivery.step raises
+
+
+_B, _C, _L, _X = State.BUFFERING, State.CATCHING_UP, State.LIVE, State.CLOSED
+_I, _A = Input, Action
+
+#: Every (state, input) pair -> (next state, action). Total: see tests/server/test_hub.py.
+TABLE: dict[tuple[State, Input], tuple[State, Action]] = {
+    # A live event. Live: deliver in order; a gap or a full outbox turns to the store.
+    (_L, _I.NEXT): (_L, _A.DELIVER),  # the hot path; Subscription.offer inlines it
+    (_L, _I.DUPLICATE): (_L, _A.DROP),
+    (_L, _I.GAP): (_C, _A.START_READ),  # "gap"; the event itself comes from the store
+    (_L, _I.FULL): (_C, _A.START_READ),  # "overflow"
+    (_L, _I.TRANSIENT): (_L, _A.PASS),
+    (_L, _I.TRANSIENT_FULL): (_L, _A.DROP),  # ephemeral: dropped rather than queued
+    # Before the reply and while reading, everything waits in the buffer (merged at the tail).
+    (_B, _I.NEXT): (_B, _A.BUFFER),
+    (_B, _I.DUPLICATE): (_B, _A.BUFFER),  # last_seq may still move: the snapshot sets it
+    (_B, _I.GAP): (_B, _A.BUFFER),
+    (_B, _I.FULL): (_B, _A.BUFFER),
+    (_B, _I.TRANSIENT): (_B, _A.BUFFER),
+    (_B, _I.TRANSIENT_FULL): (_B, _A.BUFFER),
+    (_C, _I.NEXT): (_C, _A.BUFFER),
+    (_C, _I.DUPLICATE): (_C, _A.BUFFER),
+    (_C, _I.GAP): (_C, _A.BUFFER),
+    (_C, _I.FULL): (_C, _A.BUFFER),
+    (_C, _I.TRANSIENT): (_C, _A.BUFFER),
+    (_C, _I.TRANSIENT_FULL): (_C, _A.BUFFER),
+    (_X, _I.NEXT): (_X, _A.DROP),
+    (_X, _I.DUPLICATE): (_X, _A.DROP),
+    (_X, _I.GAP): (_X, _A.DROP),
+    (_X, _I.FULL): (_X, _A.DROP),
+    (_X, _I.TRANSIENT): (_X, _A.DROP),
+    (_X, _I.TRANSIENT_FULL): (_X, _A.DROP),
+    # catch_up(): after the attach reply ("attach"), or a stale live tail ("stale").
+    (_B, _I.START): (_C, _A.START_READ),
+    (_C, _I.START): (_C, _A.NONE),  # a reader is at work already
+    (_L, _I.START): (_C, _A.START_READ),
+    (_X, _I.START): (_X, _A.NONE),
+    # The reader read a page and pushed what it had not delivered yet.
+    (_C, _I.PAGE_FULL): (_C, _A.READ),
+    (_C, _I.TAIL): (_C, _A.MERGE),
+    (_C, _I.TAIL_FULL): (_C, _A.DRAIN_THEN_READ),  # read again: more may have come meanwhile
+    (_B, _I.PAGE_FULL): (_B, _A.INVALID),  # no reader before START
+    (_B, _I.TAIL): (_B, _A.INVALID),
+    (_B, _I.TAIL_FULL): (_B, _A.INVALID),
+    (_L, _I.PAGE_FULL): (_L, _A.INVALID),  # the reader ended when the subscription went live
+    (_L, _I.TAIL): (_L, _A.INVALID),
+    (_L, _I.TAIL_FULL): (_L, _A.INVALID),
+    (_X, _I.PAGE_FULL): (_X, _A.NONE),  # a reader cancelled mid-way: nothing more
+    (_X, _I.TAIL): (_X, _A.NONE),
+    (_X, _I.TAIL_FULL): (_X, _A.NONE),
+    # The reader merged the buffer at the tail.
+    (_C, _I.MERGED): (_L, _A.GO_LIVE),
+    (_C, _I.MERGE_GAP): (_C, _A.READ),
+    (_C, _I.MERGE_OVERFLOW): (_C, _A.READ),
+    (_B, _I.MERGED): (_B, _A.INVALID),
+    (_B, _I.MERGE_GAP): (_B, _A.INVALID),
+    (_B, _I.MERGE_OVERFLOW): (_B, _A.INVALID),
+    (_L, _I.MERGED): (_L, _A.INVALID),
+    (_L, _I.MERGE_GAP): (_L, _A.INVALID),
+    (_L, _I.MERGE_OVERFLOW): (_L, _A.INVALID),
+    (_X, _I.MERGED): (_X, _A.NONE),
+    (_X, _I.MERGE_GAP): (_X, _A.NONE),
+    (_X, _I.MERGE_OVERFLOW): (_X, _A.NONE),
+    # Endings. The buffer is freed on entering CLOSED.
+    (_C, _I.ABORT): (_X, _A.NONE),  # the reader is ending by itself
+    (_B, _I.ABORT): (_B, _A.INVALID),
+    (_L, _I.ABORT): (_L, _A.INVALID),
+    (_X, _I.ABORT): (_X, _A.NONE),
+    (_B, _I.CANCEL): (_X, _A.NONE),
+    (_C, _I.CANCEL): (_X, _A.STOP_READ),
+    (_L, _I.CANCEL): (_X, _A.NONE),
+    (_X, _I.CANCEL): (_X, _A.NONE),
+}
+
+# An idle subscription keeps no buffer: this one is shared and never appended to.
+_NO_PENDING: list[tuple[int | None, bytes]] = []
+
+
+class DeliveryError(RuntimeError):
+    """An input that cannot happen in the current state: a bug in the I/O side."""
+
+
+class Delivery:
+    """The decisions of one subscription, without I/O: no asyncio, no store, no outbox.
+
+    Holds the position (``last_seq``: the last seq delivered) and the buffer of live events
+    that arrive while the subscription is not live (bounded by ``limit`` bytes; on overflow it
+    is dropped and the store is read instead). :meth:`step` moves along :data:`TABLE` and
+    returns the action; the other methods turn what happened into an input and keep the
+    position and the buffer up to date.
+    """
+
+    __slots__ = ("last_seq", "limit", "overflowed", "pending", "pending_bytes", "state")
+
+    def __init__(self, last_seq: int, limit: int) -> None:
+        self.state = State.BUFFERING
+        self.last_seq = last_seq
+        self.limit = limit
+        self.pending = _NO_PENDING  # (seq, bytes); seq None for a transient event
+        self.pending_bytes = 0
+        self.overflowed = False
+
+    def step(self, event: Input) -> Action:
+        """Take ``event``: move to the next state, return what to do."""
+        state, action = TABLE[self.state, event]
+        if action is Action.INVALID:
+            raise DeliveryError(f"{event.name} while {self.state.name}")
+        self.state = state
+        if state is State.CLOSED:
+            self._drop_pending()
+        return action
+
+    @staticmethod
+    def classify(last_seq: int, seq: int, transient: bool, room: bool) -> Input:
+        """The input for a live event ``seq`` at position ``last_seq``."""
+        if transient:
+            return Input.TRANSIENT if room else Input.TRANSIENT_FULL
+        if seq <= last_seq:
+            return Input.DUPLICATE
+        if seq != last_seq + 1:
+            return Input.GAP
+        return Input.NEXT if room else Input.FULL
+
+    def live(self, seq: int, transient: bool, data: bytes, room: bool) -> tuple[Input, Action]:
+        """A live event; ``room``: the outbox is not full.
+
+        DELIVER moves ``last_seq`` to it, BUFFER keeps it. The input tells why a START_READ.
+        """
+        event = self.classify(self.last_seq, seq, transient, room)
+        action = self.step(event)
+        if action is Action.DELIVER:
+            self.last_seq = seq
+        elif action is Action.BUFFER:
+            self._buffer(None if transient else seq, data)
+        return event, action
+
+    def _buffer(self, seq: int | None, data: bytes) -> None:
+        if self.overflowed:
+            return  # dropped at the merge anyway
+        size = len(data)
+        if self.pending_bytes + size > self.limit:
+            # Free it now: the store has all of it, and what follows (read at the tail).
+            self.pending, self.pending_bytes, self.overflowed = _NO_PENDING, 0, True
+            return
+        if self.pending is _NO_PENDING:
+            self.pending = []
+        self.pending.append((seq, data))
+        self.pending_bytes += size
+
+    def _drop_pending(self) -> None:
+        self.pending, self.pending_bytes, self.overflowed = _NO_PENDING, 0, False
+
+    def from_store(self, seq: int) -> bool:
+        """An event the reader read: True if it is to be pushed (``last_seq`` moves to it)."""
+        if seq <= self.last_seq:
+            return False
+        self.last_seq = seq
+        return True
+
+    def page_read(self, whole: bool, room: bool) -> Action:
+        """The reader pushed a page: ``whole`` if it held as many events as asked for."""
+        if whole:
+            return self.step(Input.PAGE_FULL)
+        return self.step(Input.TAIL if room else Input.TAIL_FULL)
+
+    def merge(self) -> tuple[Action, list[bytes]]:
+        """At the log's tail: the buffered events that continue the log, to push in order.
+
+        Dedupes by seq; transient events go along. Stops at a gap (MERGE_GAP: read the store
+        again); an overflowed buffer gives nothing (MERGE_OVERFLOW). The buffer is emptied.
+        """
+        out: list[bytes] = []
+        last = self.last_seq
+        if self.overflowed:
+            event = Input.MERGE_OVERFLOW
+        else:
+            event = Input.MERGED
+            for seq, data in self.pending:
+                if seq is None:
+                    out.append(data)
+                elif seq == last + 1:
+                    out.append(data)
+                    last = seq
+                elif seq > last:
+                    event = Input.MERGE_GAP
+                    break
+        action = self.step(event)
+        self.last_seq = last
+        self._drop_pending()
+        return action, out
+
+
+_LIVE = State.LIVE
+_DELIVER = Action.DELIVER
+_CATCHUP_REASONS = {Input.GAP: "gap", Input.FULL: "overflow"}
+
+
+class Subscription:
+    """One peer's position in one session: the I/O side of a :class:`Delivery`.
+
+    Starts buffering; the owner sends its reply (attached), then calls ``catch_up("attach")``.
+    """
+
+    __slots__ = ("channel", "delivery", "epoch", "peer", "session", "task")
 
     def __init__(self, channel: Channel, peer: Peer, epoch: str, last_seq: int) -> None:
         self.channel = channel
         self.session = channel.session
         self.peer = peer
         self.epoch = epoch
-        self.last_seq = last_seq
-        # Starts buffering: the caller sends its reply (attached) first, then catch_up().
-        self.catching_up = True
-        self.pending: list[tuple[Event, bytes]] = []
-        self.pending_bytes = 0
-        self.pending_overflow = False
-        self.task: asyncio.Task[None] | None = None
+        self.delivery = Delivery(last_seq, peer.outbox.limit)
+        self.task: asyncio.Task[None] | None = None  # the reader, while catching up
+
+    @property
+    def last_seq(self) -> int:
+        """The last seq delivered (or covered by the snapshot the owner sent)."""
+        return self.delivery.last_seq
+
+    @last_seq.setter
+    def last_seq(self, seq: int) -> None:
+        self.delivery.last_seq = seq
+
+    @property
+    def catching_up(self) -> bool:
+        return self.delivery.state is not _LIVE
 
     def offer(self, event: Event, data: bytes) -> None:
         """A live event; called by the channel in commit order."""
+        delivery = self.delivery
         outbox = self.peer.outbox
-        if self.catching_up:
-            if self.pending_bytes + len(data) <= outbox.limit:
-                if self.pending is _NO_PENDING:
-                    self.pending = []
-                self.pending.append((event, data))
-                self.pending_bytes += len(data)
-            else:
-                self.pending_overflow = True
-            return
-        if event.transient:
-            if not outbox.full:  # ephemeral: dropped rather than queued under pressure
-                outbox.push(data)
-            return
         seq = event.seq
-        if seq <= self.last_seq:
+        if (delivery.state is _LIVE and seq == delivery.last_seq + 1
+                and outbox.size < outbox.limit and not event.transient):
+            # TABLE[LIVE, NEXT] -> (LIVE, DELIVER), inlined: the fan-out hot path.
+            outbox.push(data)
+            delivery.last_seq = seq
+            self.channel.hub.metrics.hot.events_delivered += 1
             return
-        if seq != self.last_seq + 1:
-            self.catch_up("gap")
-            return
-        if outbox.full:
-            self.channel.hub.metrics.overflows.inc()
-            self.catch_up("overflow")
-            return
-        outbox.push(data)
-        self.last_seq = seq
-        self.channel.hub.metrics.hot.events_delivered += 1
+        cause, action = delivery.live(seq, event.transient, data, outbox.size < outbox.limit)
+        if action is _DELIVER:
+            outbox.push(data)
+            self.channel.hub.metrics.hot.events_delivered += 1
+        elif action is Action.PASS:
+            outbox.push(data)
+        elif action is Action.START_READ:
+            if cause is Input.FULL:
+                self.channel.hub.metrics.overflows.inc()
+            self._start_reader(_CATCHUP_REASONS[cause])
 
     def catch_up(self, reason: str) -> None:
-        """Switch to catch-up: buffer live events, read the store after ``last_seq``."""
-        self.catching_up = True
-        if self.task is None:
-            self.channel.hub.metrics.catchups.labels(reason).inc()
-            self.task = asyncio.get_running_loop().create_task(self._catch_up())
+        """Read the store after ``last_seq`` (buffering live events), then turn live."""
+        if self.delivery.step(Input.START) is Action.START_READ:
+            self._start_reader(reason)
 
-    async def _catch_up(self) -> None:
+    def _start_reader(self, reason: str) -> None:
+        self.channel.hub.metrics.catchups.labels(reason).inc()
+        self.task = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        """The reader: performs READ, DRAIN_THEN_READ and MERGE until GO_LIVE."""
         hub = self.channel.hub
+        hot = hub.metrics.hot
+        delivery = self.delivery
         outbox = self.peer.outbox
+        fmt = self.peer.format
+        action = Action.READ
         try:
             while not outbox.closed:
-                events = await hub.store.read(self.session, self.last_seq, hub.catchup_page)
-                for event in events:
-                    if event.seq <= self.last_seq:
-                        continue
-                    if outbox.full:
-                        await outbox.wait_drained()
-                        if outbox.closed:
-                            return
-                    outbox.push(encode_event(self.peer.format, event))
-                    self.last_seq = event.seq
-                    hub.metrics.hot.events_delivered += 1
-                if len(events) >= hub.catchup_page:
-                    continue
-                if outbox.full:
+                if action is Action.READ:
+                    events = await hub.store.read(self.session, delivery.last_seq,
+                                                  hub.catchup_page)
+                    for event in events:
+                        if outbox.full:
+                            await outbox.wait_drained()
+                            if outbox.closed:
+                                return
+                        if delivery.from_store(event.seq):
+                            outbox.push(encode_event(fmt, event))
+                            hot.events_delivered += 1
+                    action = delivery.page_read(len(events) >= hub.catchup_page,
+                                                not outbox.full)
+                elif action is Action.DRAIN_THEN_READ:
                     await outbox.wait_drained()
-                    continue
-                if self._merge_pending():
-                    self.catching_up = False
+                    action = Action.READ
+                elif action is Action.MERGE:
+                    before = delivery.last_seq
+                    action, frames = delivery.merge()
+                    for data in frames:
+                        outbox.push(data)
+                    hot.events_delivered += delivery.last_seq - before
+                    if action is Action.GO_LIVE:
+                        return
+                elif action is Action.NONE:  # closed meanwhile
                     return
+                else:
+                    raise DeliveryError(f"the reader cannot {action.name}")
         except Exception:
             log.exception("catch-up of %s failed", self.session)
             outbox.close()
-            self.peer.outbox.sink.abort()
+            outbox.sink.abort()
         finally:
             self.task = None
-
-    def _merge_pending(self) -> bool:
-        """At the log's tail: deliver buffered live events. False if the store must be re-read."""
-        pending, overflowed = self.pending, self.pending_overflow
-        # An idle live subscription keeps no buffer around.
-        self.pending, self.pending_bytes, self.pending_overflow = _NO_PENDING, 0, False
-        if overflowed:
-            return False
-        outbox = self.peer.outbox
-        for event, data in pending:
-            if event.transient:
-                outbox.push(data)
-                continue
-            if event.seq <= self.last_seq:
-                continue
-            if event.seq != self.last_seq + 1:
-                return False  # a gap: what is missing is in the store, read it
-            outbox.push(data)
-            self.last_seq = event.seq
-            self.channel.hub.metrics.hot.events_delivered += 1
-        return True
+            if delivery.state is State.CATCHING_UP:  # the peer is gone, or the read failed
+                delivery.step(Input.ABORT)
 
     def cancel(self) -> None:
-        if self.task is not None:
+        """Stop delivering (unsubscribed)."""
+        if self.delivery.step(Input.CANCEL) is Action.STOP_READ and self.task is not None:
             self.task.cancel()
             self.task = None
-        self.pending = _NO_PENDING
 
 
 class Channel:
@@ -390,7 +658,8 @@ class Hub:
         for channel in list(self.channels.values()):
             head = await self.store.head(channel.session)
             for sub in tuple(channel.subs):
-                if not sub.catching_up and sub.last_seq < channel.observed_head:
+                delivery = sub.delivery
+                if delivery.state is _LIVE and delivery.last_seq < channel.observed_head:
                     sub.catch_up("stale")
             channel.observed_head = head.last_seq
 
