@@ -64,6 +64,9 @@ class Agent:
                         call[2] += chunk.arguments
             if not calls:
                 return
-            for call_id, name, arguments in calls.values():
-                await run.call_tool(call_id, name, arguments)
+            # The model's own call ids are not used: a decision or a front-end result names
+            # its call, so the id must be unguessable, and models do not choose ids to be
+            # secret (the simulated model derives them from its seed). The run mints each.
+            for _, name, arguments in calls.values():
+                await run.call_tool("", name, arguments)
         await run.fail(f"no answer after {self.max_steps} model steps")

@@ -11,7 +11,12 @@ Participants steer runs by publishing control events (``run.cancel``, ``run.stee
 ``approval.decision``, ``tool.result``). :meth:`RunManager.control` validates each one against
 the run's state before anything is written, so an invalid one costs nothing; decisions and
 results are deduplicated by the store (idempotency keys), so exactly one counts even when two
-devices answer at once on two nodes.
+devices answer at once on two nodes. A control event addresses only the runs of the session it
+is published in, and finds them in the :class:`~tether.agents.index.RunIndex` (kept current
+from committed events), never by reading the session's log. Run and call ids are random.
+
+Reading a whole session log happens once per run, for its conversation: in the run's own task
+(:meth:`Run.load`) or at recovery, in pages that yield to the event loop.
 
 The session ``tether.runs`` is the index: which runs exist and which are active, schedules,
 webhooks, and the leases (``run.claim`` events keyed per lease period, so the store decides
@@ -26,11 +31,12 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
 from tether.agents.agent import Agent, BusyPolicy
+from tether.agents.index import RunIndex
 from tether.agents.models import Message, ToolCall
 from tether.agents.state import (
     FINAL_STATES,
@@ -39,7 +45,7 @@ from tether.agents.state import (
     RunRecord,
     RunState,
     Trigger,
-    fold,
+    apply,
     next_state,
 )
 from tether.protocol.codes import ErrorCode, RequestError
@@ -53,10 +59,25 @@ log = logging.getLogger("tether.runs")
 
 RUN_INDEX = "tether.runs"
 LEASE_SECONDS = 10.0  # default; ServerConfig.lease_seconds (TETHER_LEASE_SECONDS) overrides
+ANSWER_TYPES = frozenset({"approval.decision", "tool.result"})
+FINAL = frozenset(str(s) for s in FINAL_STATES)
+PAGE = 1000  # events per read of a whole log (recovery, a run's conversation)
+
+
+class RunStore(SessionStore, Protocol):
+    """What runs need of a store: the log, and presence (who declared a front-end tool)."""
+
+    async def presence(self, session: str) -> list[dict[str, Any]]: ...
 
 
 def new_run_id() -> str:
-    return "run_" + secrets.token_hex(6)
+    """A run id: unguessable (96 random bits), since control events address runs by id."""
+    return "run_" + secrets.token_hex(12)
+
+
+def new_call_id() -> str:
+    """A tool call id: unguessable (64 random bits), since a decision or result names it."""
+    return "call_" + secrets.token_hex(8)
 
 
 def conversation(events: list[tuple[int, str, Any, Sender]], instructions: str
@@ -162,21 +183,49 @@ class Run:
     """One run, driven on this node."""
 
     def __init__(self, manager: RunManager, session: str, record: RunRecord, agent: Agent,
-                 events: list[tuple[int, str, Any, Sender]]) -> None:
+                 events: list[tuple[int, str, Any, Sender]] | None = None) -> None:
+        """``events`` is the session log, if the caller has read it already (recovery);
+        otherwise the run reads it in its own task (:meth:`load`), not in whoever started it.
+        """
         self.manager = manager
         self.session = session
         self.record = record
         self.agent = agent
         self.id = record.run
-        self.events = events  # the session log as this run has seen it, in seq order
-        self.seen = {seq for seq, *_ in events}
+        self.events: list[tuple[int, str, Any, Sender]] = []  # the log as seen, in seq order
+        self.seen: set[int] = set()
+        self.loaded = False
         self.task: asyncio.Task[None] | None = None
         self.text: TextStream | None = None
         self.arrived: dict[str, Event] = {}  # decisions and results by call id
+        self.cancel_by: dict[str, Any] | None = None  # who a run.cancel in the log came from
+        self.cancelling = False  # this node is stopping the run (and records the cancel)
         self._wakeup = asyncio.Event()
         self.sender = Sender(f"agent:{agent.name}", manager.node, "agent")
-        for seq, type_, data, sender in events:  # answers already in the log
-            self._take_answer(Event(session, "", seq, type_, data, sender, 0))
+        if events is not None:
+            self._loaded(events)
+
+    async def load(self) -> None:
+        """Read the session log this run works from: the model's conversation.
+
+        Once per run, in the run's task, in pages that yield to the event loop. Events the
+        live channel delivered meanwhile are merged in by seq.
+        """
+        self._loaded(await self.manager.session_log(self.session))
+
+    def _loaded(self, events: list[tuple[int, str, Any, Sender]]) -> None:
+        if self.events:  # observed live while the log was read
+            known = {e[0] for e in events}
+            events = sorted(events + [e for e in self.events if e[0] not in known],
+                            key=lambda e: e[0])
+        self.events = events
+        self.seen = {e[0] for e in events}
+        self.loaded = True
+        for seq, type_, data, sender in events:  # answers (and a cancel) already in the log
+            if type_ in ANSWER_TYPES:
+                self._take_answer(Event(self.session, "", seq, type_, data, sender, 0))
+            elif type_ == "run.cancel":
+                self._take_cancel(data)
 
     # --- output ---------------------------------------------------------------------------
 
@@ -224,7 +273,10 @@ class Run:
     # --- tools ----------------------------------------------------------------------------
 
     async def call_tool(self, call_id: str, name: str, arguments_json: str) -> None:
-        call_id = call_id or "call_" + secrets.token_hex(6)
+        """Call tool ``name``. ``call_id`` names the call in the log, and a decision or a
+        front-end result must name it: pass ``""`` to get an unguessable one (as the default
+        agent loop does) unless the id is already unique and unpredictable."""
+        call_id = call_id or new_call_id()
         tool = self.agent.tools.get(name)
         try:
             arguments = orjson.loads(arguments_json or "{}")
@@ -315,11 +367,23 @@ class Run:
         if len(self.events) > 1 and self.events[-2][0] > event.seq:
             self.events.sort(key=lambda e: e[0])  # an event that the live channel delayed
         self._take_answer(event)
+        if event.type == "run.cancel" and self._take_cancel(event.data) and self.loaded:
+            # Written by another node (this one sets ``cancelling`` before it writes one):
+            # stop, and record the state. Before the log is loaded, drive() sees it instead.
+            self.manager.background(self.manager.stop_cancelled(self))
+
+    def _take_cancel(self, data: Any) -> bool:
+        """Note a ``run.cancel`` of this run; True if this node has yet to act on it."""
+        if not isinstance(data, dict) or data.get("run") != self.id or self.cancel_by is not None:
+            return False
+        by = data.get("by")
+        self.cancel_by = by if isinstance(by, dict) else {}
+        return not self.cancelling
 
     def _take_answer(self, event: Event) -> None:
         data = event.data
         if (isinstance(data, dict) and data.get("run") == self.id
-                and event.type in ("approval.decision", "tool.result")
+                and event.type in ANSWER_TYPES
                 and event.sender.kind != "agent"):
             self.arrived[data["call"]] = event
             self._wakeup.set()
@@ -334,6 +398,15 @@ class Run:
 
     async def drive(self) -> None:
         try:
+            if not self.loaded:
+                await self.load()
+            if self.cancel_by is not None and not self.cancelling:
+                # Cancelled before it got going (while queued, or its cancel was written but
+                # its node stopped before recording the state): record it, do nothing else.
+                self.cancelling = True
+                await self._end_cut_streams("cancelled")
+                await self.transition(Trigger.CANCEL, by=self.cancel_by)
+                return
             await self._resume()
             if self.record.state == RunState.QUEUED:
                 await self.transition(Trigger.START)
@@ -358,14 +431,7 @@ class Run:
         if self.record.state == RunState.RUNNING:
             # It was streaming when its node stopped: end what was cut off, visibly, and
             # run the step again (the model sees the same history, so no text is lost).
-            ended = {d.get("stream") for _, t, d, _ in self.events
-                     if t == STREAM_END and isinstance(d, dict)}
-            cut = [d["stream"] for _, t, d, _ in self.events
-                   if t == STREAM_APPEND and isinstance(d, dict) and d.get("run") == self.id
-                   and d["stream"] not in ended]
-            for stream in dict.fromkeys(cut):
-                await self.emit(STREAM_END, {"stream": stream, "run": self.id,
-                                             "role": "assistant", "interrupted": "restarted"})
+            await self._end_cut_streams("restarted")
             await self.transition(Trigger.RESTART)
             # A server tool whose result is missing is called again (at least once).
             for call in self._calls_without_result("server"):
@@ -384,6 +450,17 @@ class Run:
             else:
                 await self.wait_for(awaited, self._data_of("tool.call", awaited).get("expires_at"))
                 await self.transition(Trigger.TOOL_RESULT, call=awaited)
+
+    async def _end_cut_streams(self, why: str) -> None:
+        """End this run's streams that a stopped node left open, marked ``interrupted``."""
+        ended = {d.get("stream") for _, t, d, _ in self.events
+                 if t == STREAM_END and isinstance(d, dict)}
+        cut = [d["stream"] for _, t, d, _ in self.events
+               if t == STREAM_APPEND and isinstance(d, dict) and d.get("run") == self.id
+               and d["stream"] not in ended]
+        for stream in dict.fromkeys(cut):
+            await self.emit(STREAM_END, {"stream": stream, "run": self.id,
+                                         "role": "assistant", "interrupted": why})
 
     def _awaited_call(self) -> str:
         for _, type_, data, _ in reversed(self.events):
@@ -408,7 +485,7 @@ class Run:
 class RunManager:
     """Starts, steers, recovers and hands over the runs of this node."""
 
-    def __init__(self, store: SessionStore, node: str,
+    def __init__(self, store: RunStore, node: str,
                  on_change: Callable[[str, str, RunState], Any] | None = None,
                  lease_seconds: float = LEASE_SECONDS) -> None:
         self.store = store
@@ -421,7 +498,14 @@ class RunManager:
         self.system = Sender("tether", node, "system")
         self.on_change = on_change  # (session, run, state): webhooks
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[Any]] = set()
         self.claimed: dict[str, int] = {}  # run → last lease period this node holds
+        self.run_tables = RunIndex(store)  # session → its runs, for validating control events
+        # The active runs of the run index, followed incrementally (see active_runs).
+        self._active: dict[str, str] = {}
+        self._active_seq = 0
+        self._active_epoch: str | None = None
+        self._active_lock = asyncio.Lock()
 
     def register(self, agent: Agent) -> None:
         self.agents.append(agent)
@@ -448,13 +532,14 @@ class RunManager:
 
     async def stop(self) -> None:
         """Stop driving runs; they stay active in the log and resume on the next start."""
-        for task in self._tasks:
+        for task in (*self._tasks, *self._background):
             task.cancel()
         for run in list(self.runs.values()):
             if run.task is not None:
                 run.task.cancel()
         await asyncio.gather(*(r.task for r in self.runs.values() if r.task),
-                             return_exceptions=True)
+                             *self._background, return_exceptions=True)
+        self.run_tables.close()
 
     async def _lease_loop(self) -> None:
         while True:
@@ -496,21 +581,30 @@ class RunManager:
         return {r for runs in self.queued.values() for r in runs}
 
     async def active_runs(self) -> dict[str, str]:
-        """Runs the index says are not finished: run id → session."""
-        active: dict[str, str] = {}
-        after = 0
-        while True:
-            page = await self.store.read(RUN_INDEX, after, 1000)
-            for event in page:
-                data = event.data
-                if event.type == "run.index" and isinstance(data, dict):
-                    if data["state"] in {str(s) for s in FINAL_STATES}:
-                        active.pop(data["run"], None)
-                    else:
-                        active[data["run"]] = data["session"]
-            if len(page) < 1000:
-                return active
-            after = page[-1].seq
+        """Runs the index says are not finished: run id → session.
+
+        The run index gets a ``run.claim`` per run and lease period, so it is read once and
+        then followed: each call reads only what was appended since the previous one.
+        """
+        async with self._active_lock:
+            head = await self.store.head(RUN_INDEX)
+            if head.epoch != self._active_epoch or head.last_seq < self._active_seq:
+                self._active, self._active_seq = {}, 0  # a new log: read it from the start
+                self._active_epoch = head.epoch
+            while True:
+                page = await self.store.read(RUN_INDEX, self._active_seq, PAGE)
+                for event in page:
+                    data = event.data
+                    if event.type == "run.index" and isinstance(data, dict):
+                        if data["state"] in FINAL:
+                            self._active.pop(data["run"], None)
+                        else:
+                            self._active[data["run"]] = data["session"]
+                if page:
+                    self._active_seq = page[-1].seq
+                if len(page) < PAGE:
+                    return dict(self._active)
+                await asyncio.sleep(0)
 
     async def index(self, run: Run, state: RunState) -> None:
         if state in FINAL_STATES:
@@ -518,23 +612,40 @@ class RunManager:
                 "run": run.id, "session": run.session, "state": str(state),
                 "agent": run.agent.name}, self.system)
             self.claimed.pop(run.id, None)
-            self._start_next(run.session)
+            if run.task is not None:  # the session's active run ended (not a queued one)
+                self._start_next(run.session)
         if self.on_change is not None:
             self.on_change(run.session, run.id, state)
 
     async def session_log(self, session: str) -> list[tuple[int, str, Any, Sender]]:
+        """The whole log of ``session``, read in pages that yield to the event loop.
+
+        Only a run's own conversation needs this (:meth:`Run.load`, :meth:`recover`): once
+        per run, in the lease loop or the run's task, never in a request handler. Control
+        events are validated against :attr:`run_tables` instead.
+        """
         events: list[tuple[int, str, Any, Sender]] = []
         after = 0
         while True:
-            page = await self.store.read(session, after, 1000)
+            page = await self.store.read(session, after, PAGE)
             events += [(e.seq, e.type, e.data, e.sender) for e in page]
-            if len(page) < 1000:
+            if len(page) < PAGE:
                 return events
             after = page[-1].seq
+            await asyncio.sleep(0)
 
     async def recover(self, session: str, run_id: str) -> Run | None:
+        """Drive ``run_id`` here from where its log left it (after a restart, a lease change,
+        or its turn in the queue). Reads the session log once, for the run's conversation,
+        and folds it (per page) to find where the run was; called from the lease loop and
+        from background tasks only."""
         events = await self.session_log(session)
-        record = fold([(s, t, d) for s, t, d, _ in events]).get(run_id)
+        runs: dict[str, RunRecord] = {}
+        for i, (seq, type_, data, _) in enumerate(events):
+            apply(runs, seq, type_, data)
+            if i % PAGE == PAGE - 1:
+                await asyncio.sleep(0)
+        record = runs.get(run_id)
         if record is None or record.final:
             return None
         agent = self.agent_for(session, record.agent)
@@ -544,8 +655,14 @@ class RunManager:
         log.info("resuming run %s in %s (%s)", run_id, session, record.state)
         return self._launch(session, record, agent, events)
 
+    def background(self, work: Any) -> None:
+        """Run ``work`` (a coroutine) as a task this manager keeps until it is done."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def _launch(self, session: str, record: RunRecord, agent: Agent,
-                events: list[tuple[int, str, Any, Sender]]) -> Run:
+                events: list[tuple[int, str, Any, Sender]] | None = None) -> Run:
         run = Run(self, session, record, agent, events)
         self.runs[run.id] = run
         self.store.listen(session, run.observe)
@@ -564,7 +681,7 @@ class RunManager:
             next_id = queued.pop(0)
             if not queued:
                 del self.queued[session]
-            asyncio.get_running_loop().create_task(self.recover(session, next_id))
+            self.background(self.recover(session, next_id))
 
     def active_in(self, session: str) -> Run | None:
         for run in self.runs.values():
@@ -609,8 +726,7 @@ class RunManager:
             if busy:
                 self.queued.setdefault(session, []).append(run_id)
                 return run_id
-            events = await self.session_log(session)
-            self._launch(session, record, agent, events)
+            self._launch(session, record, agent)  # the run reads the log in its own task
         return run_id
 
     # --- control events -------------------------------------------------------------------
@@ -621,13 +737,26 @@ class RunManager:
         if not isinstance(data, dict) or not isinstance(data.get("run"), str):
             raise RequestError(ErrorCode.INVALID, f"{type} data needs a 'run' id")
         async with self.lock(session):
-            record, local = await self._record(session, data["run"])
+            # The run must be one of *this* session's runs: a grant on one session says
+            # nothing about runs elsewhere, whatever their id.
+            record = await self.run_tables.lookup(session, data["run"])
+            if record is None:
+                raise RequestError(ErrorCode.RUN_NOT_FOUND,
+                                   f"no run {data['run']!r} in {session!r}")
+            local = self.runs.get(record.run)
+            if local is not None and local.session != session:
+                local = None  # unreachable while run ids are unique; never act across sessions
             if record.final:
                 raise RequestError(ErrorCode.RUN_FINISHED, f"run {record.run} is {record.state}")
             by = {"sub": sender.sub, "client": sender.client}
             if type == "run.cancel":
                 if local is not None:
                     return await self.cancel(local, by, str(data.get("reason", "")))
+                if record.run in self.queued.get(session, ()):
+                    return await self._cancel_queued(session, record, by,
+                                                     str(data.get("reason", "")))
+                # Driven by another node (or by nobody until its lease is taken over): the
+                # driving node stops on seeing the cancel, and records the state.
                 return await self.store.append(session, "run.cancel", {
                     "run": record.run, "by": by, "reason": str(data.get("reason", ""))},
                     self.system, key=f"cancel:{record.run}")
@@ -674,34 +803,57 @@ class RunManager:
                 local.observe(appended.event)
             return appended
 
-    async def _record(self, session: str, run_id: str) -> tuple[RunRecord, Run | None]:
-        local = self.runs.get(run_id)
-        if local is not None:
-            # The live record, with pending calls from what the run has seen so far.
-            runs = fold([(s, t, d) for s, t, d, _ in local.events])
-            record = runs.get(run_id, local.record)
-            record.state = local.record.state
-            return record, local
-        found = fold([(s, t, d) for s, t, d, _ in await self.session_log(session)]).get(run_id)
-        if found is None:
-            raise RequestError(ErrorCode.RUN_NOT_FOUND, f"no run {run_id!r} in {session!r}")
-        return found, None
-
     async def cancel(self, run: Run, by: dict[str, str], reason: str) -> Appended:
         """Stop ``run`` first, then record it: no delta can follow the cancel in the log."""
+        run.cancelling = True
+        await self._halt(run)
+        appended = await self.store.append(run.session, "run.cancel", {
+            "run": run.id, "by": by, "reason": reason}, self.system, key=f"cancel:{run.id}")
+        run.observe(appended.event)
+        if not run.record.final:
+            await run.transition(Trigger.CANCEL, by=by)
+        return appended
+
+    async def _halt(self, run: Run) -> None:
+        """Stop driving ``run``: its task, its wait, its stream (ended as ``cancelled``)."""
         task = run.task
-        if task is not None and not task.done():
+        if task is not None and not task.done() and task is not asyncio.current_task():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         if run.text is not None:
             await run.text.end(interrupted="cancelled")
             run.text = None
         self.finished(run)
-        appended = await self.store.append(run.session, "run.cancel", {
+
+    async def stop_cancelled(self, run: Run) -> None:
+        """A ``run.cancel`` written by another node reached the run driven here: stop it,
+        then record the state (the cancel itself is in the log already)."""
+        if run.cancelling:
+            return
+        run.cancelling = True
+        try:
+            await self._halt(run)
+            if not run.record.final:
+                await run.transition(Trigger.CANCEL, by=run.cancel_by or {})
+        except (IllegalTransition, StoreError) as exc:
+            log.warning("run %s: recording its cancel failed: %s", run.id, exc)
+
+    async def _cancel_queued(self, session: str, record: RunRecord, by: dict[str, str],
+                             reason: str) -> Appended:
+        """Cancel a run waiting its turn on this node: it leaves the queue, never starts."""
+        queued = self.queued.get(session, [])
+        if record.run in queued:
+            queued.remove(record.run)
+        if not queued:
+            self.queued.pop(session, None)
+        agent = self.agent_for(session, record.agent) or Agent(record.agent)
+        run = Run(self, session, RunRecord(record.run, record.agent, state=record.state,
+                                           trigger=record.trigger,
+                                           created_seq=record.created_seq), agent, [])
+        run.cancelling = True
+        appended = await self.store.append(session, "run.cancel", {
             "run": run.id, "by": by, "reason": reason}, self.system, key=f"cancel:{run.id}")
-        run.observe(appended.event)
-        if not run.record.final:
-            await run.transition(Trigger.CANCEL, by=by)
+        await run.transition(Trigger.CANCEL, by=by)  # run.task is None: the queue stays
         return appended
 
     async def expire(self, run: Run, call: str) -> None:

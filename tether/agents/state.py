@@ -113,34 +113,47 @@ def fold(events: list[tuple[int, str, Any]]) -> dict[str, RunRecord]:
     """Rebuild every run from a session's log: ``(seq, type, data)`` in seq order."""
     runs: dict[str, RunRecord] = {}
     for seq, type_, data in events:
-        if not isinstance(data, dict) or "run" not in data:
-            continue
-        run_id = data["run"]
-        if type_ == "run.created":
-            runs[run_id] = RunRecord(run_id, data.get("agent", ""), trigger=data.get("trigger",
-                                     "message"), input=data.get("input"), created_seq=seq)
-            continue
-        record = runs.get(run_id)
-        if record is None:
-            continue
-        if type_ == "run.state":
-            record.state = RunState(data["state"])
-            record.error = data.get("error", record.error)
-        elif type_ in ("tool.call",) and data.get("target") == "client":
-            record.pending[data["call"]] = PendingCall(data["call"], data["name"],
-                                                       data.get("arguments"), "client",
-                                                       data.get("expires_at"))
-        elif type_ == "approval.request":
-            record.pending[data["call"]] = PendingCall(data["call"], data["name"],
-                                                       data.get("arguments"), "approval",
-                                                       data.get("expires_at"))
-        elif type_ == "approval.decision":
-            record.pending.pop(data["call"], None)
-            record.decided.add(data["call"])
-        elif type_ == "tool.result":
-            record.pending.pop(data["call"], None)
-            record.results[data["call"]] = data.get("result", data.get("error"))
+        apply(runs, seq, type_, data)
     return runs
+
+
+def apply(runs: dict[str, RunRecord], seq: int, type_: str, data: Any) -> RunRecord | None:
+    """Fold one event (the next in seq order) into ``runs``; return the run it touched.
+
+    :func:`fold` is this over a whole log; :class:`tether.agents.index.RunIndex` calls it per
+    committed event to keep its tables current without reading the log again.
+    """
+    if not isinstance(data, dict) or "run" not in data:
+        return None
+    run_id = data["run"]
+    if type_ == "run.created":
+        created = runs[run_id] = RunRecord(run_id, data.get("agent", ""),
+                                           trigger=data.get("trigger", "message"),
+                                           input=data.get("input"), created_seq=seq)
+        return created
+    record = runs.get(run_id)
+    if record is None:
+        return None
+    if type_ == "run.state":
+        record.state = RunState(data["state"])
+        record.error = data.get("error", record.error)
+    elif type_ == "tool.call" and data.get("target") == "client":
+        record.pending[data["call"]] = PendingCall(data["call"], data["name"],
+                                                   data.get("arguments"), "client",
+                                                   data.get("expires_at"))
+    elif type_ == "approval.request":
+        record.pending[data["call"]] = PendingCall(data["call"], data["name"],
+                                                   data.get("arguments"), "approval",
+                                                   data.get("expires_at"))
+    elif type_ == "approval.decision":
+        record.pending.pop(data["call"], None)
+        record.decided.add(data["call"])
+    elif type_ == "tool.result":
+        record.pending.pop(data["call"], None)
+        record.results[data["call"]] = data.get("result", data.get("error"))
+    else:
+        return None
+    return record
 
 
 def mermaid() -> str:
