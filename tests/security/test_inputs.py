@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -148,3 +149,17 @@ async def test_the_dev_login_refuses_proxied_requests(server: Server, header: st
         assert "proxy" in (await resp.json())["error"]["message"]
         resp = await http.post(url, json={"name": "eve"})
         assert resp.status == 200
+
+
+async def test_an_application_event_with_an_odd_run_field_logs_nothing(
+        server: Server, caplog: pytest.LogCaptureFixture) -> None:
+    peer = await Peer.connect(server.port)
+    await peer.hello()
+    reply = await peer.publish("s", "run.cancel", {"run": "run_x"})  # builds the run index
+    assert reply["code"] == "run_not_found"
+    with caplog.at_level(logging.ERROR):
+        for odd in ({}, [], 1, None):
+            assert (await peer.publish("s", data={"run": odd}))["op"] == "published"
+        assert (await peer.request({"op": "ping"}, "pong"))["op"] == "pong"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    await peer.close()

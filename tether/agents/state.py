@@ -123,9 +123,11 @@ def apply(runs: dict[str, RunRecord], seq: int, type_: str, data: Any) -> RunRec
     :func:`fold` is this over a whole log; :class:`tether.agents.index.RunIndex` calls it per
     committed event to keep its tables current without reading the log again.
     """
-    if not isinstance(data, dict) or "run" not in data:
+    if not isinstance(data, dict):
         return None
-    run_id = data["run"]
+    run_id = data.get("run")
+    if not isinstance(run_id, str):  # application events may carry any "run" value
+        return None
     if type_ == "run.created":
         created = runs[run_id] = RunRecord(run_id, data.get("agent", ""),
                                            trigger=data.get("trigger", "message"),
