@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -163,3 +164,19 @@ async def test_an_application_event_with_an_odd_run_field_logs_nothing(
         assert (await peer.request({"op": "ping"}, "pong"))["op"] == "pong"
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     await peer.close()
+
+
+async def test_malformed_http_is_counted_not_logged_as_an_error(
+        server: Server, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR):
+        for raw in (b"GET /v1/sessions/\xc3\xa9/events HTTP/1.1\r\nHost: x\r\n\r\n",
+                    b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(raw)
+            status = await asyncio.wait_for(reader.readline(), 10)
+            assert status.split()[1] == b"400"
+            writer.close()
+        async with aiohttp.ClientSession() as http:
+            metrics = await (await http.get(f"http://127.0.0.1:{server.port}/metrics")).text()
+    assert 'tether_errors_total{code="bad_http"} 2.0' in metrics
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

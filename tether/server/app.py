@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.log import server_logger as aiohttp_server_log
 
 from tether import responses
 from tether.agents import http as agents_http
@@ -56,6 +58,24 @@ def node_id(data_dir: Path) -> str:
         data_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(node + "\n")
     return node
+
+
+class _MalformedHttp(logging.Filter):
+    """aiohttp logs a traceback at ERROR for every request it cannot parse (it has already
+    answered 400): that is a client's mistake, not a server failure. Count it in
+    ``tether_errors_total{code="bad_http"}`` and log it at debug instead."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self.metrics = metrics
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and record.levelno >= logging.ERROR:
+            self.metrics.errors.labels("bad_http").inc()
+            log.debug("malformed HTTP request: %s", exc)
+            return False
+        return True
 
 
 class Server:
@@ -113,9 +133,12 @@ class Server:
         loop = asyncio.get_running_loop()
         tasks = [loop.create_task(_every(interval, action, name))
                  for interval, action, name in periodic]
+        malformed = _MalformedHttp(self.metrics)
+        aiohttp_server_log.addFilter(malformed)
         try:
             yield
         finally:
+            aiohttp_server_log.removeFilter(malformed)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
