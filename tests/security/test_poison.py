@@ -74,3 +74,21 @@ def check_doctor(data: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "tether", "doctor", "--data", str(data)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "s:2" in done.stdout, done.stdout + done.stderr
+
+
+async def test_a_poison_event_committed_live_reaches_subscribers_as_a_placeholder(
+        tmp_path: Path) -> None:
+    server = Server(ServerConfig(port=0, secret=SECRET, data_dir=tmp_path))
+    await server.start()
+    try:
+        peer = await Peer.connect(server.port)
+        await peer.hello()
+        await peer.attach("live")
+        await server.store.append("live", "message", nested(252), Sender("old-version"))
+        await server.store.append("live", "message", {"text": "after"}, Sender("old-version"))
+        first, second = await peer.events("live", 2)
+        assert first["type"] == "tether.unreadable" and first["seq"] == 1
+        assert second["data"] == {"text": "after"}
+        await peer.close()
+    finally:
+        await server.stop()

@@ -133,6 +133,7 @@ class Server:
         loop = asyncio.get_running_loop()
         tasks = [loop.create_task(_every(interval, action, name))
                  for interval, action, name in periodic]
+        tasks.append(loop.create_task(_watch_loop(self.metrics)))
         malformed = _MalformedHttp(self.metrics)
         aiohttp_server_log.addFilter(malformed)
         try:
@@ -202,6 +203,15 @@ class Server:
     def streams(self) -> list[SseStream]:
         """Open SSE streams (``…/stream`` and AG-UI)."""
         return [live for live in self.sessions.live if isinstance(live, SseStream)]
+
+
+async def _watch_loop(metrics: Metrics, interval: float = 0.25) -> None:
+    """Observe how late a timer fires: work that holds the loop shows as lag."""
+    loop = asyncio.get_running_loop()
+    while True:
+        start = loop.time()
+        await asyncio.sleep(interval)
+        metrics.loop_lag.observe(max(0.0, loop.time() - start - interval))
 
 
 async def _every(interval: float, action: Callable[[], Awaitable[Any]], name: str) -> None:

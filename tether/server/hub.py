@@ -33,6 +33,7 @@ from tether.protocol.events import PRESENCE_JOIN, PRESENCE_LEAVE, PRESENCE_UPDAT
 from tether.protocol.frames import event_frame, presence_frame
 from tether.server.metrics import Metrics
 from tether.store.base import SessionStore
+from tether.store.readable import placeholder
 
 log = logging.getLogger("tether.hub")
 
@@ -53,7 +54,20 @@ def _frame_for(event: Event) -> dict[str, object]:
 
 
 def encode_event(fmt: str, event: Event) -> bytes:
-    """The bytes of ``event`` in wire format ``fmt``."""
+    """The bytes of ``event`` in wire format ``fmt``.
+
+    An event that cannot be encoded (one stored before publish validation refused such data)
+    goes out as its ``tether.unreadable`` placeholder: one bad event never stops a reader.
+    """
+    try:
+        return _encode(fmt, event)
+    except (TypeError, ValueError, OverflowError) as exc:
+        if event.transient:
+            raise  # nothing to stand in for; the channel drops it
+        return _encode(fmt, placeholder(event, f"not encodable: {exc}"))
+
+
+def _encode(fmt: str, event: Event) -> bytes:
     frame = _frame_for(event)
     if fmt == FORMAT_JSON:
         return JSON.encode(frame)
@@ -573,6 +587,9 @@ class Subscription:
                             hot.events_delivered += 1
                     action = delivery.page_read(len(events) >= hub.catchup_page,
                                                 not outbox.full)
+                    # One page per loop step: a store whose reads do not suspend (SQLite)
+                    # must not turn a long catch-up into one long step for everybody else.
+                    await asyncio.sleep(0)
                 elif action is Action.DRAIN_THEN_READ:
                     await outbox.wait_drained()
                     action = Action.READ
@@ -624,7 +641,14 @@ class Channel:
             fmt = sub.peer.format
             data = encoded.get(fmt)
             if data is None:
-                data = encoded[fmt] = encode_event(fmt, event)
+                try:
+                    data = encoded[fmt] = encode_event(fmt, event)
+                except (TypeError, ValueError, OverflowError):
+                    # A transient event (presence) no format can carry: nobody gets it,
+                    # and no bystander is closed over it.
+                    log.warning("dropped a transient %s of %s: not encodable", event.type,
+                                self.session)
+                    return
             sub.offer(event, data)
 
 

@@ -102,5 +102,10 @@ class Metrics:
         # Children resolved once: ``labels()`` costs more than the increment on the hot path.
         self.published_stored = self.published.labels("false")
         self.published_transient = self.published.labels("true")
+        self.loop_lag = Histogram(
+            "tether_event_loop_lag_seconds",
+            "How late a timer on the event loop fires: the longest work done in one loop step "
+            "shows here", buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0, 5.0),
+            registry=r)
         self.attached = Gauge("tether_attachments", "Session attachments on this node",
                               registry=r)

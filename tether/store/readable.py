@@ -55,14 +55,14 @@ def decode_rows(session: str, epoch: str,
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            events.append(_placeholder(Event(session, epoch, seq, type_, None, sender, t),
+            events.append(placeholder(Event(session, epoch, seq, type_, None, sender, t),
                                        f"stored data does not decode: {exc}"))
             continue
         event = Event(session, epoch, seq, type_, data, sender, t)
         if isinstance(data, dict | list) and _nested(raw):
             problem = problem_with(data)
             if problem is not None:
-                event = _placeholder(event, problem)
+                event = placeholder(event, problem)
         events.append(event)
     return events
 
@@ -74,7 +74,7 @@ def _nested(raw: bytes | str) -> bool:
     return raw.count(b"{") + raw.count(b"[") > MAX_DELIVERABLE_DEPTH
 
 
-def _placeholder(event: Event, reason: str) -> Event:
+def placeholder(event: Event, reason: str) -> Event:
     UnreadableCounter.count += 1
     log.warning("unreadable event %s:%d (%s): %s", event.session, event.seq, event.type, reason)
     return unreadable(event, reason)
@@ -85,10 +85,10 @@ def checked(event: Event, raw: bytes | str) -> Event:
     if isinstance(event.data, dict | list) and _nested(raw):
         problem = problem_with(event.data)
         if problem is not None:
-            return _placeholder(event, problem)
+            return placeholder(event, problem)
     return event
 
 
 def undecodable(event: Event, exc: Exception) -> Event:
     """The placeholder of a stored entry that does not decode."""
-    return _placeholder(event, f"stored data does not decode: {exc}")
+    return placeholder(event, f"stored data does not decode: {exc}")
