@@ -1,14 +1,14 @@
 """No request does unbounded work in one step of the event loop, on a 100,000-event session.
 
-What would hold the loop is reading (and then folding, encoding) a long log without yielding:
-the test counts the events the store hands out to each request between two consecutive
+What would hold the loop is reading (and then folding, encoding) a long log without yielding.
+The test counts the events the store hands out to each request between two consecutive
 iterations of the loop (a callback that re-schedules itself with ``call_soon`` runs once per
-iteration) while the expensive requests run together — a bogus ``run.cancel`` (the run index
-is built), an AG-UI resume at the end of the log (its prefix is folded), an attach from the beginning (catch-up),
-an SSE stream from the beginning, a history page. Work is bounded per step by construction:
-at most one store page (``catchup_page`` = 500 events; a history page at most 1,000).
-This counts work rather than timing it, so it holds on a loaded machine; the time such steps
-take shows in ``tether_event_loop_lag_seconds``.
+iteration) while the expensive requests run together: a bogus ``run.cancel`` (the run index
+is built), an AG-UI resume at the end of the log (its prefix is folded), an attach from the
+beginning (catch-up), an SSE stream from the beginning, a history page. Work is bounded per
+step by construction: at most one store page (``catchup_page`` = 500 events; a history page
+at most 1,000). This counts work rather than timing it, so it holds on a loaded machine; the
+time such steps take shows in ``tether_event_loop_lag_seconds``.
 """
 
 from __future__ import annotations
