@@ -103,7 +103,6 @@ class Scheduler:
         self._http: aiohttp.ClientSession | None = None
         self._deliveries: set[asyncio.Task[None]] = set()
         self.retry_base = 0.5
-        runs.on_change = self.on_run_change
 
     async def start(self) -> None:
         await self.sync()

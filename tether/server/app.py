@@ -92,6 +92,7 @@ class Server:
         self.node_id = config.node_id or node_id(config.data_dir)
         self.runs = RunManager(self.store, self.node_id, lease_seconds=config.lease_seconds)
         self.scheduler = Scheduler(self.runs)
+        self.runs.on_change = self.scheduler.on_run_change  # webhooks hear run transitions
         self.sessions = SessionService(config, self.store, self.store, self.hub, self.runs,
                                        self.metrics)
         self.app = self._make_app()
