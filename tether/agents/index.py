@@ -34,7 +34,7 @@ from typing import Any
 
 from tether.agents.state import RunRecord, apply
 from tether.protocol.events import Event
-from tether.store.base import InProcessFanout, SessionStore
+from tether.store.base import SessionStore
 
 PAGE = 500  # events per read while building or catching up: ~1 ms of decoding and folding
 
@@ -88,10 +88,7 @@ class RunIndex:
         self.page = page
         self.tables: OrderedDict[str, RunTable] = OrderedDict()  # least recently used first
         self.records = 0  # runs across all cached tables
-        lossy = getattr(store, "live_is_lossy", None)
-        if lossy is None:  # a store that does not say: in-process fan-out is reliable
-            lossy = not isinstance(store, InProcessFanout)
-        self.lossy = bool(lossy)
+        self.lossy = store.live_is_lossy  # then every lookup first reads the log's tail
         self.reads = 0  # store reads made (builds and tails), for tests and metrics
 
     async def lookup(self, session: str, run_id: str) -> RunRecord | None:
