@@ -126,15 +126,20 @@ class StoreHealth:
         return 0.0 if self.failing_since is None else time.monotonic() - self.failing_since
 
 
+RateLimit = Literal["publish", "presence", "attach"]
+CountLimit = Literal["connections", "streams"]
+
+
 class _Subject:
-    __slots__ = ("attach", "connections", "presence", "publish", "streams")
+    __slots__ = ("buckets", "counts")
 
     def __init__(self, config: ServerConfig) -> None:
-        self.publish = TokenBucket(config.subject_publish_rate, config.subject_publish_burst)
-        self.presence = TokenBucket(config.subject_presence_rate, config.subject_presence_burst)
-        self.attach = TokenBucket(config.subject_attach_rate, config.subject_attach_burst)
-        self.connections = 0
-        self.streams = 0
+        self.buckets: dict[RateLimit, TokenBucket] = {
+            "publish": TokenBucket(config.subject_publish_rate, config.subject_publish_burst),
+            "presence": TokenBucket(config.subject_presence_rate, config.subject_presence_burst),
+            "attach": TokenBucket(config.subject_attach_rate, config.subject_attach_burst),
+        }
+        self.counts: dict[CountLimit, int] = {"connections": 0, "streams": 0}
 
 
 class SubjectLimits:
@@ -164,33 +169,33 @@ class SubjectLimits:
     def _forget_idle(self) -> None:
         for name in list(self._subjects)[: self.MAX_SUBJECTS // 10]:
             subject = self._subjects[name]
-            if not subject.connections and not subject.streams:
+            if not any(subject.counts.values()):
                 del self._subjects[name]
 
-    def take(self, sub: str, what: Literal["publish", "presence", "attach"]) -> None:
+    def take(self, sub: str, what: RateLimit) -> None:
         """Take one ``publish`` / ``presence`` / ``attach`` from ``sub``'s bucket, or refuse."""
-        bucket: TokenBucket = getattr(self._of(sub), what)
+        bucket = self._of(sub).buckets[what]
         if bucket.rate <= 0 or bucket.take():
             return
         raise RequestError(ErrorCode.RATE_LIMITED,
                            f"more than {bucket.rate:g} {what} per second for subject {sub!r}",
                            retry_after=bucket.wait())
 
-    def open(self, sub: str, what: Literal["connections", "streams"]) -> None:
+    def open(self, sub: str, what: CountLimit) -> None:
         """Count one more open ``connections`` / ``streams`` of ``sub``, or refuse."""
-        limit = getattr(self.config, f"subject_{what}")
-        subject = self._of(sub)
-        count: int = getattr(subject, what)
-        if limit and count >= limit:
+        limit = (self.config.subject_connections if what == "connections"
+                 else self.config.subject_streams)
+        counts = self._of(sub).counts
+        if limit and counts[what] >= limit:
             raise RequestError(ErrorCode.RATE_LIMITED,
                                f"subject {sub!r} has {limit} open {what} already",
                                retry_after=1.0)
-        setattr(subject, what, count + 1)
+        counts[what] += 1
 
-    def close(self, sub: str, what: Literal["connections", "streams"]) -> None:
+    def close(self, sub: str, what: CountLimit) -> None:
         subject = self._subjects.get(sub)
         if subject is not None:
-            setattr(subject, what, max(0, getattr(subject, what) - 1))
+            subject.counts[what] = max(0, subject.counts[what] - 1)
 
 
 def parse_session(session: object) -> str:
