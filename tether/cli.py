@@ -71,8 +71,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise SystemExit(f"tether: error: {exc}") from None
         for agent in agents:
             server.runs.register(agent)
-        await server.auth.start()  # JWKS URLs fetched before the first token can arrive
-        await server.start()
+        await server.start()  # JWKS URLs are fetched before it binds
         # Everything allocated so far lives as long as the process: keep it out of every
         # collection, and collect the young generation less often (the hot path allocates).
         gc.collect()
@@ -87,7 +86,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         await server.stop()
-        await server.auth.close()
 
     asyncio.run(run())
     return 0

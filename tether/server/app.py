@@ -111,6 +111,7 @@ class Server:
         app[SCHEDULER] = self.scheduler
         app[SESSIONS] = self.sessions
         app.cleanup_ctx.append(self._core)
+        app.cleanup_ctx.append(self.auth.lifespan)  # JWKS URLs fetched before binding
         http.install(app)  # first: its error middleware covers every feature's handlers
         connection.install(app)
         agui.install(app)

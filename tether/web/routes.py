@@ -28,7 +28,7 @@ from aiohttp import web
 
 from tether.agents.runner import RUN_INDEX
 from tether.protocol.events import valid_session_id
-from tether.server.auth import AuthError, issue_token
+from tether.server.auth import AuthError
 from tether.server.http import bearer_token
 from tether.server.keys import AUTH, CONFIG, RUNS, STORE
 
@@ -208,7 +208,7 @@ async def dev_login(request: web.Request) -> web.Response:
         return _error(400, "invalid", "'name': 1–32 letters, digits, spaces, . @ ' - or _")
     sub = name.strip()
     auth = request.app[AUTH]
-    token = issue_token(auth.secret, sub, DEV_SESSIONS, DEV_CAPS, DEV_TTL)
+    token = auth.issue(sub, DEV_SESSIONS, DEV_CAPS, DEV_TTL)
     grant = auth.verify(token)
     return web.Response(body=orjson.dumps({
         "token": token, "sub": sub, "sessions": DEV_SESSIONS, "caps": DEV_CAPS,
