@@ -56,16 +56,14 @@ async def read_body(service: ResponsesService, request: web.Request) -> Any:
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(f"The request body is larger than {limit} bytes.", code="invalid_value",
                        status=413)
-    chunks: list[bytes] = []
-    size = 0
+    body = bytearray()  # one growing buffer: no list of chunks joined into a second copy
     async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
+        if len(body) + len(chunk) > limit:
             raise ApiError(f"The request body is larger than {limit} bytes.",
                            code="invalid_value", status=413)
-        chunks.append(chunk)
+        body += chunk
     try:
-        return orjson.loads(b"".join(chunks))
+        return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise invalid_json(str(exc)) from None
 
