@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from tests.helpers import SECRET, Peer, token
 from tests.server.test_http import read_sse
@@ -30,17 +29,15 @@ def nested(depth: int) -> Any:
     return value
 
 
-@pytest.mark.parametrize("kind", ["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
-async def test_a_poison_event_is_a_placeholder_for_every_reader(
-        tmp_path: Path, kind: str, request: pytest.FixtureRequest) -> None:
-    url = request.getfixturevalue("redis_url") if kind == "redis" else None
-    server = Server(ServerConfig(port=0, secret=SECRET, data_dir=tmp_path, store_url=url))
+async def test_a_poison_event_is_a_placeholder_for_every_reader(tmp_path: Path) -> None:
+    # SQLite stores what it is given; Redis's own encoding refuses data this deep at append.
+    server = Server(ServerConfig(port=0, secret=SECRET, data_dir=tmp_path))
     await server.start()
     try:
         store = server.store
         sender = Sender("old-version")
         await store.append("s", "message", {"text": "before"}, sender)
-        await store.append("s", "message", nested(252), sender)  # frames cannot hold it
+        await store.append("s", "message", nested(254), sender)  # a frame cannot hold it
         await store.append("s", "message", {"text": "after"}, sender)
         base = f"http://127.0.0.1:{server.port}/v1/sessions/s"
         async with aiohttp.ClientSession() as http:
@@ -64,8 +61,7 @@ async def test_a_poison_event_is_a_placeholder_for_every_reader(
             assert "tether_unreadable_events_total" in await metrics.text()
     finally:
         await server.stop()
-    if kind == "sqlite":
-        check_doctor(tmp_path)
+    check_doctor(tmp_path)
 
 
 def check_doctor(data: Path) -> None:
@@ -84,7 +80,7 @@ async def test_a_poison_event_committed_live_reaches_subscribers_as_a_placeholde
         peer = await Peer.connect(server.port)
         await peer.hello()
         await peer.attach("live")
-        await server.store.append("live", "message", nested(252), Sender("old-version"))
+        await server.store.append("live", "message", nested(254), Sender("old-version"))
         await server.store.append("live", "message", {"text": "after"}, Sender("old-version"))
         first, second = await peer.events("live", 2)
         assert first["type"] == "tether.unreadable" and first["seq"] == 1

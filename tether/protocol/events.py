@@ -126,9 +126,10 @@ class Event:
 
 
 UNREADABLE = "tether.unreadable"
-# Containers nested deeper than this cannot be framed by every encoder (orjson stops at 255
-# levels, and the frame adds two); publish validation keeps new events far below it.
-MAX_DELIVERABLE_DEPTH = 200
+# Data nested deeper than this cannot be framed by every encoder: orjson refuses more than 254
+# levels and the event frame around the data adds one (measured: data 253 deep encodes, 254
+# does not). Publish validation keeps new events far below it (max_event_depth).
+MAX_DELIVERABLE_DEPTH = 253
 
 
 def unreadable(event: Event, reason: str) -> Event:
