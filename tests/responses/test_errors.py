@@ -262,3 +262,13 @@ async def test_shutdown_closes_with_going_away(tmp_path: Path) -> None:
         await sock.until(lambda e: False)
     assert sock.close_code == 1001
     await sock.close()
+
+
+async def test_too_many_input_items_are_refused_before_any_work(harness: Harness) -> None:
+    items = [{"type": "message", "role": "user", "content": "x"}] * 10_001
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(f"{harness.base_url}/responses", json={
+            "model": MODEL, "input": items}, headers={"Authorization": f"Bearer {token()}"})
+        body = await resp.json()
+    assert resp.status == 400 and body["error"]["code"] == "invalid_value"
+    assert body["error"]["param"] == "input"

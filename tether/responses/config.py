@@ -38,7 +38,7 @@ class ResponsesConfig:
     max_inflight: int = 16  # responses generating at once per connection; more are queued
     max_lanes: int = 32  # distinct named stream_ids per connection
     max_queued: int = 1024  # creates waiting per connection before reading pauses
-    max_message_bytes: int = 32 << 20  # a larger WebSocket message or HTTP body is refused
+    max_message_bytes: int = 8 << 20  # a larger WebSocket message or HTTP body is refused
     connection_cache: int = 64  # finished responses each connection keeps in memory
     node_cache: int = 512  # stored responses this node keeps in memory for any connection
     # Fields a continuation takes from its previous response when the request omits them
