@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType
 
+from tests.helpers import token
 from tether.server import Server
 from tether.server.connection import WsSink
 
@@ -51,3 +52,35 @@ async def test_a_plain_get_is_refused_with_a_json_error(server: Server) -> None:
         resp = await http.get(f"http://127.0.0.1:{server.port}/v1/ws")
         assert resp.status == 400
         assert (await resp.json())["error"]["code"] == "invalid"
+
+
+async def test_an_unsupported_subprotocol_is_refused_before_the_upgrade(server: Server) -> None:
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+            await http.ws_connect(f"http://127.0.0.1:{server.port}/v1/ws",
+                                  protocols=["tether.v2.json"])
+        assert caught.value.status == 400
+        resp = await http.get(f"http://127.0.0.1:{server.port}/v1/ws", headers={
+            "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Protocol": "graphql-ws"})
+        assert resp.status == 400
+        body = await resp.json()
+        assert body["error"]["code"] == "invalid" and "tether.v1.json" in body["error"]["message"]
+
+
+async def test_history_refuses_unknown_query_parameters_and_takes_cursor(
+        server: Server) -> None:
+    async with aiohttp.ClientSession() as http:
+        auth = {"Authorization": f"Bearer {token()}"}
+        url = f"http://127.0.0.1:{server.port}/v1/sessions/s/events"
+        await http.post(url, json={"type": "message", "data": 1}, headers=auth)
+        first = await (await http.get(url, headers=auth)).json()
+        cursor = first["events"][0]["cursor"]
+        resp = await http.get(url, params={"curser": cursor}, headers=auth)
+        body = await resp.json()
+        assert resp.status == 400 and "'curser'" in body["error"]["message"]
+        assert "after" in body["error"]["message"] and "limit" in body["error"]["message"]
+        by_alias = await (await http.get(url, params={"cursor": cursor}, headers=auth)).json()
+        by_name = await (await http.get(url, params={"after": cursor}, headers=auth)).json()
+        assert by_alias == by_name and by_alias["events"] == []

@@ -225,10 +225,10 @@ async def test_session_limit_and_rate_limit(server: Server) -> None:
     await peer.close()
 
 
-async def test_unsupported_subprotocol_is_closed_with_documented_code(server: Server) -> None:
+async def test_no_subprotocol_is_closed_with_documented_code(server: Server) -> None:
+    # Offering only unsupported ones is refused before the upgrade (test_connection.py).
     async with aiohttp.ClientSession() as http:
-        ws = await http.ws_connect(f"http://127.0.0.1:{server.port}/v1/ws",
-                                   protocols=["chat.v9"])
+        ws = await http.ws_connect(f"http://127.0.0.1:{server.port}/v1/ws")
         msg = await ws.receive()
         assert msg.type == aiohttp.WSMsgType.CLOSE
         assert ws.close_code == CloseCode.UNSUPPORTED_CODEC

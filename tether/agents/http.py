@@ -12,13 +12,21 @@ from aiohttp import web
 
 from tether.agents.schedule import parse_schedule
 from tether.protocol.codes import ErrorCode, RequestError
-from tether.server.http import caller_for, json_body, json_object, json_response, session_param
+from tether.server.http import (
+    caller_for,
+    json_body,
+    json_object,
+    json_response,
+    query,
+    session_param,
+)
 from tether.server.keys import RUNS, SCHEDULER, SESSIONS
 
 
 async def post_run(request: web.Request) -> web.Response:
     """Start a run of the session's agent (or the named one) with the given input."""
     session = session_param(request)
+    query(request, "token")
     caller = caller_for(request, session, "publish")
     body = await json_object(request)
     name = body.get("agent")
@@ -31,6 +39,7 @@ async def post_run(request: web.Request) -> web.Response:
 async def post_schedule(request: web.Request) -> web.Response:
     """Start runs on a timer: ``{"every": seconds}`` or ``{"cron": "*/5 * * * *"}``."""
     session = session_param(request)
+    query(request, "token")
     caller_for(request, session, "publish")
     schedule = parse_schedule(session, await json_body(request))
     await request.app[SCHEDULER].add(schedule)
@@ -39,6 +48,7 @@ async def post_schedule(request: web.Request) -> web.Response:
 
 async def get_schedules(request: web.Request) -> web.Response:
     session = session_param(request)
+    query(request, "token")
     caller_for(request, session, "subscribe")
     schedules = request.app[SCHEDULER].schedules.values()
     return json_response({"schedules": [s.to_dict() for s in schedules
@@ -47,6 +57,7 @@ async def get_schedules(request: web.Request) -> web.Response:
 
 async def delete_schedule(request: web.Request) -> web.Response:
     session = session_param(request)
+    query(request, "token")
     caller_for(request, session, "publish")
     await request.app[SCHEDULER].remove(session, request.match_info["schedule"])
     return json_response({"deleted": request.match_info["schedule"]})
@@ -55,6 +66,7 @@ async def delete_schedule(request: web.Request) -> web.Response:
 async def put_webhook(request: web.Request) -> web.Response:
     """``{"url": ..., "secret": ...}`` (or ``{"url": null}`` to remove it)."""
     session = session_param(request)
+    query(request, "token")
     caller_for(request, session, "admin")
     body = await json_object(request)
     url, secret = body.get("url"), body.get("secret")

@@ -208,7 +208,8 @@ def attached_frame(rid: RequestId, session: str, cursor: Cursor, resumed: bool,
                    snapshot: dict[str, Any] | None = None,
                    reason: str | None = None) -> dict[str, Any]:
     frame: dict[str, Any] = {"op": "attached", "id": rid, "session": session,
-                             "resumed": resumed, "cursor": str(cursor), "epoch": cursor.epoch}
+                             "resumed": resumed, "cursor": str(cursor), "epoch": cursor.epoch,
+                             "seq": cursor.seq}
     if not resumed:
         frame["snapshot"] = snapshot or {"events": [], "presence": []}
         frame["reason"] = reason or "fresh"

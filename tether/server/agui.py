@@ -89,7 +89,7 @@ from aiohttp import web
 from tether.protocol.codes import ErrorCode, RequestError, TetherError
 from tether.protocol.cursor import Cursor
 from tether.protocol.events import STREAM_APPEND, STREAM_END
-from tether.server.http import caller_for, session_param
+from tether.server.http import caller_for, query, session_param
 from tether.server.hub import Outbox
 from tether.server.keys import CONFIG, METRICS, SESSIONS
 from tether.server.metrics import Metrics
@@ -320,8 +320,9 @@ async def _fold(service: SessionService, translator: Translator, session: str, a
 async def get_agui(request: web.Request) -> web.StreamResponse:
     session = session_param(request)
     caller = caller_for(request, session, "subscribe")
-    cursor, index = parse_position(
-        request.headers.get("Last-Event-ID") or request.query.get("after"), session)
+    params = query(request, "after", "token")
+    cursor, index = parse_position(request.headers.get("Last-Event-ID") or params.get("after"),
+                                   session)
     service, config, metrics = request.app[SESSIONS], request.app[CONFIG], request.app[METRICS]
     translator = Translator(session)
     outbox: list[AguiOutbox] = []

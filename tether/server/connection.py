@@ -432,6 +432,15 @@ class WebSocketEndpoint:
         )
         if not ws.can_prepare(request).ok:
             raise RequestError(ErrorCode.INVALID, "expected a WebSocket upgrade")
+        offered = [p.strip() for p in
+                   request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        if offered and not set(offered) & set(SUBPROTOCOLS):
+            # Completing the handshake with no subprotocol would make standard clients fail
+            # the connection as 1006, which reads as "retry": refuse the upgrade instead.
+            self.metrics.errors.labels("unsupported_codec").inc()
+            raise RequestError(ErrorCode.INVALID,
+                               f"unsupported subprotocol {offered[0][:40]!r}: offer "
+                               + " or ".join(SUBPROTOCOLS))
         await ws.prepare(request)
         codec = CODECS.get(ws.ws_protocol or "")
         if codec is None:

@@ -80,6 +80,23 @@ def caller_for(request: web.Request, session: str, cap: str) -> Caller:
     return caller
 
 
+def query(request: web.Request, *allowed: str) -> dict[str, str]:
+    """The request's query parameters, refusing unknown ones (a typo would otherwise be
+    ignored silently). ``cursor`` is accepted wherever ``after`` is: the SDK and the CLI call
+    the position a cursor."""
+    params = dict(request.query)
+    if "cursor" in params and "after" in allowed:
+        if "after" in params:
+            raise RequestError(ErrorCode.INVALID, "give 'after' or its alias 'cursor', not both")
+        params["after"] = params.pop("cursor")
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        valid = ", ".join(sorted({*allowed, "cursor"} if "after" in allowed else allowed))
+        raise RequestError(ErrorCode.INVALID, f"unknown query parameter {unknown[0]!r}; "
+                                              f"this endpoint takes: {valid}")
+    return params
+
+
 def session_param(request: web.Request) -> str:
     return parse_session(request.match_info["session"])
 
@@ -101,6 +118,7 @@ async def json_object(request: web.Request) -> dict[str, Any]:
 
 async def post_event(request: web.Request) -> web.Response:
     session = session_param(request)
+    query(request, "token")
     caller = caller_for(request, session, "publish")
     if request.content_length is not None \
             and request.content_length > request.app[CONFIG].max_frame_bytes:
@@ -127,14 +145,15 @@ async def post_event(request: web.Request) -> web.Response:
 async def get_events(request: web.Request) -> web.Response:
     session = session_param(request)
     caller = caller_for(request, session, "subscribe")
-    cursor = parse_cursor(request.query.get("after"), session)
+    params = query(request, "after", "limit", "compact", "token")
+    cursor = parse_cursor(params.get("after"), session)
     try:
-        limit = int(request.query.get("limit", "100"))
+        limit = int(params.get("limit", "100"))
     except ValueError:
         raise RequestError(ErrorCode.INVALID, "'limit' must be an integer") from None
     if not 1 <= limit <= 1000:
         raise RequestError(ErrorCode.INVALID, "'limit' must be between 1 and 1000")
-    compact = request.query.get("compact", "").lower() in ("1", "true", "yes")
+    compact = params.get("compact", "").lower() in ("1", "true", "yes")
     page = await request.app[SESSIONS].history(caller, session, cursor, limit, compact)
     body: dict[str, Any] = {
         "session": session,
@@ -153,8 +172,8 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
     """The session as SSE: ``attached`` first, then every event; resumable by cursor."""
     session = session_param(request)
     caller = caller_for(request, session, "subscribe")
-    cursor = parse_cursor(request.headers.get("Last-Event-ID") or request.query.get("after"),
-                          session)
+    params = query(request, "after", "token")
+    cursor = parse_cursor(request.headers.get("Last-Event-ID") or params.get("after"), session)
     service = request.app[SESSIONS]
     stream = SseStream(request, service, caller, request.app[CONFIG], request.app[METRICS])
     # Errors up to here are HTTP errors; the response starts only once the attach succeeded.
