@@ -3,10 +3,13 @@ upstream, not a mock of tether: ``tests.helpers.ChatUpstream``), and the simulat
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tests.helpers import ChatUpstream
 from tether.agents.models import (
+    SIMULATED_TEXT,
     Finish,
     Message,
     OpenAIChatModel,
@@ -71,3 +74,43 @@ async def test_simulated_model_is_deterministic_and_scripted() -> None:
     again = [c async for c in SimulatedModel(seed=3, ttft=0, tokens_per_second=0,
                                              answer_tokens=12).stream(convo, [])]
     assert text == again and len([c for c in text if isinstance(c, TextDelta)]) == 12
+
+
+def _answer(seed: int, convo: list[Message], tokens: int = 60) -> str:
+    return "".join(SimulatedModel(seed=seed, answer_tokens=tokens).answer(convo))
+
+
+def test_simulated_answers_depend_only_on_the_seed_and_the_conversation() -> None:
+    hello = [Message("user", "hello")]
+    assert _answer(7, hello) == _answer(7, [Message("user", "hello")])
+    answers = {_answer(seed, hello) for seed in range(12)}
+    assert len(answers) > 1, "the seed picks where the answer starts"
+    longer = [*hello, Message("assistant", "hi"), Message("user", "hello")]
+    assert _answer(7, longer) == _answer(7, list(longer))
+    assert len({_answer(7, [Message("user", f"question {i}")]) for i in range(12)}) > 1
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 8, 12, 40, 60, 120, 2000])
+def test_simulated_answers_are_sentences_from_the_built_in_text(tokens: int) -> None:
+    split = re.compile(r"(?<=\.)\s+(?=[A-Z])")
+    known = {s for paragraph in SIMULATED_TEXT for s in split.split(paragraph)}
+    known |= {"Simulated.", "Simulated answer."}
+    for seed in range(6):
+        convo = [Message("system", "be brief"), Message("user", f"hello {seed}")]
+        pieces = SimulatedModel(seed=seed, answer_tokens=tokens).answer(convo)
+        assert len(pieces) == tokens  # one word per token, as many as asked
+        assert all(p.strip() and " " not in p.strip() for p in pieces)
+        text = "".join(pieces)
+        assert text[0].isupper() and text.endswith(".")
+        sentences = split.split(text)
+        assert all(s[0].isupper() and s.endswith(".") for s in sentences), text
+        assert set(sentences) <= known, text  # whole sentences of the text, nothing shuffled
+
+
+async def test_simulated_model_streams_its_sentences_token_by_token() -> None:
+    convo = [Message("user", "hello")]
+    model = SimulatedModel(seed=7, ttft=0, tokens_per_second=0, answer_tokens=30)
+    chunks = [c async for c in model.stream(convo, [])]
+    deltas = [c.text for c in chunks if isinstance(c, TextDelta)]
+    assert deltas == model.answer(convo) and len(deltas) == 30
+    assert isinstance(chunks[-1], Finish) and chunks[-1].usage["output_tokens"] == 30

@@ -7,7 +7,8 @@ message, so each feature can be tried on its own:
 * ``color`` → a front-end tool (``pick_color``) that a browser or SDK client runs;
 * ``report`` → a tool that needs approval (``publish_report``);
 * ``tools`` or ``demo`` → all three, in that order;
-* anything else → a plain streamed answer.
+* anything else → a plain streamed answer: a few sentences about tether from the simulated
+  model's built-in text (it does not read the message).
 """
 
 from __future__ import annotations

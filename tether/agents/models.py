@@ -4,8 +4,9 @@ A model turns a conversation (messages plus tool specs) into a stream of chunks:
 tool-call deltas, and one finish. Two adapters:
 
 * :class:`SimulatedModel` — a deterministic **simulation** of an LLM (no network, no weights),
-  the default for the demo agent and for benchmarks. Text comes from a seeded generator at a
-  configurable time-to-first-token and tokens/s; tool calls come from a script.
+  the default for the demo agent and for benchmarks. Text is sentences of a short built-in text
+  about tether, picked by a seed, at a configurable time-to-first-token and tokens/s; tool calls
+  come from a script.
 * :class:`OpenAIChatModel` — OpenAI-compatible Chat Completions with streaming and tools
   (OpenAI, vLLM, Ollama, llama.cpp's server), over httpx.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -95,13 +97,50 @@ class ModelError(Exception):
 
 # --- the simulation ---------------------------------------------------------------------------
 
-_PROSE = (
-    "the session log keeps every event in order so a client that reconnects resumes from its "
-    "cursor with nothing lost and nothing doubled while the agent keeps working on the server "
-    "tokens stream into the log and each device sees the same text tools run approvals wait "
-    "and results arrive when they are ready"
+# What the simulated model says: real sentences about tether, grouped in paragraphs. An answer
+# is a walk through them (see ``SimulatedModel.answer``); it never pretends to understand.
+SIMULATED_TEXT: tuple[str, ...] = (
+    "This is a simulated answer. The demo agent runs on a stand-in model that does not read "
+    "your message. Its sentences come from a short built-in text about tether, and the same "
+    "conversation always gets the same answer. Connect a real model through any "
+    "OpenAI-compatible server to get real answers.",
+    "Every session in tether is a durable log of events, kept in order on the server. "
+    "Messages, streamed answers, tool calls and approvals are all events in that log. Every "
+    "tab, device and person that opens the session reads the same log, so they all see the "
+    "same conversation. Nothing is lost.",
+    "A client remembers the cursor of the last event it received. When the connection drops, "
+    "it reconnects with backoff and resumes right after that cursor. Nothing is shown twice, "
+    "even in the middle of a streamed answer. A refresh works the same way: the page restores "
+    "what it showed and asks only for what came after. If the server cannot resume a cursor, "
+    "the client says so and rebuilds the conversation from a snapshot.",
+    "An answer streams into the log one token at a time while the agent keeps working on the "
+    "server. Closing the laptop does not stop the run. The answer is complete when you come "
+    "back. Anyone in the session can press **Stop**, which cancels the run for everyone. New "
+    "messages that arrive during a run wait in a queue.",
+    "Agents can call tools that run on the server, such as reading the current time. A "
+    "front-end tool runs in the browser instead, and the first tab to answer wins. Some tools "
+    "need a person to approve them before they run. The request waits in the log until "
+    "someone who may approve decides, possibly with edited arguments. Approvals survive "
+    "restarts. Type `tools` in a message to see all three kinds in one run.",
+    "Presence shows who is here, how many tabs they have open and who is typing. Share the "
+    "link of a session to open it on another device. Tokens decide which sessions a person "
+    "may read, write to or approve in. Sessions are durable.",
 )
-_WORDS = _PROSE.split()
+
+
+def _sentences(paragraph: str) -> list[str]:
+    return [s for s in re.split(r"(?<=\.) (?=[A-Z])", paragraph) if s]
+
+
+# (paragraph, words) for every sentence, in reading order.
+_SENTENCES: tuple[tuple[int, tuple[str, ...]], ...] = tuple(
+    (p, tuple(sentence.split()))
+    for p, paragraph in enumerate(SIMULATED_TEXT) for sentence in _sentences(paragraph))
+_PARAGRAPH_STARTS = tuple(i for i, (p, _) in enumerate(_SENTENCES)
+                          if i == 0 or _SENTENCES[i - 1][0] != p)
+_SHORTEST = min(len(words) for _, words in _SENTENCES)
+# Closing sentences for the last one or two words of an exact-length answer.
+_TAILS = {1: ("Simulated.",), 2: ("Simulated", "answer.")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +170,8 @@ class SimulatedModel:
 
     ``ttft`` seconds pass before the first chunk, then tokens arrive at ``tokens_per_second``
     (0 = as fast as possible). ``input_token_cost`` seconds per input token model prompt
-    processing. The text depends only on ``seed`` and the conversation length, so a rerun of a
-    step produces the same text.
+    processing. The text (see :meth:`answer`) depends only on ``seed``, the conversation's length
+    and its last message, so a rerun of a step produces the same text.
     """
 
     def __init__(self, *, seed: int = 0, ttft: float = 0.05, tokens_per_second: float = 65.0,
@@ -147,13 +186,37 @@ class SimulatedModel:
         self.name = name
 
     def answer(self, messages: Sequence[Message]) -> list[str]:
-        """The tokens of the text answer to ``messages``."""
+        """The tokens (words) of the text answer to ``messages``: exactly ``answer_tokens``.
+
+        Whole sentences of :data:`SIMULATED_TEXT`, read in order from the start of a paragraph
+        that the seed and the conversation pick; a sentence that does not fit in the words
+        left is skipped, and one or two words left end with "Simulated." or "Simulated
+        answer.". A new paragraph starts with a blank line (Markdown).
+        """
         last = messages[-1].content[:64] if messages else ""
         rng = random.Random(f"{self.seed}:{len(messages)}:{last}")
-        words = [rng.choice(_WORDS) for _ in range(self.answer_tokens)]
-        tokens = [(" " if i else "") + w for i, w in enumerate(words)]
-        tokens[0] = tokens[0].capitalize()
-        tokens[-1] += "."
+        left = max(0, self.answer_tokens)
+        tokens: list[str] = []
+        paragraph = -1
+        at = rng.choice(_PARAGRAPH_STARTS)
+        misses = 0  # sentences skipped in a row: a whole round of them means none fits
+        while left >= _SHORTEST and misses < len(_SENTENCES):
+            p, words = _SENTENCES[at % len(_SENTENCES)]
+            at += 1
+            if len(words) > left:
+                misses += 1
+                continue
+            misses = 0
+            first = "" if not tokens else " " if p == paragraph else "\n\n"
+            tokens.append(first + words[0])
+            tokens.extend(" " + w for w in words[1:])
+            paragraph = p
+            left -= len(words)
+        while left:
+            tail = _TAILS[min(left, 2)]
+            tokens.append(("" if not tokens else " ") + tail[0])
+            tokens.extend(" " + w for w in tail[1:])
+            left -= len(tail)
         return tokens
 
     async def stream(self, messages: Sequence[Message], tools: Sequence[ToolSpec]
