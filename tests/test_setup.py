@@ -1,0 +1,249 @@
+"""The README's set-up on a fresh clone: ``./scripts/serve`` with the system Python.
+
+Debian's ``/usr/bin/python3`` is "externally managed" (PEP 668): pip refuses to install into
+it, so the scripts make a virtual environment in ``.venv`` and install there. The module clones
+this checkout (committed files only), runs ``./scripts/serve`` with ``python3`` on PATH being
+``/usr/bin/python3``, waits for ``/healthz``, stops it with SIGINT, then starts it again and
+checks that the second start does not reinstall. One venv is made for the whole module (it
+downloads tether's dependencies, so it takes a while).
+
+The error paths (no Python 3.11+, Debian's python3-venv missing) run with fake ``python3`` and
+``apt-get`` commands on PATH and a copy of the script, with no network and no real apt-get.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+STAMP = Path(".venv") / "tether-install.stamp"
+UP_TO_DATE = ".venv is up to date with pyproject.toml: not reinstalling"
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def _system_python_version() -> tuple[int, int] | None:
+    if not SYSTEM_PYTHON.exists():
+        return None
+    done = subprocess.run([str(SYSTEM_PYTHON), "-c", "import sys; print(*sys.version_info[:2])"],
+                          capture_output=True, text=True, timeout=30)
+    major, minor = done.stdout.split()
+    return int(major), int(minor)
+
+
+def _env(bindir: Path) -> dict[str, str]:
+    """This environment with ``bindir`` first on PATH and no trace of the venv running pytest."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+    ours = {Path(sys.executable).parent, Path(sys.prefix) / "bin"}
+    path = [p for p in env.get("PATH", "").split(os.pathsep) if p and Path(p) not in ours]
+    env["PATH"] = os.pathsep.join([str(bindir), *path])
+    return env
+
+
+def _healthz(port: int) -> int | None:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+@dataclass
+class Start:
+    output: str
+    seconds: float  # from the command to /healthz answering 200
+    returncode: int  # after SIGINT
+
+
+def serve_once(clone: Path, env: dict[str, str], timeout: float = 540) -> Start:
+    """``./scripts/serve --port N`` in ``clone``: waits for /healthz 200, then SIGINT."""
+    port = free_port()
+    log_path = clone.parent / f"serve-{port}.log"
+    started = time.monotonic()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(["./scripts/serve", "--port", str(port)], cwd=clone, env=env,
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            deadline = started + timeout
+            while _healthz(port) != 200:
+                if proc.poll() is not None:
+                    pytest.fail(f"./scripts/serve exited with {proc.returncode}:\n"
+                                + log_path.read_text(errors="replace")[-6000:])
+                if time.monotonic() > deadline:
+                    pytest.fail("no /healthz 200 in time:\n"
+                                + log_path.read_text(errors="replace")[-6000:])
+                time.sleep(0.2)
+            seconds = time.monotonic() - started
+            proc.send_signal(signal.SIGINT)  # the script exec'd `python -m tether serve`
+            returncode = proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # pip or the server, whatever still runs
+                proc.wait(10)
+    return Start(log_path.read_text(errors="replace"), seconds, returncode)
+
+
+@dataclass
+class Clone:
+    path: Path
+    env: dict[str, str]
+    first: Start
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clone]:
+    """A fresh clone set up by its first ``./scripts/serve`` with the system Python."""
+    version = _system_python_version()
+    if version is None:
+        pytest.skip(f"{SYSTEM_PYTHON} is missing (this test sets up with the system Python)")
+    if version < (3, 11):
+        pytest.skip(f"{SYSTEM_PYTHON} is {version[0]}.{version[1]}; tether needs 3.11+")
+    git = shutil.which("git")
+    if git is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout with git installed: nothing to clone")
+    base = tmp_path_factory.mktemp("setup")
+    subprocess.run([git, "clone", "-q", "--local", str(ROOT), str(base / "tether")],
+                   check=True, timeout=120)
+    bindir = base / "bin"
+    bindir.mkdir()
+    (bindir / "python3").symlink_to(SYSTEM_PYTHON)
+    env = _env(bindir)
+    path = base / "tether"
+    first = serve_once(path, env)
+    print(f"\nfirst ./scripts/serve (venv + install): {first.seconds:.1f} s to /healthz 200")
+    yield Clone(path, env, first)
+
+
+def test_the_readme_sets_up_with_the_two_scripts() -> None:
+    """What this module runs is what the README's "Run it" tells a newcomer to run."""
+    readme = (ROOT / "README.md").read_text()
+    run_it = readme.split("## Run it", 1)[1].split("\n## ", 1)[0]
+    blocks = [block.split("```", 1)[0] for block in run_it.split("```sh\n")[1:]]
+    commands = [line.split("#", 1)[0].strip() for block in blocks
+                for line in block.splitlines() if line.strip()]
+    assert commands == ["./scripts/serve", "./scripts/test"]
+    assert ".venv/bin/tether" in run_it and ". .venv/bin/activate" in run_it
+
+
+def test_first_start_makes_the_venv_with_the_system_python(clone: Clone) -> None:
+    out = clone.first.output
+    assert "externally-managed-environment" not in out
+    assert "creating .venv with" in out and "installing tether into .venv" in out, out[-3000:]
+    assert clone.first.returncode == 0, out[-3000:]
+    cfg = (clone.path / ".venv" / "pyvenv.cfg").read_text()
+    system = subprocess.run([str(SYSTEM_PYTHON), "--version"], capture_output=True, text=True,
+                            check=True).stdout.split()[1]
+    assert f"version = {system}" in cfg  # made by /usr/bin/python3, not pyenv's
+    assert (clone.path / STAMP).is_file()
+    assert (clone.path / "tether-data").is_dir()  # the README: data in ./tether-data
+
+
+def test_second_start_does_not_reinstall(clone: Clone) -> None:
+    stamp = (clone.path / STAMP).stat().st_mtime_ns
+    second = serve_once(clone.path, clone.env, timeout=60)
+    print(f"\nsecond ./scripts/serve: {second.seconds:.1f} s to /healthz 200")
+    assert UP_TO_DATE in second.output, second.output[-3000:]
+    assert "installing tether" not in second.output and "Collecting" not in second.output
+    assert "WARNING: Location" not in second.output  # no pip at all
+    assert (clone.path / STAMP).stat().st_mtime_ns == stamp
+    assert second.returncode == 0, second.output[-3000:]
+
+
+def test_the_venv_has_the_tether_command(clone: Clone) -> None:
+    """The README's ``.venv/bin/tether …`` runs from the clone."""
+    done = subprocess.run([".venv/bin/tether", "token", "--sub", "alice", "--session", "demo*",
+                           "--ttl", "1h"], cwd=clone.path, env=clone.env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count(".") == 2  # a JWT
+
+
+def test_a_changed_pyproject_reinstalls(clone: Clone) -> None:
+    pyproject = clone.path / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text() + "\n# changed\n")
+    done = subprocess.run(["bash", "-c", "source scripts/serve && ensure_venv"], cwd=clone.path,
+                          env=clone.env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "installing tether into .venv" in done.stderr
+    done = subprocess.run(["bash", "-c", "source scripts/serve && ensure_venv"], cwd=clone.path,
+                          env=clone.env, capture_output=True, text=True, timeout=60)
+    assert UP_TO_DATE in done.stderr and "installing tether" not in done.stderr
+
+
+# --- error paths, with fake commands ------------------------------------------------------------
+
+
+def _script_copy(tmp_path: Path) -> Path:
+    """scripts/serve and pyproject.toml alone in a folder with no .venv."""
+    (tmp_path / "proj" / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "serve", tmp_path / "proj" / "scripts" / "serve")
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "proj" / "pyproject.toml")
+    return tmp_path / "proj"
+
+
+def _fake(bindir: Path, name: str, body: str) -> None:
+    bindir.mkdir(exist_ok=True)
+    (bindir / name).write_text("#!/bin/sh\n" + body)
+    (bindir / name).chmod(0o755)
+
+
+def test_an_old_python_gets_one_line_saying_how_to_get_3_11(tmp_path: Path) -> None:
+    proj = _script_copy(tmp_path)
+    _fake(tmp_path / "bin", "python3", 'echo 3.9\n')
+    done = subprocess.run(["./scripts/serve"], cwd=proj, env=_env(tmp_path / "bin"),
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "Python 3.11 or newer" in lines[0] and "python3 is 3.9" in lines[0]
+    assert "apt-get install python3" in lines[0] and "pyenv" in lines[0]
+    assert not (proj / ".venv").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as non-root the script would sudo the real apt-get")
+def test_a_missing_python3_venv_is_installed_with_apt_get(tmp_path: Path) -> None:
+    """Debian's python3 without python3.X-venv: `python3 -m venv` fails naming the package."""
+    proj = _script_copy(tmp_path)
+    bindir, log = tmp_path / "bin", tmp_path / "apt.log"
+    _fake(bindir, "python3", f"""\
+case "$*" in
+  *version_info*) echo 3.11 ;;
+  --version) echo Python 3.11.2 ;;
+  "-m venv .venv")
+    if [ -e {log} ]; then mkdir -p .venv; exit 0; fi
+    mkdir -p .venv/bin
+    echo "The virtual environment was not created successfully because ensurepip is not"
+    echo "available.  On Debian/Ubuntu systems, you need to install the python3-venv"
+    echo "package using the following command."
+    echo "    apt install python3.11-venv"
+    exit 1 ;;
+  *) exit 3 ;;
+esac
+""")
+    _fake(bindir, "apt-get", f'echo "$*" >> {log}\n')
+    done = subprocess.run(["./scripts/serve"], cwd=proj, env=_env(bindir),
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert "installing python3.11-venv" in done.stderr, done.stderr
+    assert log.read_text().splitlines() == ["update -qq", "install -y -qq python3.11-venv"]
+    # The fake venv has no python: the install after it fails, and says so.
+    assert done.returncode != 0
