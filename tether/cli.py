@@ -1,18 +1,25 @@
-"""The ``tether`` command: serve, token, tail, publish."""
+"""The ``tether`` command: serve, token, tail, publish.
+
+Every expected failure (a refused token, an unreachable server, a port in use, a bad
+argument) is one ``tether: error: …`` line on stderr and a non-zero exit, never a traceback;
+Ctrl-C stops any command quietly with exit status 130.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import errno
 import gc
+import logging
 import os
 import signal
 import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import orjson
 
@@ -22,14 +29,94 @@ from tether.server.auth import (
     issue_token,
     parse_ttl,
     signing_secret,
+    user_secret_path,
 )
+
+if TYPE_CHECKING:
+    from tether.client import Client
+
+T = TypeVar("T")
+PUBLISH_TIMEOUT = 10.0  # seconds `tether publish` waits for the server by default
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # one-line reason, non-zero exit
-        self.print_usage(sys.stderr)
-        sys.stderr.write(f"tether: error: {message}\n")
+    def error(self, message: str) -> Any:  # one line, non-zero exit
+        sys.stderr.write(f"tether: error: {message} (see `{self.prog} --help`)\n")
         raise SystemExit(2)
+
+
+class CommandError(Exception):
+    """An expected failure: :func:`main` prints it as one ``tether: error:`` line, exit 1."""
+
+
+def fail(message: str) -> NoReturn:
+    raise CommandError(message)
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: give a number from 1 "
+                                         "to 65535") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range (1-65535)")
+    return port
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: give seconds, e.g. 5")
+    return value
+
+
+class _Interrupted(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def run_command(main: Callable[[], Awaitable[T]]) -> T:
+    """``asyncio.run(main())`` for a command: SIGINT (Ctrl-C) or SIGTERM cancels ``main``,
+    which cleans up (closes its client), then the process exits with 128 + the signal
+    number, quietly."""
+    received: list[int] = []
+
+    async def wrapper() -> T:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def on_signal(signum: int) -> None:
+            if not received:
+                task.cancel()
+            received.append(signum)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig)
+
+        def on_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            if not received:  # once interrupted, sockets torn down mid-way are expected
+                loop.default_exception_handler(context)
+
+        loop.set_exception_handler(on_loop_error)
+        try:
+            return await main()
+        except asyncio.CancelledError:
+            if received:
+                raise _Interrupted(received[0]) from None
+            raise
+
+    try:
+        return asyncio.run(wrapper())
+    except _Interrupted as exc:
+        raise SystemExit(128 + exc.signum) from None
+    except KeyboardInterrupt:  # before the handlers were installed
+        raise SystemExit(128 + signal.SIGINT) from None
 
 
 def _install_uvloop() -> None:
@@ -44,51 +131,103 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from tether.server import Server, ServerConfig
     from tether.store import Retention
 
-    config = ServerConfig.from_env(
-        host=args.host, port=args.port, data_dir=Path(args.data) if args.data else None,
-        store_url=args.store, secret=args.secret, heartbeat=args.heartbeat,
-        outbound_buffer_bytes=args.buffer, log_level=args.log_level, node_id=args.node,
-        secret_file=Path(args.secret_file) if args.secret_file else None,
-        public_key_file=tuple(args.public_key) if args.public_key else None,
-        jwks=tuple(args.jwks) if args.jwks else None, jwks_refresh=args.jwks_refresh,
-    )
-    if args.retention_events is not None or args.retention_age is not None:
-        config.retention = Retention(
-            max_events=args.retention_events or config.retention.max_events,
-            max_age=parse_ttl(args.retention_age) if args.retention_age
-            else config.retention.max_age,
-            idempotency_window=config.retention.idempotency_window)
+    try:
+        config = ServerConfig.from_env(
+            host=args.host, port=args.port, data_dir=Path(args.data) if args.data else None,
+            store_url=args.store, secret=args.secret, heartbeat=args.heartbeat,
+            outbound_buffer_bytes=args.buffer, log_level=args.log_level, node_id=args.node,
+            secret_file=Path(args.secret_file) if args.secret_file else None,
+            public_key_file=tuple(args.public_key) if args.public_key else None,
+            jwks=tuple(args.jwks) if args.jwks else None, jwks_refresh=args.jwks_refresh,
+            user_secret=user_secret_path(),
+        )
+        if args.retention_events is not None or args.retention_age is not None:
+            config.retention = Retention(
+                max_events=args.retention_events or config.retention.max_events,
+                max_age=parse_ttl(args.retention_age) if args.retention_age
+                else config.retention.max_age,
+                idempotency_window=config.retention.idempotency_window)
+    except ValueError as exc:
+        fail(str(exc))
+    if not 1 <= config.port <= 65535:  # the flag is checked by argparse; TETHER_PORT here
+        fail(f"port {config.port} is out of range (1-65535)")
     logs.configure(config.log_level)
     _install_uvloop()
 
     agents = [load_agent(spec) for spec in (args.agent or ["tether.agents.demo:demo_agent"])
               if spec != "none"]
 
-    async def run() -> None:
+    async def run() -> int:
         try:
             server = Server(config)
-        except KeyConfigError as exc:
-            raise SystemExit(f"tether: error: {exc}") from None
+        except (KeyConfigError, ValueError) as exc:
+            fail(str(exc))
         for agent in agents:
             server.runs.register(agent)
-        await server.start()  # JWKS URLs are fetched before it binds
+        stop = asyncio.Event()
+        received: list[int] = []
+        loop = asyncio.get_running_loop()
+
+        def on_signal(signum: int) -> None:
+            received.append(signum)
+            stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig)
+        starting = loop.create_task(_start(server, config))  # JWKS URLs are fetched first
+        stopping = loop.create_task(stop.wait())
+        await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # interrupted while starting
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            await server.stop()
+            return 128 + received[0]
+        stopping.cancel()
+        starting.result()  # a failure to start: one line (CommandError)
         # Everything allocated so far lives as long as the process: keep it out of every
         # collection, and collect the young generation less often (the hot path allocates).
         gc.collect()
         gc.freeze()
         gc.set_threshold(20_000, 20, 20)
         print(f"tether serving on http://{config.host}:{server.port} "
-              f"(WebSocket {server.url}/v1/ws, store {config.resolved_store_url()})",
-              flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+              f"(WebSocket {server.url}/v1/ws, store {config.resolved_store_url()}, "
+              f"secret {server.auth.secret_source})", flush=True)
         await stop.wait()
         await server.stop()
+        # Ctrl-C: 130, as a shell expects of an interrupted command; SIGTERM is the
+        # ordinary way to stop a service: 0.
+        return 128 + received[0] if received[0] == signal.SIGINT else 0
 
-    asyncio.run(run())
-    return 0
+    try:
+        return asyncio.run(run())
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+
+
+def _os_reason(exc: OSError) -> str:
+    """"Address already in use" rather than aiohttp's and asyncio's longer wording."""
+    return os.strerror(exc.errno) if exc.errno else (exc.strerror or str(exc))
+
+
+async def _start(server: Any, config: Any) -> None:
+    """``server.start()``, with the expected failures as one line each."""
+    try:
+        await server.start()
+    except OSError as exc:
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL) or \
+                "bind" in str(exc):
+            reason = _os_reason(exc)
+            hint = " (is another server running there? choose another --port)" \
+                if exc.errno == errno.EADDRINUSE else ""
+            fail(f"cannot listen on {config.host}:{config.port}: {reason}{hint}")
+        fail(f"cannot start: {exc}")
+    except Exception as exc:
+        from tether.store.base import StoreError
+
+        if isinstance(exc, StoreError) or type(exc).__module__.split(".")[0] == "redis":
+            fail(f"cannot use the store: {exc}")
+        raise
 
 
 def load_agent(spec: str) -> Any:
@@ -99,42 +238,46 @@ def load_agent(spec: str) -> Any:
 
     module_name, _, attr = spec.partition(":")
     if not attr:
-        raise SystemExit(f"tether: error: --agent {spec!r} must look like module:object")
+        fail(f"--agent {spec!r} must look like module:object")
     try:
         obj = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise SystemExit(f"tether: error: cannot load agent {spec!r}: {exc}") from None
+        fail(f"cannot load agent {spec!r}: {exc}")
     agent = obj() if callable(obj) and not isinstance(obj, Agent) else obj
     if not isinstance(agent, Agent):
-        raise SystemExit(f"tether: error: {spec!r} is not a tether Agent")
+        fail(f"{spec!r} is not a tether Agent")
     return agent
 
 
 def _signing_key(args: argparse.Namespace) -> tuple[str, str | None]:
-    """(secret, kid) that signs tokens, found as ``tether serve`` finds it."""
+    """(secret, kid) that signs tokens, found as ``tether serve`` finds it; never created.
+
+    --secret-file / TETHER_SECRET_FILE, --secret / TETHER_SECRET, DATA/secret, then the
+    per-user secret that ``tether serve`` creates (see :func:`user_secret_path`).
+    """
     from tether.server.config import ServerConfig
 
-    config = ServerConfig.from_env(
-        data_dir=Path(args.data) if args.data else None, secret=args.secret,
-        secret_file=Path(args.secret_file) if args.secret_file else None)
     try:
-        return signing_secret(config.secret, config.secret_file, config.data_dir)
-    except KeyConfigError as exc:
-        raise SystemExit(f"tether: error: {exc}") from None
+        config = ServerConfig.from_env(
+            data_dir=Path(args.data) if args.data else None, secret=args.secret,
+            secret_file=Path(args.secret_file) if args.secret_file else None)
+        return signing_secret(config.secret, config.secret_file, config.data_dir,
+                              user_secret=user_secret_path(), create=False)
+    except (KeyConfigError, ValueError) as exc:
+        fail(str(exc))
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
-    # Arguments first: a refused command must not create DATA/secret.
+    # Arguments first (and no secret is ever created here).
     caps = [c.strip() for c in args.caps.split(",") if c.strip()]
     unknown = set(caps) - set(CAPABILITIES)
     if unknown:
-        raise SystemExit(f"tether: error: unknown capability {sorted(unknown)[0]!r} "
-                         f"(choose from {', '.join(CAPABILITIES)})")
+        fail(f"unknown capability {sorted(unknown)[0]!r} "
+             f"(choose from {', '.join(CAPABILITIES)})")
     try:
         ttl = None if args.ttl in ("0", "none", "never") else parse_ttl(args.ttl)
     except ValueError:
-        raise SystemExit(
-            f"tether: error: bad --ttl {args.ttl!r} (e.g. 90s, 15m, 1h, 7d)") from None
+        fail(f"bad --ttl {args.ttl!r} (e.g. 90s, 15m, 1h, 7d)")
     secret, kid = _signing_key(args)
     print(issue_token(secret, args.sub, args.session or ["*"], caps, ttl, kid=kid))
     return 0
@@ -155,47 +298,177 @@ def _line(event: Any) -> dict[str, Any]:
             "sender": event.sender, "time": event.time}
 
 
-def _cmd_tail(args: argparse.Namespace) -> int:
-    from tether.client import Client, Snapshot
+class _ConnectErrors(logging.Handler):
+    """Keeps the client's last "connect failed" reason, to say why a server is unreachable."""
 
-    _install_uvloop()
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.last: BaseException | None = None
 
-    async def run() -> None:
-        async with Client(args.url, token=_token_for(args)) as client:
-            session = await client.attach(args.session_id, cursor=args.cursor)
-            async for event in session:
-                if isinstance(event, Snapshot):
-                    # Continuity lost (log recreated or trimmed): say so, then the history.
-                    print(orjson.dumps({"continuity_lost": event.reason,
-                                        "cursor": event.cursor}).decode(), flush=True)
-                    for old in event.events:
-                        print(orjson.dumps(_line(old)).decode(), flush=True)
-                    continue
-                print(orjson.dumps(_line(event)).decode(), flush=True)
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args
+        if record.msg.startswith("tether: connect to") and isinstance(args, tuple) \
+                and len(args) == 2 and isinstance(args[1], BaseException):
+            self.last = args[1]
+
+    def reason(self) -> str:
+        exc = self.last
+        if exc is None:
+            return ""
+        os_error = getattr(exc, "os_error", None)  # aiohttp's ClientConnectorError
+        if isinstance(os_error, OSError) and (os_error.errno or os_error.strerror):
+            return f": {_os_reason(os_error).lower()}"
+        status = getattr(exc, "status", None)  # a handshake refused with an HTTP status
+        if isinstance(status, int) and status:
+            return f": HTTP {status} (is it a tether server?)"
+        return f": {exc}" if str(exc) else f": {type(exc).__name__}"
+
+    @contextlib.contextmanager
+    def installed(self) -> Any:
+        logger = logging.getLogger("tether.client")
+        level = logger.level
+        logger.addHandler(self)
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+        try:
+            yield self
+        finally:
+            logger.removeHandler(self)
+            logger.setLevel(level)
+
+
+def client_error(exc: BaseException, url: str) -> str:
+    """One line for an error the client SDK raised."""
+    from tether.client import AttachError, ConnectionFailed, RequestFailed
+    from tether.protocol.codes import CloseCode
+
+    if isinstance(exc, ConnectionFailed):
+        reason = exc.reason or str(exc)
+        if exc.code == CloseCode.UNAUTHORIZED:
+            if "signature" in reason.lower():
+                return ("the server refused the token (signed with another secret? mint it "
+                        "with the server's secret: run `tether token` as the user running the "
+                        "server, or pass --secret-file FILE): " + reason)
+            return f"the server refused the token: {reason}"
+        if exc.code == CloseCode.TOKEN_EXPIRED:
+            return "the token has expired: mint a new one with `tether token`"
+        if exc.code is not None:
+            return f"{url} closed the connection (code {exc.code}): {reason}"
+        return f"{url}: {reason}"
+    if isinstance(exc, RequestFailed):
+        what = "attach" if isinstance(exc, AttachError) else "request"
+        if exc.code == "forbidden":
+            return f"forbidden: {exc.message} (mint a token that allows it: `tether token " \
+                   "--session … --caps …`)"
+        if exc.code == "bad_cursor":
+            return f"bad cursor: {exc.message}"
+        return f"{what} refused: {exc}"
+    return str(exc) or type(exc).__name__
+
+
+def _check_cursor(cursor: str | None) -> None:
+    from tether.protocol.cursor import Cursor, CursorError
+
+    if cursor is not None:
+        try:
+            Cursor.parse(cursor)
+        except CursorError as exc:
+            fail(f"bad cursor {cursor!r}: {exc} (a cursor looks like EPOCH:SEQ)")
+
+
+def _client(args: argparse.Namespace, **options: Any) -> Client:
+    from tether.client import Client
 
     try:
-        asyncio.run(run())
-    except KeyboardInterrupt:
-        pass
+        return Client(args.url, token=_token_for(args), **options)
+    except ValueError as exc:
+        fail(f"--url {args.url}: {exc}")
+
+
+def _cmd_tail(args: argparse.Namespace) -> int:
+    from tether.client import ConnectionState, Snapshot, TetherError
+
+    _check_cursor(args.cursor)
+    _install_uvloop()
+    client = _client(args)
+    say = _StateLines(args.url)
+    client.on_state(say)
+
+    async def run() -> None:
+        try:
+            async with client:
+                session = await client.attach(args.session_id, cursor=args.cursor)
+                async for event in session:
+                    if isinstance(event, Snapshot):
+                        # Continuity lost (log recreated or trimmed): say so, then the history.
+                        print(orjson.dumps({"continuity_lost": event.reason,
+                                            "cursor": event.cursor}).decode(), flush=True)
+                        for old in event.events:
+                            print(orjson.dumps(_line(old)).decode(), flush=True)
+                        continue
+                    print(orjson.dumps(_line(event)).decode(), flush=True)
+        except (TetherError, ValueError) as exc:
+            fail(client_error(exc, args.url))
+        if client.state is not ConnectionState.CLOSED:
+            fail(f"{args.url} ended the session")
+
+    try:
+        run_command(run)
     except BrokenPipeError:  # piped into head(1) and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
+class _StateLines:
+    """Says on stderr when ``tether tail`` loses its server and when it is back."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.connected = False
+        self.away = False
+
+    def __call__(self, state: Any) -> None:
+        from tether.client import ConnectionState
+
+        if state is ConnectionState.RECONNECTING and not self.away:
+            self.away = True
+            what = "lost the connection to" if self.connected else "cannot reach"
+            print(f"tether: {what} {self.url}; retrying (Ctrl-C to stop)", file=sys.stderr,
+                  flush=True)
+        elif state is ConnectionState.CONNECTED:
+            if self.away:
+                print(f"tether: connected to {self.url}", file=sys.stderr, flush=True)
+            self.connected = True
+            self.away = False
+
+
 def _cmd_publish(args: argparse.Namespace) -> int:
-    from tether.client import Client
+    from tether.client import TetherError
 
     try:
         data = orjson.loads(args.json)
     except orjson.JSONDecodeError as exc:
-        raise SystemExit(f"tether: error: JSON argument does not parse: {exc}") from None
+        fail(f"JSON argument does not parse: {exc}")
+    client = _client(args, connect_timeout=args.timeout)
+    errors = _ConnectErrors()
 
     async def run() -> str | None:
-        async with Client(args.url, token=_token_for(args)) as client:
-            session = await client.attach(args.session_id)
-            return await session.publish(args.type, data)
+        try:
+            async with asyncio.timeout(args.timeout):
+                async with client:
+                    session = await client.attach(args.session_id)
+                    return await session.publish(args.type, data)
+        except TimeoutError:
+            if client.welcome is None:
+                fail(f"cannot reach {args.url} (is the server running?){errors.reason()}")
+            fail(f"{args.url} did not confirm the publish within {args.timeout:g} s "
+                 "(it may still commit; publish again to retry safely only with the same "
+                 "idempotency key)")
+        except TetherError as exc:
+            fail(client_error(exc, args.url))
 
-    print(asyncio.run(run()))
+    with errors.installed():
+        print(run_command(run))
     return 0
 
 
@@ -221,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run a tether server")
     serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=None, help="port (default 8765)")
+    serve.add_argument("--port", type=_port, default=None, help="port (default 8765)")
     serve.add_argument("--data", default=None, help="data folder (default ./tether-data)")
     serve.add_argument("--store", default=None,
                        help="store URL: sqlite:///DIR (default: sqlite in --data), redis://HOST:PORT/DB")
@@ -276,8 +549,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "publish":
             p.add_argument("type", metavar="TYPE")
             p.add_argument("json", metavar="JSON")
+            p.add_argument("--timeout", type=_seconds, default=PUBLISH_TIMEOUT,
+                           metavar="SECONDS",
+                           help="give up when the server has not confirmed the publish "
+                                f"within this time (default {PUBLISH_TIMEOUT:g})")
         else:
-            p.add_argument("--cursor", default=None, help="resume after this cursor")
+            p.add_argument("--cursor", "--after", dest="cursor", default=None,
+                           metavar="CURSOR",
+                           help="resume after this cursor (--after: the same, named like "
+                                "the HTTP parameter)")
         p.add_argument("--url", default="ws://127.0.0.1:8765", help="server URL")
         p.add_argument("--token", default=None,
                        help="access token (default TETHER_TOKEN, else minted from the data folder)")
@@ -291,7 +571,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except CommandError as exc:
+        sys.stderr.write(f"tether: error: {exc}\n")
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

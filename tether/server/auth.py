@@ -432,13 +432,17 @@ class Authenticator:
                      for url in jwks_urls]
         self._cache_size = cache_size
         self._grants: dict[str, Grant] = {}
+        self.secret_source = "given"  # where the signing secret came from, for operators
 
     @classmethod
     def from_config(cls, config: ServerConfig) -> Authenticator:
         """The verifier a server's settings describe (raises :class:`KeyConfigError`).
 
         Secrets: ``secret_file`` if set, else ``secret`` / ``TETHER_SECRET`` /
-        ``DATA/secret`` (created once) as :func:`load_secret` finds it.
+        ``DATA/secret`` / ``user_secret`` (created once) as :func:`load_secret` finds it.
+        A shared store (Redis) needs a secret every node shares: ``secret_file``, ``secret`` or
+        ``TETHER_SECRET``; with public keys only, tether's own tokens (the dev login) are
+        signed with a random secret held in memory. Nothing is generated on disk for it.
         """
         if config.secret_file is not None and config.secret:
             raise KeyConfigError("give the secret either inline or as a file, not both")
@@ -458,10 +462,21 @@ class Authenticator:
             signing_kid, secret = pairs[0]
             keys += [Key(kid, ALGORITHM, value, f"secret file {config.secret_file}")
                      for kid, value in pairs if kid is not None]
+            source = f"secret file {config.secret_file}"
+        elif config.shared_store and not (config.secret or os.environ.get("TETHER_SECRET")):
+            if not keys and not urls:
+                raise KeyConfigError(
+                    f"the store {config.resolved_store_url()} is shared by every node, so "
+                    "they need the same secret: give it with --secret-file FILE (or "
+                    "TETHER_SECRET_FILE), or give public keys (--public-key, --jwks)")
+            secret, source = secrets.token_urlsafe(32), "a random secret of this process"
         else:
-            secret = load_secret(config.secret, config.data_dir)
-        return cls(secret, keys=keys, signing_kid=signing_kid, jwks_urls=urls,
+            secret, source = find_secret(config.secret, config.data_dir,
+                                         user_secret=config.user_secret)
+        auth = cls(secret, keys=keys, signing_kid=signing_kid, jwks_urls=urls,
                    jwks_refresh=config.jwks_refresh, jwks_cooldown=config.jwks_cooldown)
+        auth.secret_source = source
+        return auth
 
     # --- lifecycle (JWKS URLs) ------------------------------------------------------------
 
@@ -564,32 +579,102 @@ def read_secret_file(path: Path | str) -> list[tuple[str | None, str]]:
     return parse_secrets(text, f"secret file {path}")
 
 
-def signing_secret(explicit: str | None, secret_file: Path | str | None,
-                   data_dir: Path) -> tuple[str, str | None]:
+def user_secret_path() -> Path:
+    """The per-user secret: ``$XDG_CONFIG_HOME/tether/secret`` (``~/.config/tether/secret``).
+
+    ``tether serve`` keeps the secret it generates there (when the data folder has none), and
+    ``tether token`` / ``tail`` / ``publish`` read it, so they agree whatever the directory
+    each was started in.
+    """
+    base = os.environ.get("XDG_CONFIG_HOME", "")
+    root = Path(base) if base and os.path.isabs(base) else Path.home() / ".config"
+    return root / "tether" / SECRET_FILE
+
+
+class NoSecretError(KeyConfigError):
+    """No secret was given or found, and the caller may not create one."""
+
+
+def signing_secret(explicit: str | None, secret_file: Path | str | None, data_dir: Path, *,
+                   user_secret: Path | None = None, create: bool = True
+                   ) -> tuple[str, str | None]:
     """(secret, kid) that mints tokens: the first of ``secret_file``, else :func:`load_secret`."""
     if secret_file is not None and explicit:
         raise KeyConfigError("give the secret either inline or as a file, not both")
     if secret_file is not None:
         kid, secret = read_secret_file(secret_file)[0]
         return secret, kid
-    return load_secret(explicit, data_dir), None
+    return load_secret(explicit, data_dir, user_secret=user_secret, create=create), None
 
 
-def load_secret(explicit: str | None, data_dir: Path) -> str:
-    """The signing secret: ``explicit``, else ``TETHER_SECRET``, else ``DATA/secret`` (created)."""
+def load_secret(explicit: str | None, data_dir: Path, *, user_secret: Path | None = None,
+                create: bool = True) -> str:
+    """The signing secret: ``explicit``, else ``TETHER_SECRET``, else ``DATA/secret``, else
+    ``user_secret`` (when given); see :func:`find_secret`."""
+    return find_secret(explicit, data_dir, user_secret=user_secret, create=create)[0]
+
+
+def find_secret(explicit: str | None, data_dir: Path, *, user_secret: Path | None = None,
+                create: bool = True) -> tuple[str, str]:
+    """(secret, where it came from): ``explicit``, else ``TETHER_SECRET``, else an existing
+    ``DATA/secret``, else an existing ``user_secret`` (when given).
+
+    With none of them and ``create``: a new secret is written (mode 0600) to ``user_secret``
+    when given, else to ``DATA/secret``. Without ``create``: :class:`NoSecretError`.
+    """
     if explicit:
-        return explicit
+        return explicit, "given"
     env = os.environ.get("TETHER_SECRET")
     if env:
-        return env
-    path = data_dir / SECRET_FILE
-    if path.exists():
-        return path.read_text().strip()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_urlsafe(32)
-    # Create with 0600 before writing so the secret is never world-readable.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secret + "\n")
+        return env, "TETHER_SECRET"
+    in_data = data_dir / SECRET_FILE
+    candidates = [in_data] if user_secret is None else [in_data, user_secret]
+    for path in candidates:
+        if path.exists():
+            return _read_plain_secret(path), str(path)
+    if not create:
+        raise NoSecretError(
+            "no secret to sign tokens with: none given and none in "
+            f"{' or '.join(str(p) for p in candidates)}; start the server first "
+            "(`tether serve` creates one) or pass --secret-file FILE (the server's secret)")
+    if user_secret is None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return _create_secret(in_data), str(in_data)
+    user_secret.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return _create_secret(user_secret), str(user_secret)
+
+
+def _read_plain_secret(path: Path) -> str:
+    try:
+        secret = path.read_text().strip()
+    except OSError as exc:
+        raise KeyConfigError(f"secret {path}: {exc.strerror or exc}") from None
+    if not secret:
+        raise KeyConfigError(f"secret {path} is empty")
     return secret
 
+
+def _create_secret(path: Path) -> str:
+    """A new secret in ``path`` (mode 0600); if another process created it first, theirs.
+    The file appears complete or not at all (written aside, then linked into place)."""
+    secret = secrets.token_urlsafe(32)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    # Created with 0600 before writing so the secret is never readable by others.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(secret + "\n")
+        try:
+            os.link(tmp, path)  # fails if it exists: never replaces a secret
+        except FileExistsError:
+            return _read_plain_secret(path)
+        except OSError:  # a file system without hard links: exclusive create instead
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                return _read_plain_secret(path)
+            with os.fdopen(fd, "w") as f:
+                f.write(secret + "\n")
+    finally:
+        tmp.unlink(missing_ok=True)
+    return secret

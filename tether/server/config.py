@@ -8,8 +8,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TypeVar
 
 from tether.store.base import Retention
+
+_N = TypeVar("_N", int, float)
 
 
 @dataclass
@@ -20,6 +23,10 @@ class ServerConfig:
     # None = sqlite in data_dir; otherwise memory://, sqlite:///DIR or redis://HOST:PORT/DB
     store_url: str | None = None
     secret: str | None = None  # None = TETHER_SECRET, else a file in data_dir (created once)
+    # Where a secret is looked for after DATA/secret, and created when there is none at all
+    # (instead of DATA/secret). `tether serve` and `tether token` set the per-user file
+    # ($XDG_CONFIG_HOME/tether/secret) so they agree whatever their working directories.
+    user_secret: Path | None = None
     # A file of one secret, or of kid=secret lines / a JSON {kid: secret}: the first signs.
     # Replaces `secret` (both set: an error). Keeps secrets out of `ps` and the environment.
     secret_file: Path | None = None
@@ -70,24 +77,26 @@ class ServerConfig:
         for f in fields(cls):
             value = env.get(f"TETHER_{f.name.upper()}")
             if value is None or f.name in ("retention", "secret_file", "public_key_file",
-                                           "jwks"):
+                                           "jwks", "user_secret"):
                 continue
             current = getattr(config, f.name)
             if isinstance(current, bool):
                 setattr(config, f.name, value.lower() in ("1", "true", "yes", "on"))
             elif isinstance(current, int):
-                setattr(config, f.name, int(value))
+                setattr(config, f.name, _number(int, f"TETHER_{f.name.upper()}", value))
             elif isinstance(current, float):
-                setattr(config, f.name, float(value))
+                setattr(config, f.name, _number(float, f"TETHER_{f.name.upper()}", value))
             elif isinstance(current, Path):
                 setattr(config, f.name, Path(value))
             else:
                 setattr(config, f.name, value)
         config.retention = Retention(
-            max_events=int(env.get("TETHER_RETENTION_EVENTS", config.retention.max_events)),
-            max_age=float(env.get("TETHER_RETENTION_AGE", config.retention.max_age)),
-            idempotency_window=float(env.get("TETHER_IDEMPOTENCY_WINDOW",
-                                             config.retention.idempotency_window)),
+            max_events=_number(int, "TETHER_RETENTION_EVENTS", env.get(
+                "TETHER_RETENTION_EVENTS", str(config.retention.max_events))),
+            max_age=_number(float, "TETHER_RETENTION_AGE", env.get(
+                "TETHER_RETENTION_AGE", str(config.retention.max_age))),
+            idempotency_window=_number(float, "TETHER_IDEMPOTENCY_WINDOW", env.get(
+                "TETHER_IDEMPOTENCY_WINDOW", str(config.retention.idempotency_window))),
         )
         store = env.get("TETHER_STORE")
         if store:
@@ -110,6 +119,20 @@ class ServerConfig:
 
     def resolved_store_url(self) -> str:
         return self.store_url or f"sqlite://{self.data_dir}"
+
+    @property
+    def shared_store(self) -> bool:
+        """Whether several nodes may share the store (Redis): they must share keys too."""
+        return self.resolved_store_url().startswith(("redis:", "rediss:", "unix:"))
+
+
+def _number(kind: type[_N], name: str, value: str) -> _N:
+    """``value`` as ``kind``; a ValueError that names the variable otherwise."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not {'an integer' if kind is int else 'a number'}"
+                         ) from None
 
 
 def split_list(value: str) -> tuple[str, ...]:
