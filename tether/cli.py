@@ -576,6 +576,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandError as exc:
         sys.stderr.write(f"tether: error: {exc}\n")
         raise SystemExit(1) from None
+    except KeyboardInterrupt:  # Ctrl-C outside an event loop (loading, minting)
+        raise SystemExit(128 + signal.SIGINT) from None
 
 
 if __name__ == "__main__":
