@@ -408,6 +408,131 @@ def test_messages_cannot_inject_html(browser: Any, slow_server: ServerProcess) -
     alice.close()
 
 
+# Records how each message of the transcript is drawn the moment it first appears, and whether
+# the server's welcome (which names the subject) had arrived by then.
+FIRST_DRAWN = """
+(() => {
+  window.__firstDrawn = {};
+  new MutationObserver(() => {
+    for (const node of document.querySelectorAll("#transcript .msg.user[data-id]")) {
+      if (node.dataset.id in window.__firstDrawn) continue;
+      window.__firstDrawn[node.dataset.id] = {
+        who: node.querySelector(".who").textContent,
+        mine: node.classList.contains("mine"),
+        welcomed: Boolean(window.tetherApp?.client?.welcome),
+      };
+    }
+  }).observe(document, { childList: true, subtree: true });
+})();
+"""
+
+USER_MESSAGES = """() => [
+  ...document.querySelectorAll("#transcript .msg.user:not(.pending)"),
+].map((n) => ({
+  id: n.dataset.id,
+  who: n.querySelector(".who").textContent,
+  mine: n.classList.contains("mine"),
+  background: getComputedStyle(n.querySelector(".body")).backgroundColor,
+}))"""
+
+
+def test_own_messages_stay_yours_after_a_reload(browser: Any, slow_server: ServerProcess,
+                                                shots: Any) -> None:
+    alice = Person(browser, slow_server, "alice")
+    bob = Person(browser, slow_server, "bob")
+    a, b = alice.page, bob.page
+    session = session_name("you")
+    open_session(a, alice.base, session)
+    open_session(b, bob.base, session)
+    send(b, "Hello from bob")
+    a.wait_for_selector("#transcript .msg.user")
+    send(a, "Hello from alice")
+    a.wait_for_function("() => window.tetherApp.model.runOrder.length === 2")
+    wait_done(a)
+    before = a.evaluate(USER_MESSAGES)
+    assert [(m["who"], m["mine"]) for m in before] == [("bob", False), ("alice (you)", True)]
+    assert before[0]["background"] != before[1]["background"]  # own messages look different
+    alice.context.add_init_script(FIRST_DRAWN)
+    a.reload()
+    wait_attached(a)
+    a.wait_for_timeout(300)  # any redraw after the welcome has happened
+    after = a.evaluate(USER_MESSAGES)
+    assert after == before
+    first = a.evaluate("window.__firstDrawn")
+    # The saved transcript is drawn at once, before the welcome; it is right from the start.
+    assert first[before[1]["id"]] == {"who": "alice (you)", "mine": True, "welcomed": False}
+    assert first[before[0]["id"]]["who"] == "bob" and not first[before[0]["id"]]["mine"]
+    assert b.evaluate(USER_MESSAGES)[0]["who"] == "bob (you)"
+    shots(a, "after-reload")
+    alice.close()
+    bob.close()
+
+
+def test_no_connection_state_before_sign_in(browser: Any, slow_server: ServerProcess) -> None:
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    context.set_default_timeout(20000)
+    page = context.new_page()
+    page.goto(f"http://127.0.0.1:{slow_server.port}/")
+    page.wait_for_selector("#login-name:focus")
+    page.wait_for_timeout(500)
+    assert not page.is_visible("#conn")
+    assert "Connecting" not in page.inner_text("#app")
+    page.fill("#login-name", "dora")
+    page.click("#login-form button[type=submit]")
+    page.wait_for_selector('#app[data-view="home"]')
+    page.wait_for_selector('#conn[data-state="connected"]', state="visible")
+    assert page.inner_text("#conn .conn-label") == "Connected"
+    page.click("#signout-button")
+    page.wait_for_selector("#login-name:focus")
+    page.wait_for_timeout(300)
+    assert not page.is_visible("#conn")
+    assert "Connect" not in page.inner_text("#app")
+    context.close()
+
+
+NAMES = """() => ({
+  header: document.getElementById("session-title").textContent,
+  sidebar: document.querySelector('#session-list a[aria-current="page"] .title')?.textContent,
+  sidebarMeta: document.querySelector('#session-list a[aria-current="page"] .meta')?.textContent,
+  id: document.getElementById("fact-session").textContent,
+  page: document.title,
+})"""
+
+
+def test_one_name_per_session(browser: Any, slow_server: ServerProcess, shots: Any) -> None:
+    alice = Person(browser, slow_server, "alice")
+    a = alice.page
+    session = session_name("name")
+    open_session(a, alice.base, session)
+    names = a.evaluate(NAMES)
+    assert names["header"] == names["sidebar"] == names["id"] == session  # no title yet
+    text = "Plan the launch of the new app"
+    send(a, text)
+    a.wait_for_function("(t) => document.getElementById('session-title').textContent === t",
+                        arg=text)
+    wait_done(a)
+    names = a.evaluate(NAMES)
+    assert names["header"] == names["sidebar"] == text
+    assert names["page"] == f"{text} · tether"
+    assert names["id"] == session  # the id is in the details panel …
+    assert session not in names["sidebarMeta"]  # … and is not a second name in the list
+    shots(a, "titled")
+    a.reload()
+    wait_attached(a)
+    assert a.evaluate(NAMES) == names
+    bob = Person(browser, slow_server, "bob")  # another person: the title comes from the log
+    b = bob.page
+    open_session(b, bob.base, session)
+    b.wait_for_function("(t) => document.getElementById('session-title').textContent === t",
+                        arg=text)
+    b.wait_for_function(
+        "(t) => document.querySelector('#session-list a[aria-current=\"page\"] .title')"
+        ".textContent === t", arg=text)
+    assert b.evaluate(NAMES)["id"] == session
+    alice.close()
+    bob.close()
+
+
 def test_a_new_user_on_the_default_server_dark_and_narrow(browser: Any,
                                                           default_server: ServerProcess,
                                                           shots: Any) -> None:

@@ -216,6 +216,11 @@ async function currentToken() {
   return app.auth?.token ?? "";
 }
 
+/** Who "you" are: the welcome's subject, or before it arrives the token's (the same one). */
+function me() {
+  return app.client?.welcome?.sub ?? app.auth?.sub ?? null;
+}
+
 function can(cap) {
   const caps = app.client?.welcome?.caps ?? app.auth?.caps ?? [];
   return caps.includes(cap) || caps.includes("admin");
@@ -249,7 +254,8 @@ function setView(view) {
 
 function showLogin(message = "") {
   setView("login");
-  $("session-title").textContent = "";
+  if (!app.client) hideConnection();
+  renderTitle();
   const dev = app.config?.dev_login === true;
   $("login-form").hidden = !dev;
   $("token-form").hidden = dev;
@@ -293,7 +299,6 @@ async function route() {
   } else {
     await closeSession();
     setView("home");
-    $("session-title").textContent = "";
     renderSessionList();
   }
 }
@@ -307,10 +312,14 @@ function startClient() {
     tools: FRONTEND_TOOLS,
   });
   app.client = client;
-  client.onState(renderConnection);
+  client.onState((state, info) => {
+    if (app.client === client) renderConnection(state, info);
+  });
   client.on("welcome", () => {
+    if (app.client !== client) return;
     $("me").hidden = false;
     renderComposerState();
+    redrawOwnMessages();
   });
   renderConnection(client.state, client.stateInfo);
   client.connect().catch(() => {});
@@ -321,6 +330,7 @@ async function stopClient() {
   app.client = null;
   app.session = null;
   app.name = null;
+  hideConnection();
   if (client) await client.close();
 }
 
@@ -346,8 +356,8 @@ async function openSession(name, fresh = false) {
   setResume("");
   $("banner").hidden = true;
   setView("chat");
-  $("session-title").textContent = name;
   $("fact-session").textContent = name;
+  renderTitle();
   if (!allowed(name)) {
     app.model = emptyModel();
     renderAll();
@@ -440,8 +450,20 @@ function onItem(item) {
 let countdown = null;
 let announcedState = null;
 
+/** Before sign-in (and after sign-out) there is no connection, so no connection state. */
+function hideConnection() {
+  clearInterval(countdown);
+  countdown = null;
+  announcedState = null;
+  const conn = $("conn");
+  conn.hidden = true;
+  conn.dataset.state = "";
+  setResume("");
+}
+
 function renderConnection(state, info = {}) {
   const conn = $("conn");
+  conn.hidden = false;
   conn.dataset.state = state;
   if (state !== announcedState) {
     // Screen readers hear state changes, not every second of a countdown.
@@ -538,6 +560,7 @@ function flush() {
   renderRunbar();
   renderFacts();
   renderPeople();
+  renderTitle();
   $("empty").hidden = app.model.items.length > 0 || app.pending.length > 0;
   if (stick) scrollToBottom();
   else $("jump").hidden = false;
@@ -569,6 +592,7 @@ function renderAll() {
   renderRunbar();
   renderFacts();
   renderPeople();
+  renderTitle();
   $("empty").hidden = app.model.items.length > 0 || app.pending.length > 0;
   scrollToBottom();
 }
@@ -597,12 +621,22 @@ function renderItem(item) {
 
 function renderMessage(item) {
   const sub = item.sender?.sub ?? "someone";
-  const mine = sub === app.client?.welcome?.sub;
+  const mine = sub === me();
   return h("article", { class: `msg user${mine ? " mine" : ""}`, dataset: { seq: item.seq } },
     avatar(sub),
     h("header", {}, h("span", { class: "who", text: mine ? `${sub} (you)` : sub }), timeTag(item.time),
       item.steer ? h("span", { class: "tag", text: "steer" }) : null),
     h("div", { class: "body", text: item.text }));
+}
+
+/** Redraw the messages whose "(you)" is wrong for who the welcome says you are. */
+function redrawOwnMessages() {
+  const you = me();
+  for (const node of $("transcript").querySelectorAll(".msg.user[data-id]")) {
+    const item = app.model.items[app.model.index[node.dataset.id]];
+    if (item && node.classList.contains("mine") !== ((item.sender?.sub ?? "someone") === you)) app.dirty.add(item.id);
+  }
+  if (app.dirty.size) scheduleRender();
 }
 
 function renderAssistant(item) {
@@ -775,7 +809,7 @@ async function answerTool(item, result) {
 function renderPending() {
   const transcript = $("transcript");
   for (const node of transcript.querySelectorAll(".msg.pending")) node.remove();
-  const sub = app.client?.welcome?.sub ?? app.auth?.sub ?? "you";
+  const sub = me() ?? "you";
   for (const p of app.pending) {
     const retry = p.failed ? h("button", { class: "link-button small", type: "button", text: "Retry", onclick: () => { app.pending = app.pending.filter((x) => x !== p); send(p.text); } }) : null;
     transcript.append(h("article", { class: `msg user mine pending${p.failed ? " failed" : ""}` },
@@ -834,7 +868,7 @@ let peopleSignature = "";
 function renderPeople() {
   const session = app.client?.session(app.name ?? "");
   const members = session ? session.members : [];
-  const me = app.client?.welcome?.sub;
+  const me = app.client?.welcome?.sub ?? app.auth?.sub;
   const groups = new Map();
   for (const m of members) {
     const key = `${m.kind}:${m.sub}`;
@@ -977,7 +1011,7 @@ function remember(name, firstText = null) {
   if (!name) return;
   const list = recents();
   const existing = list.find((r) => r.id === name);
-  const titleText = modelTitle(app.model) || existing?.title || firstText || "";
+  const titleText = modelTitle(app.model) || existing?.title || (firstText ?? "").slice(0, 80);
   const entry = { id: name, title: titleText, updated: Date.now() };
   store(RECENT_KEY, [entry, ...list.filter((r) => r.id !== name)].slice(0, 50));
   renderSessionList();
@@ -995,11 +1029,31 @@ async function refreshSessionList() {
   renderSessionList();
 }
 
+/**
+ * The one name of a session, in the header, the sidebar and the page title: its title (the
+ * first message, model.js) once known, else its id. The id itself is in the details panel.
+ */
+function sessionTitle(id, recent = recents()) {
+  const own = id === app.name ? modelTitle(app.model) : "";
+  return own || recent.find((r) => r.id === id)?.title || id;
+}
+
+function renderTitle() {
+  const name = app.name && !$("chat").hidden ? sessionTitle(app.name) : "";
+  const heading = $("session-title");
+  heading.textContent = name;
+  if (name) heading.title = name;
+  else heading.removeAttribute("title");
+  document.title = name ? `${name} · tether` : "tether";
+}
+
 function renderSessionList() {
+  renderTitle();
   const merged = new Map();
-  for (const r of recents()) merged.set(r.id, { id: r.id, title: r.title, updated: r.updated, state: null });
+  const recent = recents();
+  for (const r of recent) merged.set(r.id, { id: r.id, updated: r.updated, state: null });
   for (const s of serverSessions) {
-    const entry = merged.get(s.session) ?? { id: s.session, title: "", updated: 0, state: null };
+    const entry = merged.get(s.session) ?? { id: s.session, updated: 0, state: null };
     entry.updated = Math.max(entry.updated, s.updated ?? 0);
     entry.state = s.state ?? null;
     merged.set(s.session, entry);
@@ -1014,9 +1068,9 @@ function renderSessionList() {
         navigate(`/s/${encodeURIComponent(e.id)}`);
       },
     },
-    h("span", { class: "title", text: e.title || e.id }),
+    h("span", { class: "title", text: sessionTitle(e.id, recent) }),
     h("span", { class: "meta" }, h("span", { class: "state-dot", dataset: { state: e.state ?? "" }, "aria-hidden": "true" }),
-      e.title ? `${e.id} · ${relative(e.updated)}` : relative(e.updated))))));
+      relative(e.updated))))));
   $("session-list-empty").hidden = list.length > 0;
 }
 
