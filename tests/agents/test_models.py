@@ -9,6 +9,7 @@ import pytest
 
 from tests.helpers import ChatUpstream
 from tether.agents.models import (
+    SIMULATED_CLOSERS,
     SIMULATED_TEXT,
     Finish,
     Message,
@@ -94,7 +95,7 @@ def test_simulated_answers_depend_only_on_the_seed_and_the_conversation() -> Non
 def test_simulated_answers_are_sentences_from_the_built_in_text(tokens: int) -> None:
     split = re.compile(r"(?<=\.)\s+(?=[A-Z])")
     known = {s for paragraph in SIMULATED_TEXT for s in split.split(paragraph)}
-    known |= {"Simulated.", "Simulated answer."}
+    known |= {*SIMULATED_CLOSERS, "Simulated.", "Simulated answer."}
     for seed in range(6):
         convo = [Message("system", "be brief"), Message("user", f"hello {seed}")]
         pieces = SimulatedModel(seed=seed, answer_tokens=tokens).answer(convo)

@@ -97,8 +97,9 @@ class ModelError(Exception):
 
 # --- the simulation ---------------------------------------------------------------------------
 
-# What the simulated model says: real sentences about tether, grouped in paragraphs. An answer
-# is a walk through them (see ``SimulatedModel.answer``); it never pretends to understand.
+# What the simulated model says: real sentences about tether, grouped in paragraphs, and short
+# closing sentences that make an answer exactly as long as asked (see ``SimulatedModel.answer``).
+# It never pretends to understand.
 SIMULATED_TEXT: tuple[str, ...] = (
     "This is a simulated answer. The demo agent runs on a stand-in model that does not read "
     "your message. Its sentences come from a short built-in text about tether, and the same "
@@ -107,24 +108,32 @@ SIMULATED_TEXT: tuple[str, ...] = (
     "Every session in tether is a durable log of events, kept in order on the server. "
     "Messages, streamed answers, tool calls and approvals are all events in that log. Every "
     "tab, device and person that opens the session reads the same log, so they all see the "
-    "same conversation. Nothing is lost.",
+    "same conversation.",
     "A client remembers the cursor of the last event it received. When the connection drops, "
     "it reconnects with backoff and resumes right after that cursor. Nothing is shown twice, "
     "even in the middle of a streamed answer. A refresh works the same way: the page restores "
     "what it showed and asks only for what came after. If the server cannot resume a cursor, "
     "the client says so and rebuilds the conversation from a snapshot.",
     "An answer streams into the log one token at a time while the agent keeps working on the "
-    "server. Closing the laptop does not stop the run. The answer is complete when you come "
-    "back. Anyone in the session can press **Stop**, which cancels the run for everyone. New "
-    "messages that arrive during a run wait in a queue.",
+    "server. Closing the laptop does not stop the run, and the answer is complete when you "
+    "come back. Anyone in the session can press **Stop**, which cancels the run for everyone. "
+    "New messages that arrive during a run wait in a queue until it ends.",
     "Agents can call tools that run on the server, such as reading the current time. A "
     "front-end tool runs in the browser instead, and the first tab to answer wins. Some tools "
     "need a person to approve them before they run. The request waits in the log until "
-    "someone who may approve decides, possibly with edited arguments. Approvals survive "
-    "restarts. Type `tools` in a message to see all three kinds in one run.",
+    "someone who may approve decides, possibly with edited arguments. Type `tools` in a "
+    "message to see all three kinds in one run.",
     "Presence shows who is here, how many tabs they have open and who is typing. Share the "
-    "link of a session to open it on another device. Tokens decide which sessions a person "
-    "may read, write to or approve in. Sessions are durable.",
+    "link of a session to open it on another device or with another person. Tokens decide "
+    "which sessions a person may read, write to or approve in.",
+)
+SIMULATED_CLOSERS: tuple[str, ...] = (
+    "Nothing is lost.", "Sessions are durable.", "Approvals survive restarts.",
+    "Every tab stays current.", "The log remembers everything.",
+    "Try it in two tabs.", "Stop works from any tab.", "Refresh the page at any time.",
+    "Every device sees the same text.", "A dropped network costs you nothing.",
+    "Open this session on a second device.", "Every answer is kept in the log.",
+    "This answer was written by a simulated model.", "Ask for tools to see a full run.",
 )
 
 
@@ -138,9 +147,27 @@ _SENTENCES: tuple[tuple[int, tuple[str, ...]], ...] = tuple(
     for p, paragraph in enumerate(SIMULATED_TEXT) for sentence in _sentences(paragraph))
 _PARAGRAPH_STARTS = tuple(i for i, (p, _) in enumerate(_SENTENCES)
                           if i == 0 or _SENTENCES[i - 1][0] != p)
-_SHORTEST = min(len(words) for _, words in _SENTENCES)
-# Closing sentences for the last one or two words of an exact-length answer.
-_TAILS = {1: ("Simulated.",), 2: ("Simulated", "answer.")}
+
+
+def _closings() -> dict[int, list[tuple[str, ...]]]:
+    """Word count → the ways to say that many words with one or two closing sentences."""
+    closers = [tuple(c.split()) for c in SIMULATED_CLOSERS]
+    ways: dict[int, list[tuple[str, ...]]] = {}
+    for a in closers:
+        ways.setdefault(len(a), []).append(a)
+    for a in closers:
+        for b in closers:
+            if a != b:
+                ways.setdefault(len(a) + len(b), []).append(a + b)
+    return ways
+
+
+_CLOSINGS = _closings()
+_CLOSE_MIN = min(_CLOSINGS)  # 3 words
+_CLOSE_MAX = max(n for n in range(_CLOSE_MIN, 100) if all(k in _CLOSINGS
+                                                           for k in range(_CLOSE_MIN, n + 1)))
+# The only answers shorter than a closing sentence.
+_TINY = {1: ("Simulated.",), 2: ("Simulated", "answer.")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,35 +216,31 @@ class SimulatedModel:
         """The tokens (words) of the text answer to ``messages``: exactly ``answer_tokens``.
 
         Whole sentences of :data:`SIMULATED_TEXT`, read in order from the start of a paragraph
-        that the seed and the conversation pick; a sentence that does not fit in the words
-        left is skipped, and one or two words left end with "Simulated." or "Simulated
-        answer.". A new paragraph starts with a blank line (Markdown).
+        that the seed and the conversation pick, then one or two of
+        :data:`SIMULATED_CLOSERS` for the words left. A new paragraph starts with a blank line
+        (Markdown).
         """
         last = messages[-1].content[:64] if messages else ""
         rng = random.Random(f"{self.seed}:{len(messages)}:{last}")
         left = max(0, self.answer_tokens)
-        tokens: list[str] = []
-        paragraph = -1
+        if left in _TINY:
+            return [(" " if i else "") + w for i, w in enumerate(_TINY[left])]
+        words: list[str] = []
         at = rng.choice(_PARAGRAPH_STARTS)
-        misses = 0  # sentences skipped in a row: a whole round of them means none fits
-        while left >= _SHORTEST and misses < len(_SENTENCES):
-            p, words = _SENTENCES[at % len(_SENTENCES)]
-            at += 1
-            if len(words) > left:
-                misses += 1
-                continue
-            misses = 0
-            first = "" if not tokens else " " if p == paragraph else "\n\n"
-            tokens.append(first + words[0])
-            tokens.extend(" " + w for w in words[1:])
-            paragraph = p
-            left -= len(words)
+        paragraph = _SENTENCES[at][0]
         while left:
-            tail = _TAILS[min(left, 2)]
-            tokens.append(("" if not tokens else " ") + tail[0])
-            tokens.extend(" " + w for w in tail[1:])
-            left -= len(tail)
-        return tokens
+            p, sentence = _SENTENCES[at % len(_SENTENCES)]
+            at += 1
+            if len(sentence) == left or len(sentence) <= left - _CLOSE_MIN:
+                if words and p != paragraph:
+                    sentence = ("\n\n" + sentence[0], *sentence[1:])
+                words.extend(sentence)
+                paragraph = p
+                left -= len(sentence)
+            elif left <= _CLOSE_MAX:  # too long for what is left: close with that many words
+                words.extend(rng.choice(_CLOSINGS[left]))
+                left = 0
+        return [w if not i or w.startswith("\n") else " " + w for i, w in enumerate(words)]
 
     async def stream(self, messages: Sequence[Message], tools: Sequence[ToolSpec]
                      ) -> AsyncIterator[Chunk]:
