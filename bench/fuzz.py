@@ -511,6 +511,16 @@ class Harness:
             try:
                 ws = await http.ws_connect(f"{self.base}/v1/ws", protocols=offered,
                                            max_msg_size=0, heartbeat=None, autoping=True)
+            except aiohttp.WSServerHandshakeError as exc:
+                if offered and proto not in offered and exc.status == 400:
+                    # Refused before the upgrade, as documented: the offer was the input.
+                    report.http_status[400] += 1
+                    report.ws_frames += 1
+                    sent += 1
+                    continue
+                report.fail(f"ws connect failed: {exc!r}")
+                await asyncio.sleep(0.1)
+                continue
             except (aiohttp.ClientError, OSError) as exc:
                 report.fail(f"ws connect failed: {exc!r}")
                 await asyncio.sleep(0.1)
