@@ -29,7 +29,7 @@ from tether import responses
 from tether.agents import http as agents_http
 from tether.agents.runner import RunManager
 from tether.agents.schedule import Scheduler
-from tether.server import agui, connection, http
+from tether.server import agui, aisdk, connection, http
 from tether.server.auth import Authenticator
 from tether.server.config import ServerConfig
 from tether.server.connection import WS_ENDPOINT, Connection
@@ -115,6 +115,7 @@ class Server:
         http.install(app)  # first: its error middleware covers every feature's handlers
         connection.install(app)
         agui.install(app)
+        aisdk.install(app)
         agents_http.install(app)
         responses.install(app)
         web_routes.install(app)
