@@ -13,7 +13,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -332,10 +331,22 @@ def test_ctrl_c_exits_quietly(layout: Layout) -> None:
     code, stderr = interrupt(tail)
     assert code == 130 and "Traceback" not in stderr, stderr
 
-    publish = start("publish", "demo", "message", "{}", "--url", dead, "--timeout", "60",
-                    cwd=layout.elsewhere, env=env)
-    time.sleep(1.0)  # connecting (and retrying) by now
-    code, stderr = interrupt(publish)
+    # A server that accepts and never answers: once it has the connection, publish is waiting
+    # inside its event loop.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(60)
+        url = f"ws://127.0.0.1:{silent.getsockname()[1]}"
+        publish = start("publish", "demo", "message", "{}", "--url", url, "--timeout", "120",
+                        cwd=layout.elsewhere, env=env)
+        try:
+            conn, _ = silent.accept()
+        except BaseException:
+            stop(publish)
+            raise
+        with conn:
+            code, stderr = interrupt(publish)
     assert code == 130 and stderr == "", stderr
 
     server = layout.serve()
