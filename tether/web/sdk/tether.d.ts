@@ -321,4 +321,86 @@ export class Heartbeat {
 
 export function eventFromFrame(frame: Record<string, any>): SessionEvent;
 
+// --- TetherChatTransport: the Vercel AI SDK's ChatTransport over a session ---------------------
+
+/** A UI message chunk of the AI SDK's UI message stream (`UIMessageChunk` of `ai`): `start`,
+ * `start-step`, `text-start`/`-delta`/`-end`, `tool-input-available`, `tool-approval-request`,
+ * `tool-approval-response`, `tool-output-available`/`-error`/`-denied`, `finish-step`,
+ * `finish`, `error`, and the transient `data-tether-run` ({run, state}). */
+export interface TetherUIMessageChunk {
+  type: string;
+  [field: string]: any;
+}
+
+/** The parts of a UI message that the transport reads and writes (`UIMessage` of `ai`). */
+export interface TetherUIMessage {
+  id: string;
+  role: "system" | "user" | "assistant";
+  parts: any[];
+  metadata?: unknown;
+}
+
+/** What `follow` needs of a chat: `Chat` of `@ai-sdk/react` or any `AbstractChat`. */
+export interface FollowableChat {
+  readonly id: string;
+  messages: any[];
+  readonly status: "submitted" | "streaming" | "ready" | "error";
+  resumeStream(): Promise<void>;
+}
+
+export interface TetherChatTransportOptions extends ClientOptions {
+  /** A client of its own (the transport attaches each chat's session on it); or `url`. */
+  client?: Client | null;
+  /** The server (`ws(s)://` or `http(s)://`): the transport makes its client (storage null). */
+  url?: string | null;
+  /** No run started for a sent message within this many ms: the stream ends with an error
+   * chunk (no agent serves the session). 0 disables. Default 30000. */
+  startTimeout?: number;
+  /** How long the replay of a session must be quiet before it counts as caught up when no
+   * event newer than the attach arrived. Default 150. */
+  settleTime?: number;
+}
+
+/**
+ * A `ChatTransport` of the Vercel AI SDK over a tether session (the chat id is the session),
+ * for `useChat({ transport })`, `new Chat({ transport })` or any `AbstractChat`. Imports
+ * nothing from `ai`; the chunks it makes are the UI message stream's.
+ */
+export class TetherChatTransport<UI_MESSAGE extends TetherUIMessage = any> {
+  constructor(options: TetherChatTransportOptions);
+  readonly client: Client;
+  /** true: `reconnectToStream` replays the active reply from its `start`. */
+  readonly resumeStreamIsReplay: true;
+  startTimeout: number;
+  settleTime: number;
+  /** Publishes the last message as a `message` event (key: its id) and streams the reply of
+   * the run it starts. When the last message is the assistant's, publishes the approval
+   * decisions and front-end tool results added to it and follows the run from here. */
+  sendMessages(options: {
+    trigger: "submit-message" | "regenerate-message";
+    chatId: string;
+    messageId: string | undefined;
+    messages: UI_MESSAGE[];
+    abortSignal: AbortSignal | undefined;
+    [option: string]: any;
+  }): Promise<ReadableStream<any>>;
+  /** The active run's reply from its `start`, then live; null when no run is active. */
+  reconnectToStream(options: { chatId: string; abortSignal?: AbortSignal; [option: string]: any }): Promise<ReadableStream<any> | null>;
+  /** The chat's messages from the session log (user messages, and one assistant message per
+   * run with the run id as its id), for the initial load. */
+  messages(chatId: string): Promise<TetherUIMessage[]>;
+  /** The id of the run `reconnectToStream` would replay, or null. */
+  activeRun(chatId: string): Promise<string | null>;
+  /** The chat's tether session (attached on first use). */
+  session(chatId: string): Promise<Session>;
+  /** Cancel the active run for everyone (`run.cancel`); resolves with its cursor, or null
+   * when nothing was active. `chat.stop()` alone only stops reading. */
+  stop(chatId: string, reason?: string): Promise<string | null>;
+  /** Keep a chat in step with its session: load the history into an empty chat, add messages
+   * sent by others, resume replies this chat is not reading. Returns a function that stops. */
+  follow(chat: FollowableChat, options?: { loadMessages?: boolean; retryInterval?: number }): () => void;
+  /** Stop reading every chat; closes the client when the transport made it. */
+  close(): void;
+}
+
 export default Client;

@@ -1614,4 +1614,665 @@ export class Client {
   }
 }
 
+// --- TetherChatTransport: the Vercel AI SDK's ChatTransport over a session --------------------
+
+const FINAL_RUN_STATES = new Set(["completed", "failed", "cancelled"]);
+const AWAITING_RUN_STATES = new Set(["awaiting_tool", "awaiting_approval"]);
+
+/** The text of a UI message: its text parts, joined. */
+function uiMessageText(message) {
+  const parts = Array.isArray(message?.parts) ? message.parts : [];
+  return parts.filter((p) => p && p.type === "text" && typeof p.text === "string").map((p) => p.text).join("");
+}
+
+function isToolPart(part) {
+  return part && typeof part.type === "string" && (part.type === "dynamic-tool" || part.type.startsWith("tool-"));
+}
+
+/** One run as the AI SDK sees it: an assistant message (id = the run id) made of UI message
+ * chunks. `chunks` is the whole reply from its `start`, so a reader that comes late (a reload,
+ * a second tab) replays it and then follows live: no text is lost or repeated. */
+class ChatRun {
+  constructor(id, messageSeq) {
+    this.id = id;
+    this.messageSeq = messageSeq; // seq of the `message` event that started it, or null
+    this.state = "queued";
+    this.phase = 0; // +1 each time the run goes on after waiting for a person
+    this.paused = false; // awaiting a tool result or an approval
+    this.final = false;
+    this.superseded = false; // a regenerated answer replaced it in the message list
+    this.chunks = [{ type: "start", messageId: id }, { type: "start-step" }];
+    this.stepEnded = false; // tool results came in: the model's next output is a new step
+    this.sinks = new Set();
+    this.streams = new Map(); // stream id → {text, ended}
+    this.calls = new Map(); // call id → {name, target, approval, done}
+  }
+}
+
+/** A stream handed to the AI SDK: chunks in, closed at a pause, the end, an abort. */
+class ChunkSink {
+  constructor(abortSignal, onClose) {
+    this.closed = false;
+    this.run = null;
+    this._onClose = onClose;
+    this.stream = new ReadableStream({
+      start: (controller) => {
+        this.controller = controller;
+      },
+      cancel: () => this.close(false),
+    });
+    if (abortSignal) {
+      if (abortSignal.aborted) this.close();
+      else abortSignal.addEventListener("abort", () => this.close(), { once: true });
+    }
+  }
+
+  push(chunk) {
+    if (this.closed) return;
+    try {
+      this.controller.enqueue(chunk);
+    } catch {
+      this.close(false);
+    }
+  }
+
+  close(closeStream = true) {
+    if (this.closed) return;
+    this.closed = true;
+    this.run?.sinks.delete(this);
+    this._onClose?.(this);
+    if (closeStream) {
+      try {
+        this.controller.close();
+      } catch {
+        // already closed or cancelled by the reader
+      }
+    }
+  }
+}
+
+/** A chat's session folded into runs and user messages, kept current from its live events. */
+class ChatFeed {
+  constructor(transport, chatId) {
+    this.transport = transport;
+    this.chatId = chatId;
+    this.session = null;
+    this.listeners = new Set();
+    this.delivered = new Set(); // `${run}:${phase}` handed to the SDK as a stream
+    this.pendingIds = new Map(); // UI message id → sink waiting for the run it starts
+    this.pendingSeqs = new Map(); // message seq → sink
+    this._lastItemAt = 0;
+    this._serverTime = null;
+    this._caughtUp = false;
+    this._reset();
+    this.attached = this._attach();
+    this.attached.catch(() => {});
+    this.ready = this.attached.then(() => this._settle());
+    this.ready.catch(() => {});
+  }
+
+  _reset() {
+    this.entries = []; // in log order: {kind: "user", id, text, seq} | {kind: "run", run}
+    this.users = new Map(); // UI message id → entry
+    this.userBySeq = new Map();
+    this.runs = new Map();
+    this.runBySeq = new Map();
+  }
+
+  async _attach() {
+    const { client } = this.transport;
+    if (client.session(this.chatId)) {
+      throw new TetherError(`session ${this.chatId} is already attached on this client: give TetherChatTransport a client of its own`);
+    }
+    this.session = await client.attach(this.chatId, {
+      cursor: null, // the whole log: the replies of earlier runs and the active one from its start
+      onEvent: (item) => this._receive(item),
+    });
+    this._lastItemAt = Math.max(this._lastItemAt, now()); // the replay starts after attached
+    return this.session;
+  }
+
+  /** Resolves once the replay of the log is over. The protocol does not mark its end, so: an
+   * event committed after the attach (by the server's clock, from a ping) has arrived — all
+   * before it were delivered — or nothing arrived for `settleTime` ms. */
+  async _settle() {
+    const { client, settleTime } = this.transport;
+    try {
+      const pair = client._proto.ping();
+      if (pair) {
+        const pong = await client._request(pair[0], pair[1], "ping", null);
+        if (Number.isFinite(pong?.value)) this._serverTime = pong.value;
+      }
+    } catch {
+      // no server time: rely on the quiet period alone
+    }
+    for (;;) {
+      if (this._caughtUp) return;
+      const since = now() - this._lastItemAt;
+      if (since >= settleTime) return;
+      await new Promise((resolve) => setTimeout(resolve, Math.min(settleTime - since, 25)));
+    }
+  }
+
+  _receive(item) {
+    this._lastItemAt = now();
+    if (this._serverTime !== null && !item.transient && item.time >= this._serverTime) this._caughtUp = true;
+    if (item.snapshot) {
+      // Continuity lost: rebuild from the snapshot; open streams end (followers resume).
+      for (const run of this.runs.values()) for (const sink of [...run.sinks]) sink.close();
+      this._reset();
+      for (const event of item.events) this._apply(event);
+    } else {
+      this._apply(item);
+    }
+    for (const listener of [...this.listeners]) {
+      try {
+        listener(item);
+      } catch (error) {
+        console.error("tether: a chat listener failed", error);
+      }
+    }
+  }
+
+  _run(id) {
+    let run = this.runs.get(id);
+    if (!run) { // its run.created is older than the snapshot
+      run = new ChatRun(id, null);
+      run.state = "running";
+      this.runs.set(id, run);
+      this.entries.push({ kind: "run", run });
+    }
+    return run;
+  }
+
+  _emit(run, chunk) {
+    run.chunks.push(chunk);
+    for (const sink of [...run.sinks]) sink.push(chunk);
+  }
+
+  /** End the streams reading `run` with these chunks. */
+  _endSinks(run, chunks) {
+    for (const sink of [...run.sinks]) {
+      for (const chunk of chunks) sink.push(chunk);
+      sink.close();
+    }
+  }
+
+  _apply(event) {
+    if (event.transient) return;
+    const data = event.data && typeof event.data === "object" ? event.data : {};
+    const type = event.type;
+    if (type === "message") {
+      if (event.sender.kind === "agent") return;
+      const text = typeof event.data === "string" ? event.data : String(data.text ?? "");
+      const id = typeof data.id === "string" && data.id ? data.id : `seq-${event.seq}`;
+      const existing = this.users.get(id);
+      let entry = existing;
+      if (existing && data.regenerate === true) {
+        for (const run of this.runs.values()) {
+          if (run.messageSeq !== null && this.userBySeq.get(run.messageSeq) === existing) run.superseded = true;
+        }
+      } else if (!existing) {
+        entry = { kind: "user", id, text, seq: event.seq };
+        this.users.set(id, entry);
+        this.entries.push(entry);
+      }
+      this.userBySeq.set(event.seq, entry);
+      const sink = this.pendingIds.get(id);
+      if (sink) {
+        this.pendingIds.delete(id);
+        this.pendingSeqs.set(event.seq, sink);
+      }
+      return;
+    }
+    if (type === "run.created") {
+      if (typeof data.run !== "string") return;
+      const seq = Number.isInteger(data.input?.message_seq) ? data.input.message_seq : null;
+      const run = new ChatRun(data.run, data.trigger === "message" ? seq : null);
+      this.runs.set(run.id, run);
+      this.entries.push({ kind: "run", run });
+      if (run.messageSeq !== null) {
+        this.runBySeq.set(run.messageSeq, run);
+        const sink = this.pendingSeqs.get(run.messageSeq);
+        if (sink) {
+          this.pendingSeqs.delete(run.messageSeq);
+          this.follow(run, sink, 0);
+        }
+      }
+      return;
+    }
+    if (typeof data.run !== "string") return;
+    const run = this._run(data.run);
+    if (run.final) return;
+    switch (type) {
+      case "run.state": {
+        const state = String(data.state ?? "");
+        run.state = state;
+        this._emit(run, { type: "data-tether-run", id: run.id, data: { run: run.id, state }, transient: true });
+        if (FINAL_RUN_STATES.has(state)) {
+          this._finish(run, state, data.error);
+        } else if (AWAITING_RUN_STATES.has(state)) {
+          run.paused = true;
+          // The AI SDK ends a response where it waits for the user; the run goes on later.
+          this._endSinks(run, [{ type: "finish", finishReason: "tool-calls" }]);
+        } else if (state === "running" && run.paused) {
+          run.paused = false;
+          run.phase += 1;
+        }
+        break;
+      }
+      case "stream.append":
+      case "stream.end": {
+        const id = String(data.stream ?? "");
+        let stream = run.streams.get(id);
+        if (!stream) {
+          stream = { text: "", ended: false };
+          run.streams.set(id, stream);
+          this._step(run);
+          this._emit(run, { type: "text-start", id });
+        }
+        if (stream.ended) break;
+        const text = typeof data.text === "string" ? data.text : "";
+        if (type === "stream.append") {
+          if (text) {
+            stream.text += text;
+            this._emit(run, { type: "text-delta", id, delta: text });
+          }
+        } else {
+          // A stream seen only by its end (a snapshot) carries its whole text.
+          if (text.length > stream.text.length && text.startsWith(stream.text)) {
+            this._emit(run, { type: "text-delta", id, delta: text.slice(stream.text.length) });
+            stream.text = text;
+          }
+          stream.ended = true;
+          this._emit(run, { type: "text-end", id });
+        }
+        break;
+      }
+      case "tool.call":
+      case "approval.request": {
+        const call = String(data.call ?? "");
+        let known = run.calls.get(call);
+        if (!known) {
+          const server = type === "approval.request" || data.target !== "client";
+          known = { name: String(data.name ?? ""), client: !server, approval: false, done: false };
+          run.calls.set(call, known);
+          this._step(run);
+          this._emit(run, {
+            type: "tool-input-available", toolCallId: call, toolName: known.name,
+            input: data.arguments ?? {}, dynamic: true, providerExecuted: server,
+          });
+        }
+        if (type === "approval.request") {
+          known.approval = true;
+          this._emit(run, { type: "tool-approval-request", approvalId: call, toolCallId: call });
+        }
+        break;
+      }
+      case "approval.decision": {
+        const call = String(data.call ?? "");
+        const known = run.calls.get(call);
+        if (!known) break;
+        known.approval = false;
+        const approved = data.decision === "approve";
+        this._emit(run, { type: "tool-approval-response", approvalId: call, approved, ...(approved ? {} : { reason: String(data.decision) }) });
+        if (!approved) {
+          known.done = true;
+          run.stepEnded = true;
+          this._emit(run, { type: "tool-output-denied", toolCallId: call });
+        }
+        break;
+      }
+      case "tool.result": {
+        const call = String(data.call ?? "");
+        const known = run.calls.get(call);
+        if (!known || known.done) break;
+        known.done = true;
+        run.stepEnded = true;
+        if ("result" in data) this._emit(run, { type: "tool-output-available", toolCallId: call, output: data.result, dynamic: true });
+        else this._emit(run, { type: "tool-output-error", toolCallId: call, errorText: String(data.error ?? "failed"), dynamic: true });
+        break;
+      }
+      default:
+        break;
+    }
+  }
+
+  /** Steps as the AI SDK has them (`lastAssistantMessageIsCompleteWith…` look at the last one):
+   * what follows tool results is the model's next step. */
+  _step(run) {
+    if (!run.stepEnded) return;
+    run.stepEnded = false;
+    this._emit(run, { type: "finish-step" });
+    this._emit(run, { type: "start-step" });
+  }
+
+  _finish(run, state, error) {
+    run.final = true;
+    run.paused = false;
+    const end = [];
+    if (state === "failed") end.push({ type: "error", errorText: String(error || "the run failed") });
+    end.push({ type: "finish", finishReason: state === "completed" ? "stop" : state === "cancelled" ? "interrupted" : "error" });
+    for (const chunk of end) run.chunks.push(chunk);
+    this._endSinks(run, end);
+    run.chunks = compactChunks(run.chunks);
+  }
+
+  /** Hand `sink` the chunks of `run` from `from` on, then the live ones. */
+  follow(run, sink, from) {
+    if (sink.closed) return;
+    sink.run = run;
+    this.delivered.add(`${run.id}:${run.phase}`);
+    for (const chunk of run.chunks.slice(from)) sink.push(chunk);
+    if (run.final) sink.close();
+    else if (run.paused && from === 0) {
+      sink.push({ type: "finish", finishReason: "tool-calls" });
+      sink.close();
+    } else run.sinks.add(sink);
+  }
+
+  /** The run a reader should see now: the first one not finished (queued ones follow it). */
+  current() {
+    for (const entry of this.entries) {
+      if (entry.kind === "run" && !entry.run.final) return entry.run;
+    }
+    return null;
+  }
+
+  uiMessages() {
+    const messages = [];
+    for (const entry of this.entries) {
+      if (entry.kind === "user") {
+        messages.push({ id: entry.id, role: "user", parts: [{ type: "text", text: entry.text }] });
+      } else if (!entry.run.superseded) {
+        messages.push({ id: entry.run.id, role: "assistant", parts: partsFromChunks(entry.run.chunks) });
+      }
+    }
+    return messages;
+  }
+}
+
+/** Merge consecutive text deltas of one part (a finished run's reply kept for replays). */
+function compactChunks(chunks) {
+  const out = [];
+  for (const chunk of chunks) {
+    const last = out[out.length - 1];
+    if (chunk.type === "text-delta" && last?.type === "text-delta" && last.id === chunk.id) {
+      out[out.length - 1] = { ...last, delta: last.delta + chunk.delta };
+    } else if (!(chunk.type && chunk.type.startsWith("data-") && chunk.transient)) {
+      out.push(chunk);
+    }
+  }
+  return out;
+}
+
+/** The parts of the assistant message that `chunks` build (what the AI SDK would show). */
+function partsFromChunks(chunks) {
+  const parts = [];
+  const texts = new Map();
+  const tools = new Map();
+  for (const chunk of chunks) {
+    switch (chunk.type) {
+      case "start-step":
+        parts.push({ type: "step-start" });
+        break;
+      case "text-start": {
+        const part = { type: "text", text: "", state: "streaming" };
+        texts.set(chunk.id, part);
+        parts.push(part);
+        break;
+      }
+      case "text-delta":
+        if (texts.has(chunk.id)) texts.get(chunk.id).text += chunk.delta;
+        break;
+      case "text-end":
+        if (texts.has(chunk.id)) texts.get(chunk.id).state = "done";
+        break;
+      case "tool-input-available": {
+        const part = {
+          type: "dynamic-tool", toolName: chunk.toolName, toolCallId: chunk.toolCallId,
+          state: "input-available", input: chunk.input, providerExecuted: chunk.providerExecuted,
+        };
+        tools.set(chunk.toolCallId, part);
+        parts.push(part);
+        break;
+      }
+      case "tool-approval-request": {
+        const part = tools.get(chunk.toolCallId);
+        if (part) Object.assign(part, { state: "approval-requested", approval: { id: chunk.approvalId } });
+        break;
+      }
+      case "tool-approval-response": {
+        const part = tools.get(chunk.approvalId);
+        if (part) Object.assign(part, { state: "approval-responded", approval: { id: chunk.approvalId, approved: chunk.approved } });
+        break;
+      }
+      case "tool-output-available": {
+        const part = tools.get(chunk.toolCallId);
+        if (part) Object.assign(part, { state: "output-available", output: chunk.output });
+        break;
+      }
+      case "tool-output-error": {
+        const part = tools.get(chunk.toolCallId);
+        if (part) Object.assign(part, { state: "output-error", errorText: chunk.errorText });
+        break;
+      }
+      case "tool-output-denied": {
+        const part = tools.get(chunk.toolCallId);
+        if (part) part.state = "output-denied";
+        break;
+      }
+      default:
+        break;
+    }
+  }
+  return parts;
+}
+
+/**
+ * A `ChatTransport` of the Vercel AI SDK (`ai` 5+, `useChat`, `Chat`, `AbstractChat`) over a
+ * tether session: the chat id is the session. `sendMessages` publishes the new user message
+ * (`message` event, idempotency key = the UI message id) and streams the reply of the run it
+ * starts as UI message chunks; `reconnectToStream` replays the active run's reply from its
+ * `start` (`resumeStreamIsReplay`), or returns null when no run is active. Everything rides
+ * the session's WebSocket, so every tab and person on a chat sees every message and reply
+ * live; `follow(chat)` brings those into a chat that did not send them. Plain JavaScript: it
+ * imports nothing from `ai`.
+ */
+export class TetherChatTransport {
+  constructor(options = {}) {
+    const { client = null, url = null, startTimeout = 30000, settleTime = 150, ...clientOptions } = options;
+    if (client) {
+      this.client = client;
+      this._ownsClient = false;
+    } else {
+      if (!url) throw new TypeError("TetherChatTransport needs { client } or { url, token }");
+      this.client = new Client(url, { storage: null, ...clientOptions });
+      this._ownsClient = true;
+    }
+    /** Replays the active reply from its `start`: the chat resets the message it resumes. */
+    this.resumeStreamIsReplay = true;
+    this.startTimeout = startTimeout;
+    this.settleTime = settleTime;
+    this._feeds = new Map();
+  }
+
+  _feed(chatId) {
+    let feed = this._feeds.get(chatId);
+    if (!feed) {
+      feed = new ChatFeed(this, chatId);
+      this._feeds.set(chatId, feed);
+      feed.attached.catch(() => {
+        if (this._feeds.get(chatId) === feed) this._feeds.delete(chatId);
+      });
+    }
+    return feed;
+  }
+
+  /** The tether session of a chat (attached on first use). */
+  async session(chatId) {
+    return this._feed(chatId).attached;
+  }
+
+  /** The chat's messages as UI messages, from the session log (for the initial load). */
+  async messages(chatId) {
+    const feed = this._feed(chatId);
+    await feed.ready;
+    return feed.uiMessages();
+  }
+
+  /** The id of the run a reader sees now (see `reconnectToStream`), or null. */
+  async activeRun(chatId) {
+    const feed = this._feed(chatId);
+    await feed.ready;
+    return feed.current()?.id ?? null;
+  }
+
+  async sendMessages({ chatId, messages, trigger, messageId, abortSignal }) {
+    const feed = this._feed(chatId);
+    const session = await feed.attached;
+    const last = messages[messages.length - 1];
+    if (!last) throw new TetherError("sendMessages needs at least one message");
+    if (last.role === "assistant") return this._continue(feed, session, last, abortSignal);
+    const sink = new ChunkSink(abortSignal, () => {
+      if (feed.pendingIds.get(last.id) === sink) feed.pendingIds.delete(last.id);
+      for (const [seq, waiting] of feed.pendingSeqs) if (waiting === sink) feed.pendingSeqs.delete(seq);
+      clearTimeout(timer);
+    });
+    let timer = null;
+    const regenerate = trigger === "regenerate-message";
+    const data = { text: uiMessageText(last), id: last.id };
+    if (regenerate) data.regenerate = true;
+    feed.pendingIds.set(last.id, sink);
+    const cursor = await session.publish("message", data, { key: regenerate ? `${last.id}:${newKey()}` : last.id });
+    const seq = parseCursor(cursor).seq;
+    if (!sink.closed && !sink.run) {
+      const run = feed.runBySeq.get(seq); // a duplicate: the message was sent before
+      if (run) {
+        feed.pendingIds.delete(last.id);
+        feed.follow(run, sink, 0);
+      } else if (this.startTimeout > 0) {
+        timer = setTimeout(() => {
+          if (sink.run || sink.closed) return;
+          sink.push({ type: "error", errorText: `no run started for message ${last.id} in ${chatId} (is an agent serving it?)` });
+          sink.close();
+        }, this.startTimeout);
+      }
+    }
+    return sink.stream;
+  }
+
+  /** The last message is the assistant's (a tool output or an approval added in the chat):
+   * publish the answers the run waits for, then follow the run from here. */
+  async _continue(feed, session, message, abortSignal) {
+    const run = feed.runs.get(message.id);
+    const sink = new ChunkSink(abortSignal);
+    if (!run || run.final) {
+      sink.push({ type: "finish", finishReason: "stop" });
+      sink.close();
+      return sink.stream;
+    }
+    feed.follow(run, sink, run.chunks.length);
+    feed.delivered.add(`${run.id}:${run.phase + 1}`);
+    const answers = [];
+    for (const part of message.parts ?? []) {
+      if (!isToolPart(part)) continue;
+      const call = run.calls.get(part.toolCallId);
+      if (!call || call.done) continue;
+      if (call.approval && part.state === "approval-responded" && part.approval) {
+        answers.push(part.approval.approved ? session.approve(run.id, part.toolCallId) : session.reject(run.id, part.toolCallId));
+      } else if (call.client && part.state === "output-available") {
+        answers.push(session.answerTool(run.id, part.toolCallId, part.output ?? null));
+      } else if (call.client && part.state === "output-error") {
+        answers.push(session.answerTool(run.id, part.toolCallId, null, { error: part.errorText ?? "failed" }));
+      }
+    }
+    const results = await Promise.allSettled(answers);
+    for (const result of results) {
+      // Another tab or person answered first: the run goes on with their answer.
+      if (result.status === "rejected" && result.reason?.code !== "already_decided") throw result.reason;
+    }
+    return sink.stream;
+  }
+
+  async reconnectToStream({ chatId, abortSignal }) {
+    const feed = this._feed(chatId);
+    await feed.ready;
+    const run = feed.current();
+    if (!run || abortSignal?.aborted) return null;
+    const sink = new ChunkSink(abortSignal);
+    feed.follow(run, sink, 0);
+    return sink.stream;
+  }
+
+  /** Stop the chat's active run for everyone (`run.cancel`); `chat.stop()` only stops reading. */
+  async stop(chatId, reason = "stopped") {
+    const feed = this._feed(chatId);
+    const session = await feed.attached;
+    const run = feed.current();
+    if (!run) return null;
+    try {
+      return await session.cancelRun(run.id, reason);
+    } catch (error) {
+      if (error?.code === "run_finished") return null;
+      throw error;
+    }
+  }
+
+  /**
+   * Keep an AI SDK chat (`Chat` of `@ai-sdk/react`, any `AbstractChat`) in step with its
+   * session: loads the history into an empty chat, adds the messages others send, and resumes
+   * a run's reply whenever one this chat is not reading starts or goes on (a run started from
+   * another tab, or by a person answering an approval elsewhere). Returns a function that stops.
+   */
+  follow(chat, { loadMessages = true, retryInterval = 100 } = {}) {
+    const feed = this._feed(chat.id);
+    let stopped = false;
+    let timer = null;
+    let ready = false;
+    const busy = () => chat.status === "submitted" || chat.status === "streaming";
+    const check = () => {
+      timer = null;
+      if (stopped || !ready) return;
+      const known = new Set(chat.messages.map((m) => m.id));
+      const missing = feed.uiMessages().filter((m) => m.role === "user" && !known.has(m.id));
+      if (missing.length) chat.messages = [...chat.messages, ...missing];
+      const run = feed.current();
+      if (run && !feed.delivered.has(`${run.id}:${run.phase}`)) {
+        if (busy()) {
+          timer = setTimeout(check, retryInterval);
+        } else {
+          feed.delivered.add(`${run.id}:${run.phase}`);
+          Promise.resolve(chat.resumeStream()).catch((error) => console.error("tether: resumeStream failed", error));
+        }
+      }
+    };
+    const listener = () => {
+      if (!timer) timer = setTimeout(check, 0);
+    };
+    feed.listeners.add(listener);
+    feed.ready.then(() => {
+      if (stopped) return;
+      ready = true;
+      if (loadMessages && chat.messages.length === 0 && !busy()) chat.messages = feed.uiMessages();
+      check();
+    }, (error) => console.error(`tether: could not follow ${chat.id}`, error));
+    return () => {
+      stopped = true;
+      clearTimeout(timer);
+      feed.listeners.delete(listener);
+    };
+  }
+
+  /** Stop reading every chat; closes the client if the transport made it. */
+  close() {
+    for (const feed of this._feeds.values()) {
+      for (const run of feed.runs.values()) for (const sink of [...run.sinks]) sink.close();
+      feed.listeners.clear();
+    }
+    this._feeds.clear();
+    if (this._ownsClient) this.client.close();
+  }
+}
+
 export default Client;
