@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import errno
 import gc
-import logging
 import os
 import signal
 import sqlite3
@@ -298,43 +297,17 @@ def _line(event: Any) -> dict[str, Any]:
             "sender": event.sender, "time": event.time}
 
 
-class _ConnectErrors(logging.Handler):
-    """Keeps the client's last "connect failed" reason, to say why a server is unreachable."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.last: BaseException | None = None
-
-    def emit(self, record: logging.LogRecord) -> None:
-        args = record.args
-        if record.msg.startswith("tether: connect to") and isinstance(args, tuple) \
-                and len(args) == 2 and isinstance(args[1], BaseException):
-            self.last = args[1]
-
-    def reason(self) -> str:
-        exc = self.last
-        if exc is None:
-            return ""
-        os_error = getattr(exc, "os_error", None)  # aiohttp's ClientConnectorError
-        if isinstance(os_error, OSError) and (os_error.errno or os_error.strerror):
-            return f": {_os_reason(os_error).lower()}"
-        status = getattr(exc, "status", None)  # a handshake refused with an HTTP status
-        if isinstance(status, int) and status:
-            return f": HTTP {status} (is it a tether server?)"
-        return f": {exc}" if str(exc) else f": {type(exc).__name__}"
-
-    @contextlib.contextmanager
-    def installed(self) -> Any:
-        logger = logging.getLogger("tether.client")
-        level = logger.level
-        logger.addHandler(self)
-        if logger.getEffectiveLevel() > logging.INFO:
-            logger.setLevel(logging.INFO)
-        try:
-            yield self
-        finally:
-            logger.removeHandler(self)
-            logger.setLevel(level)
+def connect_reason(exc: BaseException | None) -> str:
+    """Why the client could not connect, as the end of an error line (empty if unknown)."""
+    if exc is None:
+        return ""
+    os_error = getattr(exc, "os_error", None)  # aiohttp's ClientConnectorError
+    if isinstance(os_error, OSError) and (os_error.errno or os_error.strerror):
+        return f": {_os_reason(os_error).lower()}"
+    status = getattr(exc, "status", None)  # a handshake refused with an HTTP status
+    if isinstance(status, int) and status:
+        return f": HTTP {status} (is it a tether server?)"
+    return f": {exc}" if str(exc) else f": {type(exc).__name__}"
 
 
 def client_error(exc: BaseException, url: str) -> str:
@@ -450,7 +423,6 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     except orjson.JSONDecodeError as exc:
         fail(f"JSON argument does not parse: {exc}")
     client = _client(args, connect_timeout=args.timeout)
-    errors = _ConnectErrors()
 
     async def run() -> str | None:
         try:
@@ -460,15 +432,15 @@ def _cmd_publish(args: argparse.Namespace) -> int:
                     return await session.publish(args.type, data)
         except TimeoutError:
             if client.welcome is None:
-                fail(f"cannot reach {args.url} (is the server running?){errors.reason()}")
+                fail(f"cannot reach {args.url} (is the server running?)"
+                     f"{connect_reason(client.last_connect_error)}")
             fail(f"{args.url} did not confirm the publish within {args.timeout:g} s "
                  "(it may still commit; publish again to retry safely only with the same "
                  "idempotency key)")
         except TetherError as exc:
             fail(client_error(exc, args.url))
 
-    with errors.installed():
-        print(run_command(run))
+    print(run_command(run))
     return 0
 
 

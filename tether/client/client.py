@@ -478,6 +478,9 @@ class Client:
         self.heartbeat_timeout = heartbeat_timeout
         self.ws_heartbeat = ws_heartbeat
         self.connect_timeout = connect_timeout
+        # Why the last connection attempt failed (None once one succeeded): for a caller that
+        # must say why a server is unreachable.
+        self.last_connect_error: BaseException | None = None
         self.close_timeout = close_timeout
         self.queue_size = queue_size
         self.max_msg_size = max_msg_size
@@ -758,16 +761,21 @@ class Client:
         assert self._http is not None
         try:
             token = await self._resolve_token()
-            ws = await self._http.ws_connect(
-                self.url, protocols=[self.codec.subprotocol], heartbeat=self.ws_heartbeat,
-                max_msg_size=self.max_msg_size, autoping=True,
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=self.close_timeout),
-            )
+            # connect_timeout bounds the TCP, TLS and upgrade steps too, not only the welcome.
+            async with asyncio.timeout(self.connect_timeout):
+                ws = await self._http.ws_connect(
+                    self.url, protocols=[self.codec.subprotocol],
+                    heartbeat=self.ws_heartbeat, max_msg_size=self.max_msg_size, autoping=True,
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None,
+                                                    ws_close=self.close_timeout),
+                )
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # refused, DNS, TLS, handshake status, a failing token source
+            self.last_connect_error = exc
             log.info("tether: connect to %s failed: %r", self.url, exc)
             return None, f"connect failed: {exc!r}", False
+        self.last_connect_error = None
         if self._closing:  # close() ran while we were connecting
             await ws.close()
             return None, "closed by the application", False
