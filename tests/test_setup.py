@@ -13,6 +13,7 @@ The error paths (no Python 3.11+, Debian's python3-venv missing) run with fake `
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -250,3 +251,111 @@ esac
     assert log.read_text().splitlines() == ["update -qq", "install -y -qq python3.11-venv"]
     # The fake venv has no python: the install after it fails, and says so.
     assert done.returncode != 0
+
+
+# --- from the fresh clone to an answer ------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def serving(clone: Clone) -> Iterator[int]:
+    """``./scripts/serve`` of the clone, running (already set up): yields its port."""
+    port = free_port()
+    log_path = clone.path.parent / f"serving-{port}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(["./scripts/serve", "--port", str(port)], cwd=clone.path,
+                                env=clone.env, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while _healthz(port) != 200:
+                assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
+                assert time.monotonic() < deadline, log_path.read_text(errors="replace")
+                time.sleep(0.1)
+            yield port
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+def readme_block(section: str, language: str) -> str:
+    readme = (ROOT / "README.md").read_text()
+    text = readme.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    return text.split(f"```{language}\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_quickstart_and_the_python_snippet_work_next_to_the_clone(clone: Clone) -> None:
+    """The README's quickstart, in a second terminal opened outside the clone — in the folder
+    that holds the clone (named ``tether``, so it could shadow the package) — and its Python
+    snippet saved there."""
+    outside = clone.path.parent
+    assert (outside / "tether").is_dir()  # the clone itself: the reported shadowing case
+    lines = [line.split("  #", 1)[0].strip()
+             for line in readme_block("Quickstart", "sh").splitlines() if line.strip()]
+    activate, *commands = lines
+    assert activate.startswith(". ") and activate.endswith("/.venv/bin/activate")
+    tail = commands.pop()
+    assert tail.startswith("tether tail ")
+    with serving(clone) as port:
+        url = f"ws://127.0.0.1:{port}"
+        script = "\n".join([
+            "set -euo pipefail",
+            f". {clone.path}/.venv/bin/activate",
+            *[c + f" --url {url}" if c.startswith("tether publish") else c for c in commands],
+            f"timeout -s INT 5 {tail} --url {url} || test $? -eq 124 -o $? -eq 130",
+        ])
+        done = subprocess.run(["bash", "-c", script], cwd=outside, env=clone.env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "Traceback" not in done.stderr and "error" not in done.stderr, done.stderr
+        assert '"text": "hello"' in done.stdout or '"hello"' in done.stdout, done.stdout
+
+        snippet = readme_block("Quickstart", "python").replace("127.0.0.1:8765",
+                                                               f"127.0.0.1:{port}")
+        (outside / "snippet.py").write_text(snippet)
+        token = subprocess.run(
+            [str(clone.path / ".venv/bin/tether"), "token", "--sub", "alice", "--session",
+             "demo*", "--caps", "subscribe,publish,presence", "--ttl", "1h"], cwd=outside,
+            env=clone.env, capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+        run = subprocess.run([str(clone.path / ".venv/bin/python"), "snippet.py"], cwd=outside,
+                             env={**clone.env, "TETHER_TOKEN": token}, capture_output=True,
+                             text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        assert "committed at" in run.stdout
+
+
+def test_a_streamed_answer_in_the_browser(clone: Clone) -> None:
+    """The fresh clone's server, the web app in Chromium: sign in, ask, get a streamed answer
+    from the demo agent on the simulated model."""
+    from tests.web.conftest import CHROMIUM, CHROMIUM_ARGS, _skip_reason
+
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with serving(clone) as port, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.set_default_timeout(30000)
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.fill("#login-name", "newcomer")
+        page.click("#login-form button[type=submit]")
+        page.wait_for_selector('#app[data-view="home"]')
+        page.goto(f"http://127.0.0.1:{port}/s/demo-first-ten-minutes")
+        page.wait_for_selector('#conn[data-state="connected"]')
+        page.fill("#composer-input", "hello")
+        page.press("#composer-input", "Enter")
+        page.wait_for_function("""() => {
+          const done = document.querySelector("#transcript .msg.assistant:not(.streaming) .body");
+          return done !== null && done.innerText.split(/\\s+/).length > 5;
+        }""")
+        answer = page.inner_text("#transcript .msg.assistant .body")
+        browser.close()
+    assert answer.strip()[0].isupper() and answer.strip().endswith(".")
+    assert not errors, errors
