@@ -129,6 +129,40 @@ async def test_dev_login_refuses_foreign_hosts_and_origins(web: Server) -> None:
             assert resp.status == 200
 
 
+async def test_dev_login_cors_only_for_loopback_origins(web: Server) -> None:
+    """A page on another localhost port may sign in (preflight and answer carry CORS headers
+    for its origin); a page of any other origin gets no CORS header, and no token."""
+    url = base(web) + "/v1/dev/login"
+    ask = {"Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "content-type"}
+    async with aiohttp.ClientSession() as http:
+        for origin in ("http://127.0.0.1:8080", "http://localhost:5173", "http://[::1]:3000"):
+            async with http.options(url, headers={"Origin": origin, **ask}) as resp:
+                assert resp.status == 204, origin
+                assert resp.headers["Access-Control-Allow-Origin"] == origin
+                assert "POST" in resp.headers["Access-Control-Allow-Methods"]
+                assert "content-type" in resp.headers["Access-Control-Allow-Headers"].lower()
+            async with http.post(url, json={"name": "a"}, headers={"Origin": origin}) as resp:
+                assert resp.status == 200
+                assert resp.headers["Access-Control-Allow-Origin"] == origin
+        for origin in ("https://evil.example", "http://127.0.0.1.evil.example", "null"):
+            async with http.options(url, headers={"Origin": origin, **ask}) as resp:
+                assert resp.status == 404, origin
+                assert "Access-Control-Allow-Origin" not in resp.headers
+            async with http.post(url, json={"name": "a"}, headers={"Origin": origin}) as resp:
+                assert resp.status == 404, origin
+                assert "Access-Control-Allow-Origin" not in resp.headers
+        # A loopback origin through a proxy is still refused, CORS or not.
+        async with http.options(url, headers={"Origin": "http://127.0.0.1:8080",
+                                              "X-Forwarded-For": "203.0.113.9", **ask}) as resp:
+            assert resp.status == 404
+            assert "Access-Control-Allow-Origin" not in resp.headers
+        # Without an Origin (curl, same origin) the answer has no CORS header.
+        async with http.post(url, json={"name": "a"}) as resp:
+            assert resp.status == 200
+            assert "Access-Control-Allow-Origin" not in resp.headers
+
+
 async def test_dev_login_is_off_unless_bound_to_loopback(
         make_server: ServerFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     public = await make_server(host="0.0.0.0")
@@ -179,3 +213,40 @@ async def test_session_list_shows_sessions_with_runs_that_the_token_may_read(
         async with http.get(url) as resp:
             assert resp.status == 401
     await peer.close()
+
+
+async def test_ai_sdk_endpoints_allow_any_origin(web: Server) -> None:
+    """The AI SDK endpoints take bearer tokens, never cookies: any origin may call them, the
+    preflight says which headers, and the stream's protocol header is readable."""
+    origin = "https://app.example"
+    ask = {"Origin": origin, "Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "authorization,content-type"}
+    async with aiohttp.ClientSession() as http:
+        for path in ("/v1/ai-sdk/chat", "/v1/ai-sdk/chat/chat-1/stop",
+                     "/v1/ai-sdk/chat/chat-1/stream", "/v1/ai-sdk/chat/chat-1/messages"):
+            async with http.options(base(web) + path, headers=ask) as resp:
+                assert resp.status == 204, path
+                assert resp.headers["Access-Control-Allow-Origin"] == "*"
+                allowed = resp.headers["Access-Control-Allow-Headers"].lower()
+                assert "authorization" in allowed and "content-type" in allowed
+                assert {"GET", "POST"} <= set(
+                    resp.headers["Access-Control-Allow-Methods"].replace(" ", "").split(","))
+        auth = {"Origin": origin, "Authorization": f"Bearer {token(sessions=['chat-*'])}"}
+        async with http.post(base(web) + "/v1/ai-sdk/chat", headers=auth, json={
+                "id": "chat-1", "trigger": "submit-message",
+                "messages": [{"id": "m1", "role": "user",
+                              "parts": [{"type": "text", "text": "hi"}]}]}) as resp:
+            assert resp.status == 200
+            assert resp.headers["Access-Control-Allow-Origin"] == "*"
+            assert resp.headers["x-vercel-ai-ui-message-stream"] == "v1"
+            assert "x-vercel-ai-ui-message-stream" in \
+                resp.headers["Access-Control-Expose-Headers"].lower()
+            assert b"data: [DONE]" in await resp.read()
+        async with http.get(base(web) + "/v1/ai-sdk/chat/chat-1/messages",
+                            headers=auth) as resp:
+            assert resp.status == 200 and resp.headers["Access-Control-Allow-Origin"] == "*"
+            assert [m["role"] for m in await resp.json()] == ["user", "assistant"]
+        async with http.get(base(web) + "/v1/ai-sdk/chat/chat-1/messages",
+                            headers={"Origin": origin}) as resp:
+            assert resp.status == 401  # an error is readable cross-origin too
+            assert resp.headers["Access-Control-Allow-Origin"] == "*"

@@ -27,6 +27,11 @@ route                                    what it does
 Capabilities are those of every transport: ``publish`` to post and to stop, ``subscribe`` to
 read and resume (``approve`` for an approval response).
 
+CORS: every answer under ``/v1/ai-sdk/`` allows any origin (and ``OPTIONS`` answers the
+preflight), so a page served from elsewhere can point ``DefaultChatTransport`` here. That is safe
+because these endpoints authenticate only by the ``Authorization: Bearer`` header, never by a
+cookie: a foreign page gets nothing its own token would not give it.
+
 The stream is SSE: ``data: {chunk}`` per UI message chunk, ``data: [DONE]`` last, with the
 ``x-vercel-ai-ui-message-stream: v1`` header. The mapping of log events to chunks is
 :class:`Reply`; ``docs/ai-sdk.md`` has the table. Delivery goes through the hub like AG-UI:
@@ -702,8 +707,39 @@ async def get_messages(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(chat.messages()), content_type="application/json")
 
 
+# --- CORS ---------------------------------------------------------------------------------------
+
+PREFIX = "/v1/ai-sdk/"
+# Any origin: the endpoints take a bearer token in a header and never read cookies, so a page
+# of another site can do nothing here that its own token would not let it do anyway.
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Expose-Headers": "x-vercel-ai-ui-message-stream",
+}
+PREFLIGHT_HEADERS = {
+    **CORS_HEADERS,
+    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type",
+    "Access-Control-Max-Age": "600",
+}
+
+
+async def preflight(request: web.Request) -> web.Response:
+    return web.Response(status=204, headers=PREFLIGHT_HEADERS)
+
+
+async def _cors(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer under ``/v1/ai-sdk/`` (errors and streams too) carries the CORS headers."""
+    if request.path.startswith(PREFIX):
+        for name, value in CORS_HEADERS.items():
+            response.headers.setdefault(name, value)
+
+
 def install(app: web.Application) -> None:
     """Serve the AI SDK chat endpoints under ``/v1/ai-sdk/chat``."""
+    app.on_response_prepare.append(_cors)
+    app.router.add_route("OPTIONS", "/v1/ai-sdk/chat", preflight)
+    app.router.add_route("OPTIONS", "/v1/ai-sdk/chat/{chat}/{action}", preflight)
     app.router.add_post("/v1/ai-sdk/chat", post_chat)
     app.router.add_get("/v1/ai-sdk/chat/{chat}/stream", get_stream)
     app.router.add_post("/v1/ai-sdk/chat/{chat}/stop", post_stop)

@@ -9,7 +9,8 @@
   which sessions, with which tools);
 * ``GET /v1/web/sessions``: sessions that had runs, newest first, filtered by the token;
 * ``POST /v1/dev/login`` ``{"name"}``: a token for ``demo*`` and ``chat-*`` — only when the
-  server listens on a loopback address and the request is local (see :func:`dev_login_allowed`).
+  server listens on a loopback address and the request is local (see :func:`dev_login_allowed`);
+  with CORS for loopback origins only (a page on another localhost port may sign in).
 """
 
 from __future__ import annotations
@@ -193,10 +194,35 @@ def _error(status: int, code: str, message: str) -> web.Response:
                         status=status, content_type="application/json")
 
 
+def _dev_cors(request: web.Request) -> dict[str, str]:
+    """CORS headers for a dev login that :func:`dev_login_allowed` let through: only a loopback
+    ``Origin`` reaches here (a page on another localhost port, such as an example's static
+    server), so it is echoed; any other origin was refused before and gets no CORS header."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return {}
+    return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+
+
+async def dev_login_preflight(request: web.Request) -> web.Response:
+    """The CORS preflight of the dev login: allowed for loopback origins only (and only when
+    the login itself would be: loopback bind, local client, loopback Host, no proxy)."""
+    refused = dev_login_allowed(request.app[CONFIG].host, request)
+    if refused is not None or "Origin" not in request.headers:
+        return _error(404, "not_found", refused or "not a CORS preflight")
+    return web.Response(status=204, headers={
+        **_dev_cors(request),
+        "Access-Control-Allow-Methods": "POST",
+        "Access-Control-Allow-Headers": "Content-Type",
+        "Access-Control-Max-Age": "600",
+    })
+
+
 async def dev_login(request: web.Request) -> web.Response:
     refused = dev_login_allowed(request.app[CONFIG].host, request)
     if refused is not None:
         return _error(404, "not_found", refused)
+    cors = _dev_cors(request)
     if request.content_type != "application/json":
         return _error(400, "invalid", "send a JSON body: {\"name\": ...}")
     try:
@@ -213,7 +239,7 @@ async def dev_login(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps({
         "token": token, "sub": sub, "sessions": DEV_SESSIONS, "caps": DEV_CAPS,
         "expires_at": int(grant.exp * 1000) if grant.exp else None,
-    }), content_type="application/json", headers={"Cache-Control": "no-store"})
+    }), content_type="application/json", headers={"Cache-Control": "no-store", **cors})
 
 
 # --- app data ------------------------------------------------------------------------------
@@ -285,3 +311,4 @@ def install(app: web.Application) -> None:
     app.router.add_get("/v1/web/config", web_config)
     app.router.add_get("/v1/web/sessions", web_sessions)
     app.router.add_post("/v1/dev/login", dev_login)
+    app.router.add_route("OPTIONS", "/v1/dev/login", dev_login_preflight)
