@@ -6,7 +6,8 @@ node_modules is missing or older than its package-lock.json).
   examples/ai-sdk-react/test/transport.test.mjs.
 * The example page (``useChat`` of ``@ai-sdk/react``, bundled with esbuild once per run) in
   Debian's Chromium, served by a static file server on another port than tether: a reload in
-  the middle of a reply, a second tab, Stop.
+  the middle of a reply, a second tab, Stop — over ``TetherChatTransport``, and over the stock
+  ``DefaultChatTransport`` (``?transport=http``, ``resume: true``) against /v1/ai-sdk/chat.
 """
 
 from __future__ import annotations
@@ -156,9 +157,8 @@ def _only_grew(page: Any, message: str, final: str) -> None:
 def test_use_chat_page_reload_second_tab_and_stop(
         browser: Any, slow_server: ServerProcess, example_site: str, shots: Any) -> None:
     base = f"http://127.0.0.1:{slow_server.port}"
-    # The page would do this dev login itself on tether's origin; from another origin the
-    # browser cannot read the answer (the route sends no CORS headers), so the token is given
-    # in the address, as README.md shows.
+    # The page could do this dev login itself (it allows CORS from loopback origins); here the
+    # token is given in the address, the fallback README.md shows.
     login = httpx.post(f"{base}/v1/dev/login", json={"name": "ai-sdk-page"}, timeout=10)
     login.raise_for_status()
     session = f"chat-aisdk-{os.getpid()}"
@@ -231,6 +231,100 @@ def test_use_chat_page_reload_second_tab_and_stop(
         tab.wait_for_selector("#stop", state="detached")
     assert len(stopped["data"]["text"]) < len(final), "stopped before the end"
     assert page.evaluate(VIEW) == second.evaluate(VIEW)
+    shots(second, "stopped")
+    assert not errors, errors
+    context.close()
+
+
+def _state_of(server: ServerProcess, session: str, state: str) -> list[dict[str, Any]]:
+    return [e for e in _events(server, session)
+            if e["type"] == "run.state" and e["data"]["state"] == state]
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_use_chat_page_with_the_stock_transport(
+        browser: Any, slow_server: ServerProcess, example_site: str, shots: Any) -> None:
+    """``?transport=http``: the stock ``DefaultChatTransport`` (only ``api`` and ``headers``)
+    with ``resume: true`` against tether's /v1/ai-sdk/chat endpoints, from another origin (CORS),
+    signed in through the dev login by the page itself."""
+    base = f"http://127.0.0.1:{slow_server.port}"
+    session = f"chat-http-{os.getpid()}"
+    url = f"{example_site}?server={base}&chat={session}&transport=http"
+
+    context = browser.new_context(viewport={"width": 1000, "height": 800})
+    context.add_init_script(TEXT_RECORDER)
+    context.set_default_timeout(20000)
+    errors: list[str] = []
+    page = context.new_page()
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url)  # no #token: the page calls the dev login across origins
+    page.wait_for_selector('#transport[data-transport="http"]')
+    page.wait_for_selector('#status[data-status="ready"]')
+
+    # Send, see it stream, reload mid-stream: resume replays the reply from its start.
+    page.fill("#input", "tell me about tether")
+    page.click("#send")
+    page.wait_for_function("""() => {
+        const a = document.querySelector('.msg[data-role="assistant"] .text');
+        return a && a.textContent.length > 40;
+    }""")
+    assert not _state_of(slow_server, session, "completed"), "reloaded mid-stream"
+    page.reload()
+    page.wait_for_selector('#transport[data-transport="http"]')
+    _wait(lambda: _state_of(slow_server, session, "completed"), "the run to complete")
+    events = _events(slow_server, session)
+    final = next(e["data"]["text"] for e in events if e["type"] == "stream.end")
+    _wait(lambda: _assistant_text(page) == final, "the whole answer after the reload")
+    page.wait_for_selector('#status[data-status="ready"]')
+    view = page.evaluate(VIEW)
+    assert [m["role"] for m in view] == ["user", "assistant"]
+    assert view[0]["text"] == "tell me about tether"
+    run = next(e["data"]["run"] for e in events if e["type"] == "run.created")
+    assert view[1]["id"] == run  # the assistant message is the run
+    message = next(e for e in events if e["type"] == "message")
+    assert message["data"]["message_id"] == view[0]["id"]
+    _only_grew(page, view[1]["id"], final)
+    shots(page, "reloaded")
+
+    # A second answer; a second tab opened mid-stream shows the chat and resumes the reply.
+    page.fill("#input", "and what about runs?")
+    page.click("#send")
+    page.wait_for_function("""() => {
+        const a = document.querySelectorAll('.msg[data-role="assistant"] .text');
+        return a.length >= 2 && a[a.length - 1].textContent.length > 20;
+    }""")
+    second = context.new_page()
+    second.on("pageerror", lambda exc: errors.append(str(exc)))
+    second.goto(url)
+    second.wait_for_selector('#transport[data-transport="http"]')
+    _wait(lambda: [m["text"] for m in second.evaluate(VIEW)][:3]
+          == [m["text"] for m in page.evaluate(VIEW)][:3], "the chat in the second tab")
+    second.wait_for_function("""() => {
+        const a = document.querySelectorAll('.msg[data-role="assistant"] .text');
+        return a.length >= 2 && a[a.length - 1].textContent.length > 40;
+    }""")
+    assert not _state_of(slow_server, session, "cancelled")
+    assert len(_state_of(slow_server, session, "completed")) == 1, "stopped mid-stream"
+
+    # Stop in the first tab: run.cancel in the log, the run cancelled, both tabs settle.
+    page.click("#stop")
+    _wait(lambda: _state_of(slow_server, session, "cancelled"), "the run to be cancelled")
+    events = _events(slow_server, session)
+    cancel = next(e for e in events if e["type"] == "run.cancel")
+    assert cancel["data"]["by"]["sub"] == "ai-sdk-example"  # the page's own dev login
+    stopped = [e for e in events if e["type"] == "stream.end"][-1]
+    assert stopped["data"]["interrupted"] == "cancelled"
+    assert len(stopped["data"]["text"]) < len(final), "stopped before the end"
+    _wait(lambda: _assistant_text(second, 1) == stopped["data"]["text"],
+          "the stopped answer in the second tab")
+    assert stopped["data"]["text"].startswith(_assistant_text(page, 1))
+    for tab in (page, second):
+        tab.wait_for_selector('#status[data-status="ready"]')
+        tab.wait_for_selector("#stop", state="detached")
+    _only_grew(second, second.evaluate(VIEW)[3]["id"], stopped["data"]["text"])
+    assert [(m["id"], m["role"]) for m in page.evaluate(VIEW)] \
+        == [(m["id"], m["role"]) for m in second.evaluate(VIEW)]
     shots(second, "stopped")
     assert not errors, errors
     context.close()
