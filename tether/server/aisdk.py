@@ -230,6 +230,17 @@ class Reply:
 # --- the chat as the log tells it --------------------------------------------------------------
 
 
+def _user_message_id(seq: int, data: Any) -> str:
+    """The UI message id of a person's ``message``: ``message_id`` (both transports write it;
+    ``id`` from TetherChatTransport before), else one from its seq."""
+    if isinstance(data, dict):
+        for name in ("message_id", "id"):
+            given = data.get(name)
+            if isinstance(given, str) and given:
+                return given
+    return f"msg-{seq}"
+
+
 @dataclass
 class RunInfo:
     run: str
@@ -239,6 +250,7 @@ class RunInfo:
     final_seq: int | None = None
     superseded: bool = False
     pending: dict[str, str] = field(default_factory=dict)  # call → "client" | "approval"
+    message_seq: int | None = None  # the person's message it answers
 
 
 @dataclass
@@ -249,6 +261,7 @@ class Chat:
     runs: dict[str, RunInfo] = field(default_factory=dict)
     epoch: str = ""
     last_seq: int = 0
+    message_ids: dict[int, str] = field(default_factory=dict)  # seq → UI message id
 
     def take(self, seq: int, type_: str, data: Any, kind: str) -> None:
         self.events.append((seq, type_, data, kind))
@@ -259,11 +272,22 @@ class Chat:
             if old is not None:
                 old.superseded = True
             return
+        if type_ == "message" and kind != "agent":
+            message_id = _user_message_id(seq, data)
+            if data.get("regenerate") is True:  # TetherChatTransport's regenerate
+                for older in self.runs.values():
+                    if self.message_ids.get(older.message_seq or -1) == message_id:
+                        older.superseded = True
+            self.message_ids[seq] = message_id
+            return
         run = data.get("run")
         if not isinstance(run, str):
             return
         if type_ == "run.created":
-            self.runs[run] = RunInfo(run, seq)
+            given = data.get("input")
+            message_seq = given.get("message_seq") if isinstance(given, dict) else None
+            self.runs[run] = RunInfo(run, seq, message_seq=message_seq
+                                     if isinstance(message_seq, int) else None)
             return
         info = self.runs.get(run)
         if info is None:
@@ -300,11 +324,14 @@ class Chat:
                  if t == STREAM_END and isinstance(d, dict)}
         replies: dict[str, tuple[Reply, list[Json]]] = {}
         order: list[tuple[int, Json | str]] = []
+        shown: set[str] = set()
         for seq, type_, data, kind in self.events:
             if type_ == "message" and kind != "agent":
                 text = data.get("text") if isinstance(data, dict) else data
-                given = data.get("message_id") if isinstance(data, dict) else None
-                message_id = given if isinstance(given, str) else f"msg-{seq}"
+                message_id = _user_message_id(seq, data)
+                if message_id in shown:
+                    continue  # TetherChatTransport's regenerate: the message again
+                shown.add(message_id)
                 order.append((seq, {"id": message_id, "role": "user",
                                     "parts": [{"type": "text", "text": str(text or "")}]}))
                 continue

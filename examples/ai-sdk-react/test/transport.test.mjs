@@ -13,6 +13,7 @@ import { fileURLToPath } from "node:url";
 
 import {
   AbstractChat,
+  DefaultChatTransport,
   lastAssistantMessageIsCompleteWithApprovalResponses,
   lastAssistantMessageIsCompleteWithToolCalls,
 } from "ai";
@@ -141,7 +142,7 @@ function defineTests() {
       assert.equal(textOf(reply), final);
       const events = await server.events(id);
       const messages = events.filter((e) => e.type === "message");
-      assert.deepEqual(messages.map((e) => e.data), [{ text: "hello there", id: user.id }]);
+      assert.deepEqual(messages.map((e) => e.data), [{ text: "hello there", message_id: user.id }]);
       const created = events.find((e) => e.type === "run.created");
       assert.equal(reply.id, created.data.run, "the assistant message's id is the run's");
       assert.equal(chunks[0].type, "start");
@@ -180,6 +181,57 @@ function defineTests() {
       assert.deepEqual(b.messages.map(textOf), a.messages.map(textOf));
       stopA();
       stopB();
+    });
+
+    test("one chat, both transports: the stock HTTP transport and TetherChatTransport record alike", async () => {
+      const id = chatId();
+      const auth = { Authorization: `Bearer ${token("alice")}` };
+      const http = new NodeChat({
+        id,
+        transport: new DefaultChatTransport({ api: `${server.http}/v1/ai-sdk/chat`, headers: auth }),
+      });
+      const t = transport({ sub: "bob" });
+      const live = new NodeChat({ id, transport: t });
+      const stop = t.follow(live);
+      await t.messages(id); // attached and caught up
+
+      // Started over HTTP, followed live by the TetherChatTransport chat.
+      const sent = http.sendMessage({ text: "over http" });
+      await until(() => assistants(live).length === 1 && live.status === "streaming", { what: "the socket chat streaming the HTTP reply" });
+      await sent;
+      const [first] = await answers(id);
+      await until(() => live.status === "ready" && textOf(assistants(live)[0]) === first, { what: "the whole reply" });
+      assert.equal(textOf(assistants(http)[0]), first);
+      assert.deepEqual(live.messages.map((m) => [m.id, m.role]), http.messages.map((m) => [m.id, m.role]));
+
+      // Sent over the socket: /messages (what the stock transport loads) says the same.
+      await live.sendMessage({ text: "over the socket" });
+      const finals = await answers(id);
+      const listed = await (await fetch(`${server.http}/v1/ai-sdk/chat/${id}/messages`, { headers: auth })).json();
+      assert.deepEqual(listed.map((m) => [m.id, m.role, textOf(m)]), live.messages.map((m) => [m.id, m.role, textOf(m)]));
+      assert.deepEqual(listed.map(textOf), ["over http", finals[0], "over the socket", finals[1]]);
+
+      // The same data and the same idempotency key (per sender): the same person's retry over
+      // the other transport is no new message.
+      const events = await server.events(id);
+      const messages = events.filter((e) => e.type === "message");
+      assert.deepEqual(messages.map((e) => e.data), [
+        { text: "over http", message_id: http.messages[0].id },
+        { text: "over the socket", message_id: live.messages[2].id },
+      ]);
+      const runs = events.filter((e) => e.type === "run.created").map((e) => e.data.run);
+      assert.deepEqual(runs, [live.messages[1].id, live.messages[3].id], "assistant message id = run id");
+      const retry = await fetch(`${server.http}/v1/ai-sdk/chat`, {
+        method: "POST",
+        headers: { Authorization: `Bearer ${token("bob")}`, "Content-Type": "application/json" },
+        body: JSON.stringify({ id, trigger: "submit-message", messages: [live.messages[2]] }),
+      });
+      assert.equal(retry.status, 200);
+      await retry.text();
+      const again = await server.events(id);
+      assert.equal(again.filter((e) => e.type === "message").length, 2, "the retried message is not doubled");
+      assert.equal(again.filter((e) => e.type === "run.created").length, 2);
+      stop();
     });
 
     test("a dropped socket mid-stream: the reply goes on after the reconnect, nothing lost or doubled", async () => {

@@ -1625,6 +1625,55 @@ function uiMessageText(message) {
   return parts.filter((p) => p && p.type === "text" && typeof p.text === "string").map((p) => p.text).join("");
 }
 
+const SHA256_K = new Uint32Array([
+  0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+  0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+  0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+  0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+  0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+  0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+  0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+  0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+]);
+
+/** SHA-256 of a string's UTF-8 bytes, as hex (synchronous: crypto.subtle is async and absent
+ * outside secure contexts). */
+function sha256Hex(text) {
+  const bytes = new TextEncoder().encode(text);
+  const length = ((bytes.length + 9 + 63) >> 6) << 6;
+  const buffer = new Uint8Array(length);
+  buffer.set(bytes);
+  buffer[bytes.length] = 0x80;
+  const view = new DataView(buffer.buffer);
+  view.setUint32(length - 8, Math.floor(bytes.length / 0x20000000));
+  view.setUint32(length - 4, (bytes.length << 3) >>> 0);
+  const h = new Uint32Array([0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19]);
+  const w = new Uint32Array(64);
+  const rotr = (x, n) => (x >>> n) | (x << (32 - n));
+  for (let offset = 0; offset < length; offset += 64) {
+    for (let i = 0; i < 16; i++) w[i] = view.getUint32(offset + i * 4);
+    for (let i = 16; i < 64; i++) {
+      const s0 = rotr(w[i - 15], 7) ^ rotr(w[i - 15], 18) ^ (w[i - 15] >>> 3);
+      const s1 = rotr(w[i - 2], 17) ^ rotr(w[i - 2], 19) ^ (w[i - 2] >>> 10);
+      w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+    }
+    let [a, b, c, d, e, f, g, k] = h;
+    for (let i = 0; i < 64; i++) {
+      const t1 = k + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) + SHA256_K[i] + w[i];
+      const t2 = (rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+      k = g; g = f; f = e; e = (d + t1) >>> 0; d = c; c = b; b = a; a = (t1 + t2) >>> 0;
+    }
+    h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e; h[5] += f; h[6] += g; h[7] += k;
+  }
+  return [...h].map((x) => x.toString(16).padStart(8, "0")).join("");
+}
+
+/** The idempotency key of a person's UI message, as tether's /v1/ai-sdk/chat endpoint makes
+ * it: the same message sent over either transport is recorded once. */
+function uiMessageKey(id, text) {
+  return `ai-sdk:${id}:${sha256Hex(text).slice(0, 16)}`;
+}
+
 function isToolPart(part) {
   return part && typeof part.type === "string" && (part.type === "dynamic-tool" || part.type.startsWith("tool-"));
 }
@@ -1805,7 +1854,8 @@ class ChatFeed {
     if (type === "message") {
       if (event.sender.kind === "agent") return;
       const text = typeof event.data === "string" ? event.data : String(data.text ?? "");
-      const id = typeof data.id === "string" && data.id ? data.id : `seq-${event.seq}`;
+      const given = typeof data.message_id === "string" ? data.message_id : data.id;
+      const id = typeof given === "string" && given ? given : `msg-${event.seq}`;
       const existing = this.users.get(id);
       let entry = existing;
       if (existing && data.regenerate === true) {
@@ -1823,6 +1873,12 @@ class ChatFeed {
         this.pendingIds.delete(id);
         this.pendingSeqs.set(event.seq, sink);
       }
+      return;
+    }
+    if (type === "ai-sdk.superseded") {
+      // A regenerate over /v1/ai-sdk/chat: the old answer leaves the message list.
+      const old = typeof data.superseded === "string" ? this.runs.get(data.superseded) : null;
+      if (old) old.superseded = true;
       return;
     }
     if (type === "run.created") {
@@ -2141,10 +2197,13 @@ export class TetherChatTransport {
     });
     let timer = null;
     const regenerate = trigger === "regenerate-message";
-    const data = { text: uiMessageText(last), id: last.id };
+    // Recorded as tether's /v1/ai-sdk/chat endpoint records it, so both transports share a chat.
+    const text = uiMessageText(last);
+    const data = { text, message_id: last.id };
     if (regenerate) data.regenerate = true;
     feed.pendingIds.set(last.id, sink);
-    const cursor = await session.publish("message", data, { key: regenerate ? `${last.id}:${newKey()}` : last.id });
+    const key = regenerate ? `ai-sdk:${last.id}:${newKey()}` : uiMessageKey(last.id, text);
+    const cursor = await session.publish("message", data, { key });
     const seq = parseCursor(cursor).seq;
     if (!sink.closed && !sink.run) {
       const run = feed.runBySeq.get(seq); // a duplicate: the message was sent before
