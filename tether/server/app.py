@@ -29,7 +29,7 @@ from tether import responses
 from tether.agents import http as agents_http
 from tether.agents.runner import RunManager
 from tether.agents.schedule import Scheduler
-from tether.server import agui, aisdk, connection, http
+from tether.server import agui, aisdk, connection, durable_streams, http
 from tether.server.auth import Authenticator
 from tether.server.config import ServerConfig
 from tether.server.connection import WS_ENDPOINT, Connection
@@ -116,6 +116,7 @@ class Server:
         connection.install(app)
         agui.install(app)
         aisdk.install(app)
+        durable_streams.install(app)
         agents_http.install(app)
         responses.install(app)
         web_routes.install(app)

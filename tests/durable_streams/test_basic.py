@@ -1,0 +1,149 @@
+"""The Durable Streams protocol under /v1/stream/: create, append, read, live modes, errors."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.helpers import token
+from tether.server import Server
+
+AUTH = {"Authorization": f"Bearer {token()}"}
+JSON = {**AUTH, "Content-Type": "application/json"}
+TEXT = {**AUTH, "Content-Type": "text/plain"}
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def url(server: Server, name: str) -> str:
+    return f"http://127.0.0.1:{server.port}/v1/stream/{name}"
+
+
+async def test_json_stream_create_append_read(server: Server,
+                                              http: aiohttp.ClientSession) -> None:
+    u = url(server, "chat-1")
+    resp = await http.put(u, headers=JSON, data=b'[{"n": 0}]')
+    assert resp.status == 201
+    assert resp.headers["Location"] == u
+    assert resp.headers["Content-Type"].startswith("application/json")
+    created = resp.headers["Stream-Next-Offset"]
+    assert (await http.put(u, headers=JSON)).status == 200  # same configuration
+    assert (await http.put(u, headers=TEXT)).status == 409  # another one
+
+    resp = await http.post(u, headers=JSON, data=b'{"n": 1}')
+    assert resp.status == 204
+    first = resp.headers["Stream-Next-Offset"]
+    resp = await http.post(u, headers=JSON, data=b'[{"n": 2}, [3, 4]]')
+    tail = resp.headers["Stream-Next-Offset"]
+    assert created < first < tail  # offsets sort in log order
+
+    resp = await http.get(u, headers=AUTH)
+    assert resp.status == 200 and resp.headers["Stream-Up-To-Date"] == "true"
+    assert orjson.loads(await resp.read()) == [{"n": 0}, {"n": 1}, {"n": 2}, [3, 4]]
+    assert resp.headers["Stream-Next-Offset"] == tail
+    etag = resp.headers["ETag"]
+
+    resp = await http.get(u, params={"offset": first}, headers=AUTH)
+    assert orjson.loads(await resp.read()) == [{"n": 2}, [3, 4]]
+    resp = await http.get(u, params={"offset": tail}, headers=AUTH)
+    assert await resp.read() == b"[]" and resp.headers["Stream-Next-Offset"] == tail
+    resp = await http.get(u, params={"offset": "now"}, headers=AUTH)
+    assert await resp.read() == b"[]" and resp.headers["Stream-Up-To-Date"] == "true"
+    resp = await http.get(u, params={"offset": "-1"}, headers={**AUTH, "If-None-Match": etag})
+    assert resp.status == 304
+
+    resp = await http.head(u, headers=AUTH)
+    assert resp.status == 200 and resp.headers["Stream-Next-Offset"] == tail
+    assert resp.headers["Cache-Control"] == "no-store"
+
+
+async def test_bytes_stream_round_trips(server: Server, http: aiohttp.ClientSession) -> None:
+    u = url(server, "bytes-1")
+    octets = {**AUTH, "Content-Type": "application/octet-stream"}
+    assert (await http.put(u, headers=octets, data=b"\x00\x01")).status == 201
+    assert (await http.post(u, headers=octets, data=b"\xff\xfe")).status == 204
+    resp = await http.get(u, headers=AUTH)
+    assert await resp.read() == b"\x00\x01\xff\xfe"
+
+
+async def test_errors_are_the_protocol_status_codes(server: Server,
+                                                   http: aiohttp.ClientSession) -> None:
+    u = url(server, "errs")
+    assert (await http.post(u, headers=JSON, data=b"{}")).status == 404
+    assert (await http.get(u, headers=AUTH)).status == 404
+    assert (await http.head(u, headers=AUTH)).status == 404
+    assert (await http.delete(u, headers=AUTH)).status == 404
+    assert (await http.put(u, headers={**JSON, "Stream-TTL": "+5"})).status == 400
+    assert (await http.put(u, headers={**JSON, "Stream-TTL": "5",
+                                       "Stream-Expires-At": "2030-01-01T00:00:00Z"})).status == 400
+    assert (await http.put(u, headers=JSON)).status == 201
+    assert (await http.post(u, headers=JSON, data=b"[]")).status == 400
+    assert (await http.post(u, headers=JSON, data=b"{nope")).status == 400
+    assert (await http.post(u, headers=JSON, data=b"")).status == 400
+    assert (await http.post(u, headers=TEXT, data=b"x")).status == 409
+    assert (await http.get(u, params={"offset": "abc"}, headers=AUTH)).status == 400
+    assert (await http.get(u)).status == 401  # no token, no anonymous mode
+    assert (await http.put(url(server, "bad%20name"), headers=JSON)).status == 400
+    assert (await http.delete(u, headers=AUTH)).status == 204
+    assert (await http.get(u, headers=AUTH)).status == 404
+
+
+async def test_stream_seq_must_increase(server: Server, http: aiohttp.ClientSession) -> None:
+    u = url(server, "seqs")
+    assert (await http.put(u, headers=TEXT)).status == 201
+    assert (await http.post(u, headers={**TEXT, "Stream-Seq": "b"}, data=b"1")).status == 204
+    assert (await http.post(u, headers={**TEXT, "Stream-Seq": "a"}, data=b"2")).status == 409
+    assert (await http.post(u, headers={**TEXT, "Stream-Seq": "c"}, data=b"3")).status == 204
+
+
+async def test_long_poll_returns_new_data_and_times_out_empty(
+        server: Server, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tether.server import durable_streams
+    monkeypatch.setattr(durable_streams, "LONG_POLL_TIMEOUT", 0.5)
+    u = url(server, "poll")
+    resp = await http.put(u, headers=JSON)
+    tail = resp.headers["Stream-Next-Offset"]
+    resp = await http.get(u, params={"offset": tail, "live": "long-poll"}, headers=AUTH)
+    assert resp.status == 204 and resp.headers["Stream-Up-To-Date"] == "true"
+    assert resp.headers["Stream-Next-Offset"] == tail and resp.headers["Stream-Cursor"]
+
+    async def later() -> None:
+        await asyncio.sleep(0.1)
+        await http.post(u, headers=JSON, data=b'{"late": true}')
+
+    task = asyncio.create_task(later())
+    resp = await http.get(u, params={"offset": "now", "live": "long-poll"}, headers=AUTH)
+    await task
+    assert resp.status == 200 and orjson.loads(await resp.read()) == [{"late": True}]
+    assert resp.headers["Stream-Next-Offset"] > tail
+
+
+async def test_sse_sends_data_then_control(server: Server, http: aiohttp.ClientSession) -> None:
+    u = url(server, "sse")
+    await http.put(u, headers=JSON, data=b'{"a": 1}')
+    resp = await http.get(u, params={"offset": "-1", "live": "sse"}, headers=AUTH)
+    assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
+    seen = b""
+    while b"event: control" not in seen:
+        seen += await resp.content.readany()
+    assert b'event: data\ndata:[{"a":1}]\n\n' in seen
+    assert b'"upToDate":true' in seen
+    await http.post(u, headers=JSON, data=b'{"a": 2}')
+    more = b""
+    while b"event: control" not in more:
+        more += await asyncio.wait_for(resp.content.readany(), 5)
+    assert b'data:[{"a":2}]' in more
+    resp.close()
+    octets = {**AUTH, "Content-Type": "application/octet-stream"}
+    await http.put(url(server, "raw"), headers=octets)
+    resp = await http.get(url(server, "raw"), params={"offset": "-1", "live": "sse"},
+                          headers=AUTH)
+    assert resp.status == 400

@@ -1,0 +1,590 @@
+"""The Durable Streams protocol (``PROTOCOL.md`` 1.0 of durable-streams) under ``/v1/stream/``.
+
+A stream is a session log (``docs/durable-streams.md`` has the whole mapping): ``PUT`` writes a
+``ds.create`` event holding the stream's configuration, each JSON message is one
+``ds.message`` event, each append of another content type one ``ds.bytes`` event, ``DELETE``
+writes ``ds.delete``. An offset is the seq of the last event covered, as 16 decimal digits, so
+offsets sort lexicographically in log order.
+
+Like every transport this is a thin layer over :class:`~tether.server.sessions.SessionService`:
+writes go through ``publish`` (capability, limits, validation, commit) and reads through
+``history``. Long-poll and SSE wait on the store's listener, registered before reading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import ipaddress
+import math
+import os
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from tether.protocol.codes import ErrorCode, RequestError
+from tether.protocol.cursor import Cursor
+from tether.protocol.events import Event, Sender, valid_session_id
+from tether.server.auth import Grant
+from tether.server.http import bearer_token
+from tether.server.keys import AUTH, CONFIG, SESSIONS
+from tether.server.sessions import Caller, SessionService
+
+CREATE = "ds.create"
+DELETE = "ds.delete"
+MESSAGE = "ds.message"
+BYTES = "ds.bytes"
+DATA_TYPES = frozenset({MESSAGE, BYTES})
+
+OFFSET_DIGITS = 16
+PAGE = 1000  # events per catch-up response
+# Seconds a long-poll waits for data (implementation-defined by the protocol).
+LONG_POLL_TIMEOUT = float(os.environ.get("TETHER_DS_LONG_POLL", "20"))
+SSE_LIFETIME = 60.0  # seconds before the server ends an SSE response (the client reconnects)
+CURSOR_EPOCH = datetime(2024, 10, 9, tzinfo=UTC).timestamp()
+CURSOR_INTERVAL = 20
+ANONYMOUS_ENV = "TETHER_ANONYMOUS"
+
+_OFFSET_RE = re.compile(rf"[0-9]{{{OFFSET_DIGITS}}}")
+_TTL_RE = re.compile(r"0|[1-9][0-9]{0,15}")
+_SEQ_HEADER = "Stream-Seq"
+_LINES_RE = re.compile(r"\r\n|\r|\n")  # every line break SSE knows, so data cannot end a field
+
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff",
+                    "Cross-Origin-Resource-Policy": "cross-origin"}
+
+
+def offset_of(seq: int) -> str:
+    return f"{seq:0{OFFSET_DIGITS}d}"
+
+
+def media_type(value: str | None) -> str:
+    """The media type of a ``Content-Type`` value, lowercased, without parameters."""
+    return (value or "").split(";", 1)[0].strip().lower()
+
+
+def is_json(content_type: str) -> bool:
+    return media_type(content_type) == "application/json"
+
+
+def live_cursor(previous: str | None) -> str:
+    """The protocol's interval cursor (section 8.1): never at or below the client's."""
+    interval = int((time.time() - CURSOR_EPOCH) // CURSOR_INTERVAL)
+    if previous is not None and previous.isdigit() and int(previous) >= interval:
+        interval = int(previous) + 1 + int.from_bytes(os.urandom(2)) % (3600 // CURSOR_INTERVAL)
+    return str(interval)
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    """A stream's configuration, as its ``ds.create`` event holds it."""
+
+    content_type: str
+    ttl: int | None
+    expires_at: str | None
+    created_seq: int
+    created_ms: int
+    stream_seq: str | None = None  # the last Stream-Seq accepted
+
+    def config(self) -> tuple[str, int | None, str | None]:
+        return (media_type(self.content_type), self.ttl, self.expires_at)
+
+    def expired(self) -> bool:
+        now = time.time()
+        if self.ttl is not None and now >= self.created_ms / 1000 + self.ttl:
+            return True
+        if self.expires_at is not None:
+            with contextlib.suppress(ValueError):
+                return now >= datetime.fromisoformat(self.expires_at).timestamp()
+        return False
+
+
+class Streams:
+    """The Durable Streams view of the session service, with a bounded metadata cache."""
+
+    MAX_CACHED = 10_000
+
+    def __init__(self, service: SessionService) -> None:
+        self.service = service
+        self._meta: OrderedDict[str, Meta | None] = OrderedDict()
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def lock(self, session: str) -> asyncio.Lock:
+        lock = self._locks.get(session)
+        if lock is None:
+            lock = self._locks[session] = asyncio.Lock()
+            if len(self._locks) > self.MAX_CACHED:
+                for name in [n for n, lk in self._locks.items() if not lk.locked()][:1000]:
+                    if name != session:
+                        del self._locks[name]
+        return lock
+
+    def remember(self, session: str, meta: Meta | None) -> None:
+        self._meta[session] = meta
+        self._meta.move_to_end(session)
+        if len(self._meta) > self.MAX_CACHED:
+            self._meta.popitem(last=False)
+
+    async def meta(self, caller: Caller, session: str) -> Meta | None:
+        """The stream's configuration, or None when no stream exists at ``session``."""
+        if session in self._meta:
+            meta = self._meta[session]
+            self._meta.move_to_end(session)
+        else:
+            meta = await self._load(caller, session)
+            self.remember(session, meta)
+        if meta is not None and meta.expired():
+            return None
+        return meta
+
+    async def _load(self, caller: Caller, session: str) -> Meta | None:
+        head, _, _, _ = await self.service.position(session, None)
+        after = head.first_seq - 1
+        meta: Meta | None = None
+        while True:
+            page = await self.service.history(caller, session, Cursor(head.epoch, after), PAGE)
+            for event in page.events:
+                if event.type == CREATE and isinstance(event.data, dict):
+                    meta = Meta(str(event.data.get("content_type")), event.data.get("ttl"),
+                                event.data.get("expires_at"), event.seq, event.time)
+                elif event.type == DELETE:
+                    meta = None
+                elif meta is not None and event.type in DATA_TYPES \
+                        and isinstance(event.data, dict) and "stream_seq" in event.data:
+                    meta = _with_seq(meta, event.data["stream_seq"])
+            if len(page.events) < PAGE:
+                return meta
+            after = page.events[-1].seq
+
+    async def read(self, caller: Caller, session: str, after: int
+                   ) -> tuple[list[Event], int, bool, int]:
+        """Data events after ``after``: (events, next seq, up to date, tail seq)."""
+        head, _, _, _ = await self.service.position(session, None)
+        if after < head.first_seq - 1:
+            raise _Gone()
+        page = await self.service.history(caller, session, Cursor(head.epoch, after), PAGE)
+        last = page.events[-1].seq if page.events else after
+        data = [e for e in page.events if e.type in DATA_TYPES]
+        up_to_date = len(page.events) < PAGE
+        return data, last, up_to_date, max(head.last_seq, last)
+
+
+class _Gone(Exception):
+    pass
+
+
+def _with_seq(meta: Meta, stream_seq: str) -> Meta:
+    return Meta(meta.content_type, meta.ttl, meta.expires_at, meta.created_seq,
+                meta.created_ms, stream_seq)
+
+
+# --- requests ------------------------------------------------------------------------------
+
+
+def _problem(status: int, message: str, **headers: str) -> web.Response:
+    return web.Response(status=status, text=message, content_type="text/plain",
+                        headers={**SECURITY_HEADERS, **headers})
+
+
+def _session(request: web.Request) -> str:
+    name = request.match_info["name"]
+    if not valid_session_id(name):
+        raise RequestError(ErrorCode.INVALID, "stream name must be a valid session id "
+                                              "([A-Za-z0-9][A-Za-z0-9_.:@-]{0,127})")
+    return name
+
+
+def anonymous_grant(app: web.Application) -> Grant | None:
+    """The grant of a request without a token: ``TETHER_ANONYMOUS='PATTERN=CAPS'``, honoured
+    only when the server listens on a loopback address (off unless set)."""
+    spec = os.environ.get(ANONYMOUS_ENV, "").strip()
+    if not spec:
+        return None
+    host = app[CONFIG].host
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        return None
+    pattern, _, caps = spec.partition("=")
+    return Grant("anonymous", (pattern.strip() or "*",),
+                 frozenset(c.strip() for c in caps.split(",") if c.strip()), None)
+
+
+def _caller(request: web.Request, session: str, cap: str) -> Caller:
+    token = bearer_token(request)
+    grant = None if token else anonymous_grant(request.app)
+    if grant is None:
+        grant = request.app[AUTH].verify(token)
+    caller = Caller(grant, Sender(grant.sub, request.headers.get("X-Tether-Client",
+                                                                 "durable-streams"), "human"),
+                    connection="http")
+    caller.require(session, cap)
+    return caller
+
+
+def _streams(request: web.Request) -> Streams:
+    return request.app[STREAMS]
+
+
+def _parse_json_messages(raw: bytes, allow_empty: bool) -> list[Any]:
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise RequestError(ErrorCode.INVALID, f"malformed JSON: {exc}") from None
+    if isinstance(value, list):
+        if not value and not allow_empty:
+            raise RequestError(ErrorCode.INVALID, "an empty JSON array appends nothing")
+        return value
+    return [value]
+
+
+async def _append(request: web.Request, caller: Caller, session: str, content_type: str,
+                  raw: bytes, initial: bool, stream_seq: str | None = None) -> int:
+    """Commit the body as events; the seq of the last one (0 when nothing was written)."""
+    service = request.app[SESSIONS]
+    if is_json(content_type):
+        if initial and not raw.strip():
+            return 0
+        items: list[tuple[str, Any]] = [
+            (MESSAGE, m) for m in _parse_json_messages(raw, allow_empty=initial)]
+    else:
+        if not raw:
+            return 0
+        items = [(BYTES, {"b64": base64.b64encode(raw).decode()})]
+    if stream_seq is not None and items:
+        # The last event of the batch carries the accepted Stream-Seq (read back on load).
+        kind, data = items[-1]
+        if kind == BYTES:
+            items[-1] = (kind, {**data, "stream_seq": stream_seq})
+    futures = [service.publish(caller, session, kind, data) for kind, data in items]
+    results = await asyncio.gather(*futures)
+    return max((r.event.seq for r in results), default=0)
+
+
+async def put_stream(request: web.Request) -> web.Response:
+    session = _session(request)
+    caller = _caller(request, session, "publish")
+    content_type = request.headers.get("Content-Type") or "application/octet-stream"
+    ttl_text = request.headers.get("Stream-TTL")
+    expires_at = request.headers.get("Stream-Expires-At")
+    if ttl_text is not None and expires_at is not None:
+        return _problem(400, "give Stream-TTL or Stream-Expires-At, not both")
+    ttl: int | None = None
+    if ttl_text is not None:
+        if not _TTL_RE.fullmatch(ttl_text.strip()):
+            return _problem(400, "Stream-TTL must be a non-negative integer")
+        ttl = int(ttl_text)
+    if expires_at is not None:
+        try:
+            datetime.fromisoformat(expires_at.strip().replace("Z", "+00:00"))
+        except ValueError:
+            return _problem(400, "Stream-Expires-At must be an RFC 3339 timestamp")
+        expires_at = expires_at.strip()
+    raw = await request.read()
+    streams = _streams(request)
+    location = str(request.url.with_query(None))
+    async with streams.lock(session):
+        meta = await streams.meta(caller, session)
+        wanted = (media_type(content_type), ttl, expires_at)
+        if meta is not None:
+            if meta.config() != wanted:
+                return _problem(409, "the stream exists with a different configuration")
+            _, last, _, tail = await streams.read(caller, session, meta.created_seq)
+            return _ok(200, meta, tail)
+        if is_json(content_type) and raw.strip():
+            _parse_json_messages(raw, allow_empty=True)  # refuse bad JSON before creating
+        service = request.app[SESSIONS]
+        appended = await service.publish(caller, session, CREATE, {
+            "content_type": content_type, "ttl": ttl, "expires_at": expires_at})
+        meta = Meta(content_type, ttl, expires_at, appended.event.seq, appended.event.time)
+        streams.remember(session, meta)
+        last = await _append(request, caller, session, content_type, raw, initial=True)
+    response = _ok(201, meta, max(last, meta.created_seq))
+    response.headers["Location"] = location
+    return response
+
+
+def _ok(status: int, meta: Meta, tail: int) -> web.Response:
+    return web.Response(status=status, headers={
+        **SECURITY_HEADERS, "Content-Type": meta.content_type,
+        "Stream-Next-Offset": offset_of(tail)})
+
+
+async def post_stream(request: web.Request) -> web.Response:
+    session = _session(request)
+    caller = _caller(request, session, "publish")
+    if request.content_length is not None \
+            and request.content_length > request.app[CONFIG].max_frame_bytes:
+        return _problem(413, "request body too large")
+    streams = _streams(request)
+    meta = await streams.meta(caller, session)
+    if meta is None:
+        return _problem(404, "no such stream")
+    content_type = request.headers.get("Content-Type")
+    if not content_type:
+        return _problem(400, "Content-Type is required")
+    if media_type(content_type) != media_type(meta.content_type):
+        return _problem(409, f"the stream's content type is {meta.content_type}")
+    raw = await request.read()
+    if not raw:
+        return _problem(400, "an empty body appends nothing")
+    stream_seq = request.headers.get(_SEQ_HEADER)
+    async with streams.lock(session):
+        meta = await streams.meta(caller, session)
+        if meta is None:
+            return _problem(404, "no such stream")
+        if stream_seq is not None and meta.stream_seq is not None \
+                and stream_seq.encode() <= meta.stream_seq.encode():
+            return _problem(409, "Stream-Seq must increase")
+        last = await _append(request, caller, session, meta.content_type, raw, initial=False,
+                             stream_seq=stream_seq if not is_json(meta.content_type) else None)
+        if stream_seq is not None:
+            streams.remember(session, _with_seq(meta, stream_seq))
+    return web.Response(status=204, headers={**SECURITY_HEADERS,
+                                             "Stream-Next-Offset": offset_of(last)})
+
+
+async def delete_stream(request: web.Request) -> web.Response:
+    session = _session(request)
+    caller = _caller(request, session, "publish")
+    streams = _streams(request)
+    async with streams.lock(session):
+        if await streams.meta(caller, session) is None:
+            return _problem(404, "no such stream")
+        await request.app[SESSIONS].publish(caller, session, DELETE, None)
+        streams.remember(session, None)
+    return web.Response(status=204, headers=SECURITY_HEADERS)
+
+
+async def head_stream(request: web.Request) -> web.Response:
+    session = _session(request)
+    caller = _caller(request, session, "subscribe")
+    streams = _streams(request)
+    meta = await streams.meta(caller, session)
+    if meta is None:
+        return web.Response(status=404, headers=SECURITY_HEADERS)
+    head, _, _, _ = await request.app[SESSIONS].position(session, None)
+    headers = {**SECURITY_HEADERS, "Content-Type": meta.content_type,
+               "Stream-Next-Offset": offset_of(max(head.last_seq, meta.created_seq)),
+               "Cache-Control": "no-store"}
+    if meta.ttl is not None:
+        remaining = meta.created_ms / 1000 + meta.ttl - time.time()
+        headers["Stream-TTL"] = str(max(0, math.ceil(remaining)))
+    if meta.expires_at is not None:
+        headers["Stream-Expires-At"] = meta.expires_at
+    return web.Response(status=200, headers=headers)
+
+
+def _body(meta: Meta, events: list[Event]) -> bytes:
+    if is_json(meta.content_type):
+        return b"[" + b",".join(orjson.dumps(e.data) for e in events) + b"]"
+    return b"".join(base64.b64decode(e.data["b64"]) for e in events
+                    if isinstance(e.data, dict) and "b64" in e.data)
+
+
+def _start(offset: str | None, meta: Meta, tail: int) -> int:
+    if offset is None or offset == "-1":
+        return meta.created_seq
+    if offset == "now":
+        return tail
+    if not _OFFSET_RE.fullmatch(offset):
+        raise RequestError(ErrorCode.INVALID, f"malformed offset {offset[:64]!r}")
+    return max(int(offset), meta.created_seq)
+
+
+async def get_stream(request: web.Request) -> web.StreamResponse:
+    session = _session(request)
+    caller = _caller(request, session, "subscribe")
+    streams = _streams(request)
+    meta = await streams.meta(caller, session)
+    if meta is None:
+        return _problem(404, "no such stream")
+    live = request.query.get("live")
+    offset = request.query.get("offset")
+    if live not in (None, "long-poll", "sse"):
+        return _problem(400, f"unknown live mode {live!r}")
+    if live is not None and offset is None:
+        return _problem(400, "live reads need an offset")
+    service = request.app[SESSIONS]
+    head, _, _, _ = await service.position(session, None)
+    after = _start(offset, meta, max(head.last_seq, meta.created_seq))
+    if live == "sse":
+        if not (is_json(meta.content_type) or media_type(meta.content_type).startswith("text/")):
+            return _problem(400, "SSE needs a text/* or application/json stream")
+        return await _sse(request, caller, session, meta, after, offset == "now")
+    if live == "long-poll":
+        return await _long_poll(request, caller, session, meta, after)
+    try:
+        events, last, up_to_date, _ = await streams.read(caller, session, after)
+    except _Gone:
+        return _problem(410, "offset is before the oldest retained data")
+    headers = {**SECURITY_HEADERS, "Content-Type": meta.content_type,
+               "Stream-Next-Offset": offset_of(last)}
+    if up_to_date:
+        headers["Stream-Up-To-Date"] = "true"
+    if offset == "now":
+        headers["Cache-Control"] = "no-store"
+    else:
+        etag = f'"{session}:{offset_of(after)}:{offset_of(last)}"'
+        headers["ETag"] = etag
+        headers["Cache-Control"] = "private, max-age=60, stale-while-revalidate=300"
+        if request.headers.get("If-None-Match") == etag:
+            return web.Response(status=304, headers=headers)
+    return web.Response(status=200, body=_body(meta, events if offset != "now" else []),
+                        headers=headers)
+
+
+class _Waiter:
+    """Set when the session gets an event: a store listener registered before reading."""
+
+    def __init__(self, request: web.Request, session: str) -> None:
+        self.store = request.app[SESSIONS].store
+        self.session = session
+        self.changed = asyncio.Event()
+
+    def __call__(self, event: Event) -> None:
+        if not event.transient:
+            self.changed.set()
+
+    def __enter__(self) -> _Waiter:
+        self.store.listen(self.session, self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.store.unlisten(self.session, self)
+
+    async def wait(self, seconds: float) -> bool:
+        try:
+            await asyncio.wait_for(self.changed.wait(), max(0.0, seconds))
+        except TimeoutError:
+            return False
+        self.changed.clear()
+        return True
+
+
+async def _long_poll(request: web.Request, caller: Caller, session: str, meta: Meta,
+                     after: int) -> web.Response:
+    streams = _streams(request)
+    cursor = live_cursor(request.query.get("cursor"))
+    deadline = time.monotonic() + LONG_POLL_TIMEOUT
+    with _Waiter(request, session) as waiter:
+        while True:
+            try:
+                events, last, up_to_date, _ = await streams.read(caller, session, after)
+            except _Gone:
+                return _problem(410, "offset is before the oldest retained data")
+            if events:
+                headers = {**SECURITY_HEADERS, "Content-Type": meta.content_type,
+                           "Stream-Next-Offset": offset_of(last), "Stream-Cursor": cursor,
+                           "ETag": f'"{session}:{offset_of(after)}:{offset_of(last)}"',
+                           "Cache-Control": "private, max-age=60, stale-while-revalidate=300"}
+                if up_to_date:
+                    headers["Stream-Up-To-Date"] = "true"
+                return web.Response(status=200, body=_body(meta, events), headers=headers)
+            after = last
+            if await streams.meta(caller, session) is None:
+                return _problem(404, "no such stream")
+            if not await waiter.wait(deadline - time.monotonic()):
+                return web.Response(status=204, headers={
+                    **SECURITY_HEADERS, "Stream-Next-Offset": offset_of(after),
+                    "Stream-Up-To-Date": "true", "Stream-Cursor": cursor,
+                    "Cache-Control": "no-store"})
+
+
+class _SseLive:
+    """An SSE response the service ends at token expiry and shutdown (``sessions.Live``)."""
+
+    def __init__(self, caller: Caller) -> None:
+        self._caller = caller
+        self.ended = asyncio.Event()
+
+    @property
+    def caller(self) -> Caller | None:
+        return self._caller
+
+    def expire(self) -> None:
+        self.ended.set()
+
+    async def shutdown(self) -> None:
+        self.ended.set()
+
+
+async def _sse(request: web.Request, caller: Caller, session: str, meta: Meta, after: int,
+               from_now: bool) -> web.StreamResponse:
+    streams = _streams(request)
+    service = request.app[SESSIONS]
+    service.limits.open(caller.sender.sub, "streams")
+    response = web.StreamResponse(headers={
+        **SECURITY_HEADERS, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    live = _SseLive(caller)
+    cursor = request.query.get("cursor")
+    deadline = time.monotonic() + SSE_LIFETIME
+    try:
+        with _Waiter(request, session) as waiter:
+            await response.prepare(request)
+            service.live.add(live)
+            while not live.ended.is_set():
+                try:
+                    events, last, up_to_date, _ = await streams.read(caller, session, after)
+                except _Gone:
+                    break
+                if events:
+                    body = _body(meta, events)
+                    text = body.decode("utf-8", "replace")
+                    lines = "".join(f"data:{line}\n" for line in _LINES_RE.split(text))
+                    await response.write(f"event: data\n{lines}\n".encode())
+                if events or after != last or from_now or not cursor:
+                    cursor = live_cursor(cursor)
+                    control: dict[str, Any] = {"streamNextOffset": offset_of(last),
+                                               "streamCursor": cursor}
+                    if up_to_date:
+                        control["upToDate"] = True
+                    await response.write(b"event: control\ndata:" + orjson.dumps(control)
+                                         + b"\n\n")
+                    from_now = False
+                after = last
+                if not up_to_date:
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                waiting = asyncio.ensure_future(waiter.wait(min(remaining, 15.0)))
+                ended = asyncio.ensure_future(live.ended.wait())
+                done, _ = await asyncio.wait({waiting, ended},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                for task in (waiting, ended):
+                    task.cancel()
+                quiet = not done & {waiting} or not waiting.result()
+                if quiet and not live.ended.is_set() and time.monotonic() < deadline:
+                    await response.write(b": keep-alive\n\n")
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        service.live.discard(live)
+        service.limits.close(caller.sender.sub, "streams")
+    with contextlib.suppress(ConnectionResetError):
+        await response.write_eof()
+    return response
+
+
+STREAMS = web.AppKey("durable_streams", Streams)
+
+
+def install(app: web.Application) -> None:
+    """Serve the Durable Streams protocol under ``/v1/stream/{name}``."""
+    app[STREAMS] = Streams(app[SESSIONS])
+    path = "/v1/stream/{name}"
+    app.router.add_route("PUT", path, put_stream)
+    app.router.add_route("POST", path, post_stream)
+    app.router.add_route("GET", path, get_stream)
+    app.router.add_route("HEAD", path, head_stream)
+    app.router.add_route("DELETE", path, delete_stream)
