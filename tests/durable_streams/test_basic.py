@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from tests.helpers import token
-from tether.server import Server
+from tether.server import Server, durable_streams
 
 AUTH = {"Authorization": f"Bearer {token()}"}
 JSON = {**AUTH, "Content-Type": "application/json"}
@@ -106,7 +106,6 @@ async def test_stream_seq_must_increase(server: Server, http: aiohttp.ClientSess
 
 async def test_long_poll_returns_new_data_and_times_out_empty(
         server: Server, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tether.server import durable_streams
     monkeypatch.setattr(durable_streams, "LONG_POLL_TIMEOUT", 0.5)
     u = url(server, "poll")
     resp = await http.put(u, headers=JSON)
@@ -134,7 +133,7 @@ async def test_sse_sends_data_then_control(server: Server, http: aiohttp.ClientS
     seen = b""
     while b"event: control" not in seen:
         seen += await resp.content.readany()
-    assert b'event: data\ndata:[{"a":1}]\n\n' in seen
+    assert b'event: data\ndata:[{"a":1}]\n\nevent: control\ndata:{' in seen
     assert b'"upToDate":true' in seen
     await http.post(u, headers=JSON, data=b'{"a": 2}')
     more = b""
@@ -142,8 +141,67 @@ async def test_sse_sends_data_then_control(server: Server, http: aiohttp.ClientS
         more += await asyncio.wait_for(resp.content.readany(), 5)
     assert b'data:[{"a":2}]' in more
     resp.close()
+    resp.close()
+
+
+async def test_sse_of_bytes_is_base64_one_event_per_append(server: Server,
+                                                          http: aiohttp.ClientSession) -> None:
     octets = {**AUTH, "Content-Type": "application/octet-stream"}
-    await http.put(url(server, "raw"), headers=octets)
-    resp = await http.get(url(server, "raw"), params={"offset": "-1", "live": "sse"},
-                          headers=AUTH)
-    assert resp.status == 400
+    u = url(server, "raw")
+    await http.put(u, headers=octets, data=b"Hello")
+    await http.post(u, headers=octets, data=b"\x00\x01")
+    resp = await http.get(u, params={"offset": "-1", "live": "sse"}, headers=AUTH)
+    assert resp.headers["Stream-SSE-Data-Encoding"] == "base64"
+    seen = b""
+    while b"upToDate" not in seen:
+        seen += await asyncio.wait_for(resp.content.readany(), 5)
+    blocks = [b for b in seen.split(b"\n\n") if b.startswith(b"event:")]
+    assert [b.split(b"\n")[0] for b in blocks] == [b"event: data", b"event: control"] * 2
+    assert blocks[0] == b"event: data\ndata:SGVsbG8=" and blocks[2] == b"event: data\ndata:AAE="
+    resp.close()
+
+
+async def test_sse_data_cannot_forge_events(server: Server, http: aiohttp.ClientSession) -> None:
+    u = url(server, "forge")
+    await http.put(u, headers=TEXT, data=b"a\r\revent: control\rdata: {}\n\nb")
+    resp = await http.get(u, params={"offset": "-1", "live": "sse"}, headers=AUTH)
+    seen = b""
+    while b"upToDate" not in seen:
+        seen += await asyncio.wait_for(resp.content.readany(), 5)
+    assert b"\r" not in seen
+    assert seen.count(b"\nevent: control") == 1 and seen.startswith(b"event: data\n")
+    resp.close()
+
+
+async def test_idempotent_producer_fences_dedupes_and_detects_gaps(
+        server: Server, http: aiohttp.ClientSession) -> None:
+    u = url(server, "producer")
+    await http.put(u, headers=JSON)
+
+    async def send(epoch: int, seq: int, body: bytes = b'{"m": 1}',
+                   pid: str = "p1") -> aiohttp.ClientResponse:
+        return await http.post(u, data=body, headers={
+            **JSON, "Producer-Id": pid, "Producer-Epoch": str(epoch),
+            "Producer-Seq": str(seq)})
+
+    resp = await send(0, 0)
+    assert resp.status == 200 and resp.headers["Producer-Seq"] == "0"
+    assert (await send(0, 0)).status == 204  # a retry: nothing appended
+    assert (await send(0, 1, b'{"m": 2}')).status == 200
+    resp = await send(0, 3)
+    assert resp.status == 409 and resp.headers["Producer-Expected-Seq"] == "2"
+    assert (await send(1, 1)).status == 400  # a new epoch starts at 0
+    assert (await send(1, 0, b'{"m": 3}')).status == 200
+    resp = await send(0, 2)
+    assert resp.status == 403 and resp.headers["Producer-Epoch"] == "1"
+    assert (await send(0, 0, pid="p2")).status == 200  # producers are independent
+    bad = {**JSON, "Producer-Id": "p1", "Producer-Epoch": "1e3", "Producer-Seq": "0"}
+    assert (await http.post(u, data=b"{}", headers=bad)).status == 400
+    partial = {**JSON, "Producer-Id": "p1"}
+    assert (await http.post(u, data=b"{}", headers=partial)).status == 400
+    resp = await http.get(u, headers=AUTH)
+    assert orjson.loads(await resp.read()) == [{"m": 1}, {"m": 2}, {"m": 3}, {"m": 1}]
+
+    # The producer state is in the log: a server that forgot its cache still dedupes.
+    server.app[durable_streams.STREAMS]._meta.clear()
+    assert (await send(1, 0)).status == 204

@@ -41,7 +41,10 @@ CREATE = "ds.create"
 DELETE = "ds.delete"
 MESSAGE = "ds.message"
 BYTES = "ds.bytes"
+PRODUCER = "ds.producer"
 DATA_TYPES = frozenset({MESSAGE, BYTES})
+MAX_SAFE_INT = 2**53 - 1
+_INT_RE = re.compile(r"0|[1-9][0-9]{0,15}")
 
 OFFSET_DIGITS = 16
 PAGE = 1000  # events per catch-up response
@@ -115,6 +118,8 @@ class Streams:
         self.service = service
         self._meta: OrderedDict[str, Meta | None] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
+        # session → producer id → (epoch, last accepted seq), loaded with the metadata
+        self.producers: dict[str, dict[str, tuple[int, int]]] = {}
 
     def lock(self, session: str) -> asyncio.Lock:
         lock = self._locks.get(session)
@@ -126,11 +131,15 @@ class Streams:
                         del self._locks[name]
         return lock
 
-    def remember(self, session: str, meta: Meta | None) -> None:
+    def remember(self, session: str, meta: Meta | None,
+                 producers: dict[str, tuple[int, int]] | None = None) -> None:
+        if producers is not None or meta is None or session not in self._meta:
+            self.producers[session] = producers or {}
         self._meta[session] = meta
         self._meta.move_to_end(session)
         if len(self._meta) > self.MAX_CACHED:
-            self._meta.popitem(last=False)
+            evicted, _ = self._meta.popitem(last=False)
+            self.producers.pop(evicted, None)
 
     async def meta(self, caller: Caller, session: str) -> Meta | None:
         """The stream's configuration, or None when no stream exists at ``session``."""
@@ -138,29 +147,36 @@ class Streams:
             meta = self._meta[session]
             self._meta.move_to_end(session)
         else:
-            meta = await self._load(caller, session)
-            self.remember(session, meta)
+            meta, producers = await self._load(caller, session)
+            self.remember(session, meta, producers)
         if meta is not None and meta.expired():
             return None
         return meta
 
-    async def _load(self, caller: Caller, session: str) -> Meta | None:
+    async def _load(self, caller: Caller, session: str
+                    ) -> tuple[Meta | None, dict[str, tuple[int, int]]]:
         head, _, _, _ = await self.service.position(session, None)
         after = head.first_seq - 1
         meta: Meta | None = None
+        producers: dict[str, tuple[int, int]] = {}
         while True:
             page = await self.service.history(caller, session, Cursor(head.epoch, after), PAGE)
             for event in page.events:
                 if event.type == CREATE and isinstance(event.data, dict):
                     meta = Meta(str(event.data.get("content_type")), event.data.get("ttl"),
                                 event.data.get("expires_at"), event.seq, event.time)
+                    producers = {}
                 elif event.type == DELETE:
                     meta = None
+                    producers = {}
+                elif event.type == PRODUCER and isinstance(event.data, dict):
+                    producers[str(event.data.get("id"))] = (int(event.data.get("epoch", 0)),
+                                                            int(event.data.get("seq", 0)))
                 elif meta is not None and event.type in DATA_TYPES \
                         and isinstance(event.data, dict) and "stream_seq" in event.data:
                     meta = _with_seq(meta, event.data["stream_seq"])
             if len(page.events) < PAGE:
-                return meta
+                return meta, producers
             after = page.events[-1].seq
 
     async def read(self, caller: Caller, session: str, after: int
@@ -306,7 +322,7 @@ async def put_stream(request: web.Request) -> web.Response:
         appended = await service.publish(caller, session, CREATE, {
             "content_type": content_type, "ttl": ttl, "expires_at": expires_at})
         meta = Meta(content_type, ttl, expires_at, appended.event.seq, appended.event.time)
-        streams.remember(session, meta)
+        streams.remember(session, meta, {})
         last = await _append(request, caller, session, content_type, raw, initial=True)
     response = _ok(201, meta, max(last, meta.created_seq))
     response.headers["Location"] = location
@@ -338,10 +354,16 @@ async def post_stream(request: web.Request) -> web.Response:
     if not raw:
         return _problem(400, "an empty body appends nothing")
     stream_seq = request.headers.get(_SEQ_HEADER)
+    producer = _producer_headers(request)
     async with streams.lock(session):
         meta = await streams.meta(caller, session)
         if meta is None:
             return _problem(404, "no such stream")
+        headers = dict(SECURITY_HEADERS)
+        if producer is not None:
+            refusal = _check_producer(streams.producers.setdefault(session, {}), *producer)
+            if refusal is not None:
+                return refusal
         if stream_seq is not None and meta.stream_seq is not None \
                 and stream_seq.encode() <= meta.stream_seq.encode():
             return _problem(409, "Stream-Seq must increase")
@@ -349,8 +371,61 @@ async def post_stream(request: web.Request) -> web.Response:
                              stream_seq=stream_seq if not is_json(meta.content_type) else None)
         if stream_seq is not None:
             streams.remember(session, _with_seq(meta, stream_seq))
-    return web.Response(status=204, headers={**SECURITY_HEADERS,
-                                             "Stream-Next-Offset": offset_of(last)})
+        if producer is None:
+            return web.Response(status=204, headers={**headers,
+                                                     "Stream-Next-Offset": offset_of(last)})
+        pid, epoch, seq = producer
+        # Not atomic with the append: a crash between the two lets a retry append again
+        # (the protocol's "recovery for non-atomic stores": bump the epoch after a crash).
+        appended = await request.app[SESSIONS].publish(
+            caller, session, PRODUCER, {"id": pid, "epoch": epoch, "seq": seq})
+        streams.producers.setdefault(session, {})[pid] = (epoch, seq)
+    return web.Response(status=200, headers={
+        **headers, "Stream-Next-Offset": offset_of(max(last, appended.event.seq)),
+        "Producer-Epoch": str(epoch), "Producer-Seq": str(seq)})
+
+
+def _producer_headers(request: web.Request) -> tuple[str, int, int] | None:
+    """``(Producer-Id, Producer-Epoch, Producer-Seq)``, all three or none (else ``400``)."""
+    values = [request.headers.get(h) for h in ("Producer-Id", "Producer-Epoch",
+                                                 "Producer-Seq")]
+    if all(v is None for v in values):
+        return None
+    pid, epoch, seq = values
+    if pid is None or epoch is None or seq is None:
+        raise RequestError(ErrorCode.INVALID, "give Producer-Id, Producer-Epoch and "
+                                              "Producer-Seq together")
+    if not pid.strip():
+        raise RequestError(ErrorCode.INVALID, "Producer-Id must not be empty")
+    numbers = []
+    for name, text in (("Producer-Epoch", epoch), ("Producer-Seq", seq)):
+        if not _INT_RE.fullmatch(text.strip()) or int(text) > MAX_SAFE_INT:
+            raise RequestError(ErrorCode.INVALID, f"{name} must be an integer 0..2^53-1")
+        numbers.append(int(text))
+    return pid, numbers[0], numbers[1]
+
+
+def _check_producer(state: dict[str, tuple[int, int]], pid: str, epoch: int,
+                    seq: int) -> web.Response | None:
+    """The protocol's validation (section 5.2.1): None to accept, else the answer."""
+    known = state.get(pid)
+    if known is None:
+        if seq != 0:
+            return _problem(409, "a new producer starts at Producer-Seq 0",
+                            **{"Producer-Expected-Seq": "0", "Producer-Received-Seq": str(seq)})
+        return None
+    current, last = known
+    if epoch < current:
+        return _problem(403, "stale producer epoch", **{"Producer-Epoch": str(current)})
+    if epoch > current:
+        return None if seq == 0 else _problem(400, "a new epoch starts at Producer-Seq 0")
+    if seq <= last:
+        return web.Response(status=204, headers={
+            **SECURITY_HEADERS, "Producer-Epoch": str(current), "Producer-Seq": str(last)})
+    if seq > last + 1:
+        return _problem(409, "Producer-Seq gap", **{"Producer-Expected-Seq": str(last + 1),
+                                                     "Producer-Received-Seq": str(seq)})
+    return None
 
 
 async def delete_stream(request: web.Request) -> web.Response:
@@ -418,9 +493,7 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
     head, _, _, _ = await service.position(session, None)
     after = _start(offset, meta, max(head.last_seq, meta.created_seq))
     if live == "sse":
-        if not (is_json(meta.content_type) or media_type(meta.content_type).startswith("text/")):
-            return _problem(400, "SSE needs a text/* or application/json stream")
-        return await _sse(request, caller, session, meta, after, offset == "now")
+        return await _sse(request, caller, session, meta, after)
     if live == "long-poll":
         return await _long_poll(request, caller, session, meta, after)
     try:
@@ -518,16 +591,60 @@ class _SseLive:
         self.ended.set()
 
 
-async def _sse(request: web.Request, caller: Caller, session: str, meta: Meta, after: int,
-               from_now: bool) -> web.StreamResponse:
+def _sse_frames(meta: Meta, events: list[Event], last: int, up_to_date: bool,
+                cursor: str | None) -> tuple[bytes, str | None]:
+    """``data`` events, each followed by its ``control`` event, written in one piece.
+
+    Text and JSON streams send what was read as one ``data`` event; other content types send
+    one base64 ``data`` event per append (``Stream-SSE-Data-Encoding: base64``). Every line
+    break SSE knows splits a ``data:`` field, so stream content cannot end a field or an event.
+    """
+    if not _sse_text(meta):
+        chunks = [(str(e.data.get("b64", "")) if isinstance(e.data, dict) else "", e.seq)
+                  for e in events]
+    elif events:
+        chunks = [(_body(meta, events).decode("utf-8", "replace"), last)]
+    else:
+        chunks = []
+    out = bytearray()
+    for i, (text, seq) in enumerate(chunks):
+        out += b"event: data\n"
+        out += "".join(f"data:{line}\n" for line in _LINES_RE.split(text)).encode()
+        out += b"\n"
+        final = i == len(chunks) - 1
+        cursor = live_cursor(cursor)
+        control: dict[str, Any] = {"streamNextOffset": offset_of(last if final else seq),
+                                   "streamCursor": cursor}
+        if final and up_to_date:
+            control["upToDate"] = True
+        out += b"event: control\ndata:" + orjson.dumps(control) + b"\n\n"
+    if not chunks:
+        cursor = live_cursor(cursor)
+        control = {"streamNextOffset": offset_of(last), "streamCursor": cursor}
+        if up_to_date:
+            control["upToDate"] = True
+        out += b"event: control\ndata:" + orjson.dumps(control) + b"\n\n"
+    return bytes(out), cursor
+
+
+def _sse_text(meta: Meta) -> bool:
+    return is_json(meta.content_type) or media_type(meta.content_type).startswith("text/")
+
+
+async def _sse(request: web.Request, caller: Caller, session: str, meta: Meta,
+               after: int) -> web.StreamResponse:
     streams = _streams(request)
     service = request.app[SESSIONS]
     service.limits.open(caller.sender.sub, "streams")
-    response = web.StreamResponse(headers={
-        **SECURITY_HEADERS, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    headers = {**SECURITY_HEADERS, "Content-Type": "text/event-stream",
+               "Cache-Control": "no-cache"}
+    if not _sse_text(meta):
+        headers["Stream-SSE-Data-Encoding"] = "base64"
+    response = web.StreamResponse(headers=headers)
     live = _SseLive(caller)
     cursor = request.query.get("cursor")
     deadline = time.monotonic() + SSE_LIFETIME
+    first = True
     try:
         with _Waiter(request, session) as waiter:
             await response.prepare(request)
@@ -537,20 +654,10 @@ async def _sse(request: web.Request, caller: Caller, session: str, meta: Meta, a
                     events, last, up_to_date, _ = await streams.read(caller, session, after)
                 except _Gone:
                     break
-                if events:
-                    body = _body(meta, events)
-                    text = body.decode("utf-8", "replace")
-                    lines = "".join(f"data:{line}\n" for line in _LINES_RE.split(text))
-                    await response.write(f"event: data\n{lines}\n".encode())
-                if events or after != last or from_now or not cursor:
-                    cursor = live_cursor(cursor)
-                    control: dict[str, Any] = {"streamNextOffset": offset_of(last),
-                                               "streamCursor": cursor}
-                    if up_to_date:
-                        control["upToDate"] = True
-                    await response.write(b"event: control\ndata:" + orjson.dumps(control)
-                                         + b"\n\n")
-                    from_now = False
+                if events or first:
+                    frames, cursor = _sse_frames(meta, events, last, up_to_date, cursor)
+                    await response.write(frames)
+                    first = False
                 after = last
                 if not up_to_date:
                     continue
@@ -566,13 +673,13 @@ async def _sse(request: web.Request, caller: Caller, session: str, meta: Meta, a
                 quiet = not done & {waiting} or not waiting.result()
                 if quiet and not live.ended.is_set() and time.monotonic() < deadline:
                     await response.write(b": keep-alive\n\n")
-    except (ConnectionResetError, asyncio.CancelledError):
+        with contextlib.suppress(ConnectionResetError):
+            await response.write_eof()
+    except ConnectionResetError:
         pass
     finally:
         service.live.discard(live)
         service.limits.close(caller.sender.sub, "streams")
-    with contextlib.suppress(ConnectionResetError):
-        await response.write_eof()
     return response
 
 
