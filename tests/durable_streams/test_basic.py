@@ -205,3 +205,36 @@ async def test_idempotent_producer_fences_dedupes_and_detects_gaps(
     # The producer state is in the log: a server that forgot its cache still dedupes.
     server.app[durable_streams.STREAMS]._meta.clear()
     assert (await send(1, 0)).status == 204
+
+
+async def test_closed_stream_takes_no_appends_and_says_so_on_reads(
+        server: Server, http: aiohttp.ClientSession) -> None:
+    u = url(server, "closing")
+    await http.put(u, headers=TEXT, data=b"first ")
+    resp = await http.post(u, headers={**TEXT, "Stream-Closed": "true"}, data=b"last")
+    assert resp.status == 204 and resp.headers["Stream-Closed"] == "true"
+    tail = resp.headers["Stream-Next-Offset"]
+    again = await http.post(u, headers={**AUTH, "Stream-Closed": "true"})
+    assert again.status == 204 and again.headers["Stream-Closed"] == "true"  # idempotent
+    refused = await http.post(u, headers=TEXT, data=b"more")
+    assert refused.status == 409 and refused.headers["Stream-Closed"] == "true"
+    assert refused.headers["Stream-Next-Offset"] == tail
+    resp = await http.get(u, headers=AUTH)
+    assert await resp.read() == b"first last" and resp.headers["Stream-Closed"] == "true"
+    assert (await http.head(u, headers=AUTH)).headers["Stream-Closed"] == "true"
+    resp = await http.get(u, params={"offset": tail, "live": "long-poll"}, headers=AUTH)
+    assert resp.status == 204 and resp.headers["Stream-Closed"] == "true"  # no wait
+    resp = await http.get(u, params={"offset": "-1", "live": "sse"}, headers=AUTH)
+    seen = await asyncio.wait_for(resp.read(), 5)  # the response ends after the last event
+    assert seen.endswith(b'"streamClosed":true,"upToDate":true}\n\n')
+    assert b"streamCursor" not in seen.split(b"event: control")[-1]
+
+
+async def test_put_can_create_a_closed_stream(server: Server,
+                                              http: aiohttp.ClientSession) -> None:
+    u = url(server, "born-closed")
+    resp = await http.put(u, headers={**JSON, "Stream-Closed": "true"}, data=b'[1, 2]')
+    assert resp.status == 201 and resp.headers["Stream-Closed"] == "true"
+    assert (await http.post(u, headers=JSON, data=b"3")).status == 409
+    resp = await http.get(u, headers=AUTH)
+    assert orjson.loads(await resp.read()) == [1, 2]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import ipaddress
 import math
 import os
@@ -42,6 +43,7 @@ DELETE = "ds.delete"
 MESSAGE = "ds.message"
 BYTES = "ds.bytes"
 PRODUCER = "ds.producer"
+CLOSE = "ds.close"
 DATA_TYPES = frozenset({MESSAGE, BYTES})
 MAX_SAFE_INT = 2**53 - 1
 _INT_RE = re.compile(r"0|[1-9][0-9]{0,15}")
@@ -95,6 +97,7 @@ class Meta:
     created_seq: int
     created_ms: int
     stream_seq: str | None = None  # the last Stream-Seq accepted
+    closed: bool = False  # a ds.close was written: no more appends
 
     def config(self) -> tuple[str, int | None, str | None]:
         return (media_type(self.content_type), self.ttl, self.expires_at)
@@ -169,6 +172,8 @@ class Streams:
                 elif event.type == DELETE:
                     meta = None
                     producers = {}
+                elif event.type == CLOSE and meta is not None:
+                    meta = dataclasses.replace(meta, closed=True)
                 elif event.type == PRODUCER and isinstance(event.data, dict):
                     producers[str(event.data.get("id"))] = (int(event.data.get("epoch", 0)),
                                                             int(event.data.get("seq", 0)))
@@ -197,8 +202,7 @@ class _Gone(Exception):
 
 
 def _with_seq(meta: Meta, stream_seq: str) -> Meta:
-    return Meta(meta.content_type, meta.ttl, meta.expires_at, meta.created_seq,
-                meta.created_ms, stream_seq)
+    return dataclasses.replace(meta, stream_seq=stream_seq)
 
 
 # --- requests ------------------------------------------------------------------------------
@@ -324,15 +328,31 @@ async def put_stream(request: web.Request) -> web.Response:
         meta = Meta(content_type, ttl, expires_at, appended.event.seq, appended.event.time)
         streams.remember(session, meta, {})
         last = await _append(request, caller, session, content_type, raw, initial=True)
+        if _closing(request):
+            last = await _close(request, caller, session, meta)
+            meta = dataclasses.replace(meta, closed=True)
     response = _ok(201, meta, max(last, meta.created_seq))
     response.headers["Location"] = location
     return response
 
 
+def _closing(request: web.Request) -> bool:
+    return request.headers.get("Stream-Closed", "").strip().lower() == "true"
+
+
+async def _close(request: web.Request, caller: Caller, session: str, meta: Meta) -> int:
+    """Write ``ds.close``: the stream takes no more appends. The seq of the close."""
+    appended = await request.app[SESSIONS].publish(caller, session, CLOSE, None)
+    _streams(request).remember(session, dataclasses.replace(meta, closed=True))
+    return appended.event.seq
+
+
 def _ok(status: int, meta: Meta, tail: int) -> web.Response:
-    return web.Response(status=status, headers={
-        **SECURITY_HEADERS, "Content-Type": meta.content_type,
-        "Stream-Next-Offset": offset_of(tail)})
+    headers = {**SECURITY_HEADERS, "Content-Type": meta.content_type,
+               "Stream-Next-Offset": offset_of(tail)}
+    if meta.closed:
+        headers["Stream-Closed"] = "true"
+    return web.Response(status=status, headers=headers)
 
 
 async def post_stream(request: web.Request) -> web.Response:
@@ -345,14 +365,16 @@ async def post_stream(request: web.Request) -> web.Response:
     meta = await streams.meta(caller, session)
     if meta is None:
         return _problem(404, "no such stream")
-    content_type = request.headers.get("Content-Type")
-    if not content_type:
-        return _problem(400, "Content-Type is required")
-    if media_type(content_type) != media_type(meta.content_type):
-        return _problem(409, f"the stream's content type is {meta.content_type}")
+    closing = _closing(request)
     raw = await request.read()
-    if not raw:
-        return _problem(400, "an empty body appends nothing")
+    content_type = request.headers.get("Content-Type")
+    if raw or not closing:  # a close without a body ignores the content type
+        if not content_type:
+            return _problem(400, "Content-Type is required")
+        if media_type(content_type) != media_type(meta.content_type):
+            return _problem(409, f"the stream's content type is {meta.content_type}")
+        if not raw:
+            return _problem(400, "an empty body appends nothing")
     stream_seq = request.headers.get(_SEQ_HEADER)
     producer = _producer_headers(request)
     async with streams.lock(session):
@@ -360,29 +382,46 @@ async def post_stream(request: web.Request) -> web.Response:
         if meta is None:
             return _problem(404, "no such stream")
         headers = dict(SECURITY_HEADERS)
+        if meta.closed:
+            headers["Stream-Closed"] = "true"
         if producer is not None:
             refusal = _check_producer(streams.producers.setdefault(session, {}), *producer)
             if refusal is not None:
+                refusal.headers.update(headers)
                 return refusal
+        if meta.closed:
+            if closing and not raw and producer is None:
+                return web.Response(status=204, headers=headers)  # closing again: a no-op
+            _, _, _, tail = await streams.read(caller, session, meta.created_seq)
+            return _problem(409, "the stream is closed", **headers,
+                            **{"Stream-Next-Offset": offset_of(tail)})
         if stream_seq is not None and meta.stream_seq is not None \
                 and stream_seq.encode() <= meta.stream_seq.encode():
             return _problem(409, "Stream-Seq must increase")
-        last = await _append(request, caller, session, meta.content_type, raw, initial=False,
-                             stream_seq=stream_seq if not is_json(meta.content_type) else None)
+        last = await _append(request, caller, session, meta.content_type, raw,
+                             initial=not raw,
+                             stream_seq=None if is_json(meta.content_type) else stream_seq)
         if stream_seq is not None:
-            streams.remember(session, _with_seq(meta, stream_seq))
-        if producer is None:
-            return web.Response(status=204, headers={**headers,
-                                                     "Stream-Next-Offset": offset_of(last)})
-        pid, epoch, seq = producer
-        # Not atomic with the append: a crash between the two lets a retry append again
-        # (the protocol's "recovery for non-atomic stores": bump the epoch after a crash).
-        appended = await request.app[SESSIONS].publish(
-            caller, session, PRODUCER, {"id": pid, "epoch": epoch, "seq": seq})
-        streams.producers.setdefault(session, {})[pid] = (epoch, seq)
-    return web.Response(status=200, headers={
-        **headers, "Stream-Next-Offset": offset_of(max(last, appended.event.seq)),
-        "Producer-Epoch": str(epoch), "Producer-Seq": str(seq)})
+            meta = _with_seq(meta, stream_seq)
+            streams.remember(session, meta)
+        status = 204
+        if producer is not None:
+            pid, epoch, seq = producer
+            # Not atomic with the append: a crash between the two lets a retry append again
+            # (the protocol's "recovery for non-atomic stores": bump the epoch after a crash).
+            appended = await request.app[SESSIONS].publish(
+                caller, session, PRODUCER, {"id": pid, "epoch": epoch, "seq": seq})
+            streams.producers.setdefault(session, {})[pid] = (epoch, seq)
+            last = max(last, appended.event.seq)
+            headers.update({"Producer-Epoch": str(epoch), "Producer-Seq": str(seq)})
+            status = 200 if raw else 204  # a close-only request appends no data
+        if closing:
+            last = await _close(request, caller, session, meta)
+            headers["Stream-Closed"] = "true"
+        if not last:
+            _, _, _, last = await streams.read(caller, session, meta.created_seq)
+    return web.Response(status=status, headers={**headers,
+                                                "Stream-Next-Offset": offset_of(last)})
 
 
 def _producer_headers(request: web.Request) -> tuple[str, int, int] | None:
@@ -456,6 +495,8 @@ async def head_stream(request: web.Request) -> web.Response:
         headers["Stream-TTL"] = str(max(0, math.ceil(remaining)))
     if meta.expires_at is not None:
         headers["Stream-Expires-At"] = meta.expires_at
+    if meta.closed:
+        headers["Stream-Closed"] = "true"
     return web.Response(status=200, headers=headers)
 
 
@@ -504,6 +545,8 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
                "Stream-Next-Offset": offset_of(last)}
     if up_to_date:
         headers["Stream-Up-To-Date"] = "true"
+        if meta.closed:
+            headers["Stream-Closed"] = "true"
     if offset == "now":
         headers["Cache-Control"] = "no-store"
     else:
@@ -551,6 +594,10 @@ async def _long_poll(request: web.Request, caller: Caller, session: str, meta: M
     deadline = time.monotonic() + LONG_POLL_TIMEOUT
     with _Waiter(request, session) as waiter:
         while True:
+            # Closure is looked at before reading, so the read covers what preceded it.
+            current = await streams.meta(caller, session)
+            if current is None:
+                return _problem(404, "no such stream")
             try:
                 events, last, up_to_date, _ = await streams.read(caller, session, after)
             except _Gone:
@@ -562,10 +609,15 @@ async def _long_poll(request: web.Request, caller: Caller, session: str, meta: M
                            "Cache-Control": "private, max-age=60, stale-while-revalidate=300"}
                 if up_to_date:
                     headers["Stream-Up-To-Date"] = "true"
+                    if current.closed:
+                        headers["Stream-Closed"] = "true"
                 return web.Response(status=200, body=_body(meta, events), headers=headers)
             after = last
-            if await streams.meta(caller, session) is None:
-                return _problem(404, "no such stream")
+            if current.closed and up_to_date:  # nothing will come: no wait
+                return web.Response(status=204, headers={
+                    **SECURITY_HEADERS, "Stream-Next-Offset": offset_of(after),
+                    "Stream-Up-To-Date": "true", "Stream-Closed": "true",
+                    "Cache-Control": "no-store"})
             if not await waiter.wait(deadline - time.monotonic()):
                 return web.Response(status=204, headers={
                     **SECURITY_HEADERS, "Stream-Next-Offset": offset_of(after),
@@ -592,7 +644,7 @@ class _SseLive:
 
 
 def _sse_frames(meta: Meta, events: list[Event], last: int, up_to_date: bool,
-                cursor: str | None) -> tuple[bytes, str | None]:
+                cursor: str | None, closed: bool = False) -> tuple[bytes, str | None]:
     """``data`` events, each followed by its ``control`` event, written in one piece.
 
     Text and JSON streams send what was read as one ``data`` event; other content types send
@@ -612,19 +664,26 @@ def _sse_frames(meta: Meta, events: list[Event], last: int, up_to_date: bool,
         out += "".join(f"data:{line}\n" for line in _LINES_RE.split(text)).encode()
         out += b"\n"
         final = i == len(chunks) - 1
-        cursor = live_cursor(cursor)
-        control: dict[str, Any] = {"streamNextOffset": offset_of(last if final else seq),
-                                   "streamCursor": cursor}
-        if final and up_to_date:
-            control["upToDate"] = True
-        out += b"event: control\ndata:" + orjson.dumps(control) + b"\n\n"
+        out, cursor = _control(out, last if final else seq, cursor, final and up_to_date,
+                               final and up_to_date and closed)
     if not chunks:
-        cursor = live_cursor(cursor)
-        control = {"streamNextOffset": offset_of(last), "streamCursor": cursor}
-        if up_to_date:
-            control["upToDate"] = True
-        out += b"event: control\ndata:" + orjson.dumps(control) + b"\n\n"
+        out, cursor = _control(out, last, cursor, up_to_date, up_to_date and closed)
     return bytes(out), cursor
+
+
+def _control(out: bytearray, seq: int, cursor: str | None, up_to_date: bool,
+             closed: bool) -> tuple[bytearray, str | None]:
+    """Add a ``control`` event: the offset, a cursor (none once closed), the flags."""
+    control: dict[str, Any] = {"streamNextOffset": offset_of(seq)}
+    if closed:
+        control["streamClosed"] = True
+    else:
+        cursor = live_cursor(cursor)
+        control["streamCursor"] = cursor
+    if up_to_date:
+        control["upToDate"] = True
+    out += b"event: control\ndata:" + orjson.dumps(control) + b"\n\n"
+    return out, cursor
 
 
 def _sse_text(meta: Meta) -> bool:
@@ -650,14 +709,22 @@ async def _sse(request: web.Request, caller: Caller, session: str, meta: Meta,
             await response.prepare(request)
             service.live.add(live)
             while not live.ended.is_set():
+                # Closure is looked at before reading, so the read covers what preceded it.
+                current = await streams.meta(caller, session)
+                if current is None:
+                    break
                 try:
                     events, last, up_to_date, _ = await streams.read(caller, session, after)
                 except _Gone:
                     break
-                if events or first:
-                    frames, cursor = _sse_frames(meta, events, last, up_to_date, cursor)
+                closed = current.closed and up_to_date
+                if events or first or closed:
+                    frames, cursor = _sse_frames(meta, events, last, up_to_date, cursor,
+                                                 closed)
                     await response.write(frames)
                     first = False
+                if closed:
+                    break  # the stream is over: the connection ends after the final event
                 after = last
                 if not up_to_date:
                     continue
