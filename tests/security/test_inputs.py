@@ -180,3 +180,14 @@ async def test_malformed_http_is_counted_not_logged_as_an_error(
             metrics = await (await http.get(f"http://127.0.0.1:{server.port}/metrics")).text()
     assert 'tether_errors_total{code="bad_http"} 2.0' in metrics
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("forged", ["ds.create", "ds.close", "ds.producer", "ds.message"])
+async def test_clients_cannot_forge_a_durable_streams_record(server: Server, forged: str) -> None:
+    peer = await Peer.connect(server.port)
+    await peer.hello()
+    reply = await peer.publish("s", forged, {"content_type": "application/json"})
+    assert reply["op"] == "error" and reply["code"] == "forbidden"
+    reply = await peer.publish("s", "ds.unknown", {})
+    assert reply["op"] == "error" and reply["code"] == "unknown_event_type"
+    await peer.close()

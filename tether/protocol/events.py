@@ -23,7 +23,7 @@ PRESENCE_UPDATE = "presence.update"
 
 # Reserved namespaces and the types tether defines inside them. Later protocol versions add to
 # these sets; an unknown name inside a namespace is an error, not an application event.
-RESERVED_NAMESPACES = ("stream.", "presence.", "run.", "tool.", "approval.", "tether.")
+RESERVED_NAMESPACES = ("stream.", "presence.", "run.", "tool.", "approval.", "tether.", "ds.")
 # Types clients publish to steer runs; the run manager validates them before they are stored.
 CONTROL_TYPES = frozenset({"run.cancel", "run.steer", "approval.decision", "tool.result"})
 # Types only the server writes (run lifecycle, tool calls, the run index).
@@ -31,6 +31,9 @@ SERVER_TYPES = frozenset({
     "run.created", "run.state", "run.snapshot", "run.delta", "run.index", "run.claim",
     "tool.call", "approval.request", "tether.schedule", "tether.webhook", "tether.fire",
     "tether.probe", "tether.unreadable",
+    # A Durable Streams stream's own records (tether/server/durable_streams.py): only that
+    # transport writes them, so no client can forge a stream's metadata or producer state.
+    "ds.create", "ds.message", "ds.bytes", "ds.producer", "ds.close", "ds.delete",
 })
 KNOWN_RESERVED_TYPES = frozenset({STREAM_APPEND, STREAM_END}) | CONTROL_TYPES | SERVER_TYPES
 TRANSIENT_ONLY_TYPES = frozenset({PRESENCE_JOIN, PRESENCE_LEAVE, PRESENCE_UPDATE})

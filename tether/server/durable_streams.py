@@ -285,7 +285,8 @@ async def _append(request: web.Request, caller: Caller, session: str, content_ty
         kind, data = items[-1]
         if kind == BYTES:
             items[-1] = (kind, {**data, "stream_seq": stream_seq})
-    futures = [service.publish(caller, session, kind, data) for kind, data in items]
+    futures = [service.publish(caller, session, kind, data, server_written=True)
+               for kind, data in items]
     results = await asyncio.gather(*futures)
     return max((r.event.seq for r in results), default=0)
 
@@ -324,7 +325,8 @@ async def put_stream(request: web.Request) -> web.Response:
             _parse_json_messages(raw, allow_empty=True)  # refuse bad JSON before creating
         service = request.app[SESSIONS]
         appended = await service.publish(caller, session, CREATE, {
-            "content_type": content_type, "ttl": ttl, "expires_at": expires_at})
+            "content_type": content_type, "ttl": ttl, "expires_at": expires_at},
+            server_written=True)
         meta = Meta(content_type, ttl, expires_at, appended.event.seq, appended.event.time)
         streams.remember(session, meta, {})
         last = await _append(request, caller, session, content_type, raw, initial=True)
@@ -342,7 +344,8 @@ def _closing(request: web.Request) -> bool:
 
 async def _close(request: web.Request, caller: Caller, session: str, meta: Meta) -> int:
     """Write ``ds.close``: the stream takes no more appends. The seq of the close."""
-    appended = await request.app[SESSIONS].publish(caller, session, CLOSE, None)
+    appended = await request.app[SESSIONS].publish(caller, session, CLOSE, None,
+                                                   server_written=True)
     _streams(request).remember(session, dataclasses.replace(meta, closed=True))
     return appended.event.seq
 
@@ -410,7 +413,8 @@ async def post_stream(request: web.Request) -> web.Response:
             # Not atomic with the append: a crash between the two lets a retry append again
             # (the protocol's "recovery for non-atomic stores": bump the epoch after a crash).
             appended = await request.app[SESSIONS].publish(
-                caller, session, PRODUCER, {"id": pid, "epoch": epoch, "seq": seq})
+                caller, session, PRODUCER, {"id": pid, "epoch": epoch, "seq": seq},
+                server_written=True)
             streams.producers.setdefault(session, {})[pid] = (epoch, seq)
             last = max(last, appended.event.seq)
             headers.update({"Producer-Epoch": str(epoch), "Producer-Seq": str(seq)})
@@ -474,7 +478,8 @@ async def delete_stream(request: web.Request) -> web.Response:
     async with streams.lock(session):
         if await streams.meta(caller, session) is None:
             return _problem(404, "no such stream")
-        await request.app[SESSIONS].publish(caller, session, DELETE, None)
+        await request.app[SESSIONS].publish(caller, session, DELETE, None,
+                                            server_written=True)
         streams.remember(session, None)
     return web.Response(status=204, headers=SECURITY_HEADERS)
 

@@ -242,10 +242,10 @@ def resume_decision(cursor: Cursor | None, head: Head) -> tuple[bool, int, str |
 
 
 def validate_event(event_type: str, data: Any, max_bytes: int, transient: bool,
-                   max_depth: int = 32) -> None:
+                   max_depth: int = 32, server_written: bool = False) -> None:
     """Raise :class:`RequestError` unless the event may be published."""
     check_event_type(event_type)
-    if event_type in SERVER_TYPES:
+    if event_type in SERVER_TYPES and not server_written:
         raise RequestError(ErrorCode.FORBIDDEN, f"only the server writes {event_type!r} events")
     if event_type in CONTROL_TYPES and transient:
         raise RequestError(ErrorCode.INVALID, "run control events cannot be transient")
@@ -409,13 +409,16 @@ class SessionService:
     # --- publish -----------------------------------------------------------------------------
 
     def publish(self, caller: Caller, session: str, type: str, data: Any,
-                key: str | None = None, transient: bool = False) -> asyncio.Future[Appended]:
+                key: str | None = None, transient: bool = False, *,
+                server_written: bool = False) -> asyncio.Future[Appended]:
         """Validate (raising at once) and commit; the future resolves after the commit.
 
         Control events (``run.cancel`` …) go to the run manager, which validates them against
         the run before anything is written; transient events are fanned out, not stored
-        (seq 0). A committed ``message`` from a person may start a run, in the background:
-        the reply does not wait for it.
+        (seq 0). ``server_written`` is for a transport writing its own records (types in
+        ``SERVER_TYPES``, such as a Durable Streams stream's ``ds.*`` events) on a caller's
+        behalf: the caller's capability and limits still apply. A committed ``message`` from
+        a person may start a run, in the background: the reply does not wait for it.
         """
         caller.require(session, "publish")
         bucket = caller.bucket
@@ -425,7 +428,7 @@ class SessionService:
                                retry_after=bucket.wait())
         self.limits.take(caller.sender.sub, "publish")
         validate_event(type, data, self.config.max_event_bytes, transient,
-                       self.config.max_event_depth)
+                       self.config.max_event_depth, server_written)
         if type in CONTROL_TYPES:
             # Not on the data path: a cancel must not wait behind queued data.
             return asyncio.ensure_future(
