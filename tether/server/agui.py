@@ -86,7 +86,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from tether.protocol.codes import ErrorCode, RequestError, TetherError
+from tether.protocol.codes import ErrorCode, RequestError
 from tether.protocol.cursor import Cursor
 from tether.protocol.events import STREAM_APPEND, STREAM_END
 from tether.server.http import caller_for, query, session_param
@@ -337,17 +337,12 @@ async def get_agui(request: web.Request) -> web.StreamResponse:
     if cursor is not None and index is not None and cursor.seq > 0:
         # Continue inside that event: deliver from the event itself, skipping what was sent.
         position = Cursor(cursor.epoch, cursor.seq - 1)
-    try:
-        attachment = await service.attach(caller, stream, session,
-                                          position if position is not None else cursor,
-                                          catchup=Catchup.REPLAY)
-    except BaseException:
-        stream.close()
-        raise
+    attachment = await stream.attach(session, position if position is not None else cursor,
+                                     Catchup.REPLAY)
     if attachment.resumed and position is not None and cursor is not None:
         agui.skip = (cursor.seq, index or 0)
-    try:
-        await stream.open()
+
+    async def prelude() -> None:
         after = attachment.after
         comment = (f": tether resumed={str(attachment.resumed).lower()} "
                    f"cursor={attachment.cursor}")
@@ -359,16 +354,8 @@ async def get_agui(request: web.Request) -> web.StreamResponse:
                       "value": {"reason": reason, "cursor": str(attachment.cursor)}}
             agui.push_raw(b"data: " + orjson.dumps(resync) + b"\n\n")
         await _fold(service, translator, session, max(0, attachment.head.first_seq - 1), after)
-        attachment.start()
-        await stream.serve()
-    except TetherError as exc:  # the response has begun: end it, the client resumes
-        log.warning("AG-UI stream of %s ended: %s", session, exc)
-    except (ConnectionResetError, asyncio.CancelledError):
-        pass
-    finally:
-        service.detach(attachment.subscription)
-        stream.close()
-    return stream.response
+
+    return await stream.deliver(attachment, prelude)
 
 
 def install(app: web.Application) -> None:

@@ -50,7 +50,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from tether.protocol.codes import ErrorCode, RequestError, TetherError
+from tether.protocol.codes import ErrorCode, RequestError
 from tether.protocol.cursor import Cursor
 from tether.protocol.events import STREAM_APPEND, STREAM_END
 from tether.server.http import caller_for, json_object, query
@@ -520,26 +520,14 @@ async def serve_reply(request: web.Request, caller: Caller, session: str, reply:
     """Answer with ``reply``'s chunks: the log after ``after``, then live, until it is done."""
     service = request.app[SESSIONS]
     stream = ChunkStream(request, service, caller, reply)
-    try:
-        attachment = await service.attach(caller, stream, session, after, catchup=Catchup.REPLAY)
-    except BaseException:
-        stream.close()
-        raise
-    try:
-        await stream.open()
+    attachment = await stream.attach(session, after, Catchup.REPLAY)
+
+    async def prelude() -> None:
         first = reply.start()
         if first:
             stream.chunks.push_raw(sse(first))
-        attachment.start()
-        await stream.serve()
-    except TetherError as exc:  # the response has begun: end it, the client resumes
-        log.warning("AI SDK stream of %s ended: %s", session, exc)
-    except (ConnectionResetError, asyncio.CancelledError):
-        pass
-    finally:
-        service.detach(attachment.subscription)
-        stream.close()
-    return stream.response
+
+    return await stream.deliver(attachment, prelude)
 
 
 def empty_reply(message_id: str | None = None) -> web.Response:

@@ -177,30 +177,18 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
     service = request.app[SESSIONS]
     stream = SseStream(request, service, caller, request.app[CONFIG], request.app[METRICS])
     # Errors up to here are HTTP errors; the response starts only once the attach succeeded.
-    try:
-        attachment = await service.attach(caller, stream, session, cursor)
-    except BaseException:
-        stream.close()
-        raise
-    try:
+    attachment = await stream.attach(session, cursor)
+
+    async def prelude() -> None:
         snapshot = None
         if attachment.snapshot is not None:
             snapshot = {"events": attachment.snapshot,
                         "presence": await service.members(session)}
-        await stream.open()
         attached = attached_frame(None, session, attachment.cursor, attachment.resumed,
                                   snapshot, attachment.reason)
         stream.outbox.push(b"event: attached\ndata: " + orjson.dumps(attached) + b"\n\n")
-        attachment.start()
-        await stream.serve()
-    except (ConnectionResetError, asyncio.CancelledError):
-        pass
-    except TetherError as exc:  # the response has begun: end it, the client resumes
-        log.warning("SSE stream of %s ended: %s", session, exc)
-    finally:
-        service.detach(attachment.subscription)
-        stream.close()
-    return stream.response
+
+    return await stream.deliver(attachment, prelude)
 
 
 async def healthz(request: web.Request) -> web.Response:

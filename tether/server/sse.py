@@ -11,18 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import orjson
 from aiohttp import web
 
+from tether.protocol.codes import TetherError
+from tether.protocol.cursor import Cursor
 from tether.server.hub import FORMAT_SSE, Outbox
-from tether.server.sessions import Caller, SessionService
+from tether.server.sessions import Attachment, Caller, Catchup, SessionService
 
 if TYPE_CHECKING:
     from tether.server.config import ServerConfig
     from tether.server.metrics import Metrics
+
+log = logging.getLogger("tether.sse")
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
@@ -76,6 +81,35 @@ class SseStream:
         self._ended = asyncio.Event()
         service.limits.open(caller.sender.sub, "streams")  # raises before anything is sent
         self._counted = True
+
+    async def attach(self, session: str, cursor: Cursor | None,
+                     catchup: Catchup = Catchup.SNAPSHOT) -> Attachment:
+        """Attach this stream to ``session``; refused, it is an HTTP error (nothing was sent)."""
+        assert self.caller is not None
+        try:
+            return await self.service.attach(self.caller, self, session, cursor,
+                                             catchup=catchup)
+        except BaseException:
+            self.close()
+            raise
+
+    async def deliver(self, attachment: Attachment,
+                      prelude: Callable[[], Awaitable[None]]) -> web.StreamResponse:
+        """Start the response, send the transport's ``prelude``, then the session's events
+        until the client leaves, the token expires or the node stops; always detaches."""
+        try:
+            await self.open()
+            await prelude()
+            attachment.start()
+            await self.serve()
+        except TetherError as exc:  # the response has begun: end it, the client resumes
+            log.warning("%s of %s ended: %s", type(self).__name__, attachment.session, exc)
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self.service.detach(attachment.subscription)
+            self.close()
+        return self.response
 
     async def open(self) -> None:
         """Send the response headers and start counting this stream as open."""
