@@ -115,7 +115,10 @@ async def test_long_poll_returns_new_data_and_times_out_empty(
     assert resp.headers["Stream-Next-Offset"] == tail and resp.headers["Stream-Cursor"]
 
     async def later() -> None:
-        await asyncio.sleep(0.1)
+        # Append once the long-poll is waiting: its store listener is registered.
+        listeners = server.store._listeners  # type: ignore[attr-defined]  # MemoryStore's
+        while not listeners.has("poll"):
+            await asyncio.sleep(0)
         await http.post(u, headers=JSON, data=b'{"late": true}')
 
     task = asyncio.create_task(later())

@@ -613,7 +613,8 @@ async def test_a_full_outbox_turns_to_the_store() -> None:
     assert sub.catching_up
     assert count(metrics, "tether_buffer_overflows_total") == 1
     assert count(metrics, "tether_catchups_total", reason="overflow") == 1
-    await asyncio.sleep(0.01)
+    for _ in range(5):  # let the reader take its turns: it reads, then waits to drain
+        await asyncio.sleep(0)
     assert peer.outbox.full  # the reader waits for the peer to drain
     peer.sink.open = True
     peer.sink.gate.set()
@@ -633,7 +634,7 @@ async def test_unsubscribe_stops_the_reader() -> None:
     await asyncio.sleep(0)
     hub.unsubscribe(sub)
     assert sub.task is None and sub.delivery.state is State.CLOSED
-    await asyncio.sleep(0.01)
+    await asyncio.wait([task])
     assert task.cancelled()
     assert hub.channels == {} and store.listeners == {}
     sub.catch_up("stale")  # too late: nothing starts

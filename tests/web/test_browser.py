@@ -455,7 +455,8 @@ def test_own_messages_stay_yours_after_a_reload(browser: Any, slow_server: Serve
     alice.context.add_init_script(FIRST_DRAWN)
     a.reload()
     wait_attached(a)
-    a.wait_for_timeout(300)  # any redraw after the welcome has happened
+    # The welcome's redraw runs in the welcome handler itself: once it is in, it has happened.
+    a.wait_for_function("() => window.tetherApp.client?.welcome != null")
     after = a.evaluate(USER_MESSAGES)
     assert after == before
     first = a.evaluate("window.__firstDrawn")
@@ -474,7 +475,7 @@ def test_no_connection_state_before_sign_in(browser: Any, slow_server: ServerPro
     page = context.new_page()
     page.goto(f"http://127.0.0.1:{slow_server.port}/")
     page.wait_for_selector("#login-name:focus")
-    page.wait_for_timeout(500)
+    assert page.evaluate("() => window.tetherApp.client === null")  # nothing can connect
     assert not page.is_visible("#conn")
     assert "Connecting" not in page.inner_text("#app")
     page.fill("#login-name", "dora")
@@ -484,7 +485,7 @@ def test_no_connection_state_before_sign_in(browser: Any, slow_server: ServerPro
     assert page.inner_text("#conn .conn-label") == "Connected"
     page.click("#signout-button")
     page.wait_for_selector("#login-name:focus")
-    page.wait_for_timeout(300)
+    page.wait_for_function("() => window.tetherApp.client === null")  # signed out: no client
     assert not page.is_visible("#conn")
     assert "Connect" not in page.inner_text("#app")
     context.close()

@@ -868,7 +868,7 @@ let peopleSignature = "";
 function renderPeople() {
   const session = app.client?.session(app.name ?? "");
   const members = session ? session.members : [];
-  const me = app.client?.welcome?.sub ?? app.auth?.sub;
+  const you = me();
   const groups = new Map();
   for (const m of members) {
     const key = `${m.kind}:${m.sub}`;
@@ -881,14 +881,14 @@ function renderPeople() {
   }
   const typingSubs = new Set([...app.typing.values()].filter((t) => t.until > Date.now()).map((t) => t.sub));
   const items = [];
-  const sorted = [...groups.values()].sort((a, b) => (b.sub === me) - (a.sub === me) || a.sub.localeCompare(b.sub));
+  const sorted = [...groups.values()].sort((a, b) => (b.sub === you) - (a.sub === you) || a.sub.localeCompare(b.sub));
   for (const g of sorted) {
     const devices = [...g.devices.values()];
     const detail = typingSubs.has(g.sub) ? "typing…"
       : `${g.tabs} tab${g.tabs > 1 ? "s" : ""} · ${devices.length > 1 ? `${devices.length} devices: ` : ""}${devices.join(", ")}`;
     items.push(h("li", { dataset: { sub: g.sub, tabs: g.tabs, devices: devices.length } },
       avatar(g.sub, g.kind),
-      h("span", { class: "name" }, g.sub, g.sub === me ? h("span", { class: "you", text: " (you)" }) : null),
+      h("span", { class: "name" }, g.sub, g.sub === you ? h("span", { class: "you", text: " (you)" }) : null),
       h("span", { class: `detail${typingSubs.has(g.sub) ? " typing-now" : ""}`, text: detail })));
   }
   const agent = agentFor(app.name ?? "");
@@ -905,7 +905,7 @@ function renderPeople() {
       h("span", { class: "detail", text: `${doing} · simulated model` })));
   }
   // Rebuilt only when something visible changed (this runs on every streamed delta).
-  const signature = JSON.stringify([app.name, me, [...groups.values()].map((g) => [g.sub, g.tabs, [...g.devices.values()]]), [...typingSubs], items.length, runStatus(app.model).active?.state ?? "", runStatus(app.model).streaming]);
+  const signature = JSON.stringify([app.name, you, [...groups.values()].map((g) => [g.sub, g.tabs, [...g.devices.values()]]), [...typingSubs], items.length, runStatus(app.model).active?.state ?? "", runStatus(app.model).streaming]);
   if (signature === peopleSignature) return;
   peopleSignature = signature;
   $("people-list").replaceChildren(...items);
@@ -913,7 +913,7 @@ function renderPeople() {
   const button = $("people-button");
   button.querySelector(".people-count").textContent = String(humans.length);
   button.querySelector(".avatars").replaceChildren(...humans.slice(0, 3).map((g) => avatar(g.sub)));
-  renderTyping(typingSubs, me);
+  renderTyping(typingSubs, you);
 }
 
 function renderTyping(typingSubs, me) {
