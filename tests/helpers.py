@@ -22,6 +22,14 @@ SECRET = "test-secret-" + "x" * 32
 ALL_CAPS = ["subscribe", "publish", "presence"]
 
 
+def nested(depth: int) -> Any:
+    """``{"k": {"k": … "x"}}``: data ``depth`` objects deep."""
+    value: Any = "x"
+    for _ in range(depth):
+        value = {"k": value}
+    return value
+
+
 def token(sub: str = "alice", sessions: list[str] | None = None,
           caps: list[str] | None = None, ttl: float | None = 3600) -> str:
     return issue_token(SECRET, sub, sessions or ["*"], ALL_CAPS if caps is None else caps, ttl)

@@ -6,25 +6,17 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import msgpack
 import pytest
 
-from tests.helpers import SECRET, Peer, token
+from tests.helpers import SECRET, Peer, nested, token
 from tether.protocol.codec import MSGPACK_SUBPROTOCOL
 from tether.server import Server, ServerConfig
 from tether.store import MemoryStore
 
 AUTH = {"Authorization": f"Bearer {token()}"}
-
-
-def nested(depth: int) -> Any:
-    value: Any = "x"
-    for _ in range(depth):
-        value = {"k": value}
-    return value
 
 
 @pytest.fixture

@@ -9,24 +9,16 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
-from tests.helpers import SECRET, Peer, token
+from tests.helpers import SECRET, Peer, nested, token
 from tests.server.test_http import read_sse
 from tether.protocol.events import Sender
 from tether.server import Server, ServerConfig
 from tether.store.doctor import scan
 
 AUTH = {"Authorization": f"Bearer {token()}"}
-
-
-def nested(depth: int) -> Any:
-    value: Any = "x"
-    for _ in range(depth):
-        value = {"k": value}
-    return value
 
 
 async def test_a_poison_event_is_a_placeholder_for_every_reader(tmp_path: Path) -> None:
