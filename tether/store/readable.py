@@ -69,6 +69,8 @@ def decode_rows(session: str, epoch: str,
 
 def _nested(raw: bytes | str) -> bool:
     """Cheap pre-check: could this JSON text nest deeper than the deliverable limit?"""
+    if len(raw) <= 2 * MAX_DELIVERABLE_DEPTH:  # too short to hold that many brackets
+        return False
     if isinstance(raw, str):
         return raw.count("{") + raw.count("[") > MAX_DELIVERABLE_DEPTH
     return raw.count(b"{") + raw.count(b"[") > MAX_DELIVERABLE_DEPTH
