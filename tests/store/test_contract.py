@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import STORE_KINDS, make_store
+from tests.store.conftest import STORE_KINDS, make_store
 from tether.protocol.events import Event, Sender
 from tether.store import Retention, Store, StreamClosedError
 

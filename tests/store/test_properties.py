@@ -1,16 +1,19 @@
 """Property tests: any interleaving of appends with and without idempotency keys, across
-sessions and senders, yields gapless seqs in commit order and appends each key once."""
+sessions and senders, yields gapless seqs in commit order and appends each key once — in
+process (memory, sqlite) and through the shared store of ``tether serve --workers N``."""
 
 from __future__ import annotations
 
 import asyncio
 import tempfile
+from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.store.conftest import open_shared
 from tether.protocol.events import Event, Sender
-from tether.store import open_store
+from tether.store import Store, open_store
 
 ops = st.lists(
     st.tuples(st.sampled_from(["a", "b", "c"]),          # session
@@ -21,13 +24,16 @@ ops = st.lists(
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops, st.sampled_from(["memory", "sqlite"]))
+@given(ops, st.sampled_from(["memory", "sqlite", "shared"]))
 def test_appends_are_gapless_and_keys_dedupe(script: list[tuple[str, str, str | None, bool]],
                                              kind: str) -> None:
     async def run() -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            store = open_store("memory://" if kind == "memory" else f"sqlite://{tmp}")
-            await store.start()
+            if kind == "shared":
+                store: Store = await open_shared(Path(tmp))
+            else:
+                store = open_store("memory://" if kind == "memory" else f"sqlite://{tmp}")
+                await store.start()
             seen: dict[str, list[Event]] = {"a": [], "b": [], "c": []}
             for session, events in seen.items():
                 store.listen(session, events.append)

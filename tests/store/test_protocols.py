@@ -7,19 +7,21 @@ checks the same at run time, where it also covers the declared capability ``live
 from __future__ import annotations
 
 import inspect
+import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import STORE_KINDS, make_store
+from tests.store.conftest import STORE_KINDS, make_store
 from tether.store import MemoryStore, PresenceStore, SessionStore, Store
 from tether.store.redis import RedisStore
+from tether.store.shared import SharedStore
 from tether.store.sqlite import SqliteStore
 
-LOSSY = {"memory": False, "sqlite": False, "redis": True}
+LOSSY = {"memory": False, "sqlite": False, "redis": True, "shared": False}
 CLASSES: dict[str, type[Any]] = {"memory": MemoryStore, "sqlite": SqliteStore,
-                                 "redis": RedisStore}
+                                 "redis": RedisStore, "shared": SharedStore}
 
 
 def _methods(protocol: type[Any]) -> dict[str, Any]:
@@ -41,10 +43,14 @@ def _unstarted(kind: str, tmp_path: Path) -> Any:
         return MemoryStore()
     if kind == "sqlite":
         return SqliteStore(str(tmp_path / "data"))
+    if kind == "shared":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.close()
+        return SharedStore(sock)  # constructing does not connect
     return RedisStore("redis://127.0.0.1:1/0")  # constructing does not connect
 
 
-@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis", "shared"])
 def test_every_store_is_both_protocols(kind: str, tmp_path: Path) -> None:
     store = _unstarted(kind, tmp_path)
     assert isinstance(store, SessionStore)
@@ -54,7 +60,7 @@ def test_every_store_is_both_protocols(kind: str, tmp_path: Path) -> None:
     assert type(store).live_is_lossy is LOSSY[kind]  # declared on the class, not probed
 
 
-@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis", "shared"])
 @pytest.mark.parametrize("protocol", [SessionStore, PresenceStore])
 def test_store_methods_have_the_protocol_signatures(kind: str, protocol: type[Any]) -> None:
     cls = CLASSES[kind]
