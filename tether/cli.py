@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import errno
 import gc
+import inspect
 import os
 import signal
 import sqlite3
@@ -139,7 +140,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             public_key_file=tuple(args.public_key) if args.public_key else None,
             jwks=tuple(args.jwks) if args.jwks else None, jwks_refresh=args.jwks_refresh,
             user_secret=user_secret_path(),
+            anonymous=tuple(args.anonymous) if args.anonymous else None,
+            anonymous_public=True if args.anonymous_public else None,
         )
+        config.check_anonymous()
         if args.retention_events is not None or args.retention_age is not None:
             config.retention = Retention(
                 max_events=args.retention_events or config.retention.max_events,
@@ -153,8 +157,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     logs.configure(config.log_level)
     _install_uvloop()
 
-    agents = [load_agent(spec) for spec in (args.agent or ["tether.agents.demo:demo_agent"])
-              if spec != "none"]
+    agents = [load_agent(spec, args.sessions or ("*",))
+              for spec in (args.agent or ["tether.agents.demo:demo_agent"]) if spec != "none"]
 
     async def run() -> int:
         try:
@@ -229,22 +233,45 @@ async def _start(server: Any, config: Any) -> None:
         raise
 
 
-def load_agent(spec: str) -> Any:
-    """``module:object``: an Agent, or a callable returning one."""
+def load_agent(spec: str, sessions: Sequence[str] = ("*",)) -> Any:
+    """``module:object`` or ``path/to/file.py:object``: a tether Agent, an agent of a
+    framework tether adapts (OpenAI Agents SDK, Pydantic AI, LangGraph; served on
+    ``sessions``), or a callable returning either."""
     import importlib
+    import importlib.util
 
     from tether.agents.agent import Agent
+    from tether.agents.integrations import adapt
 
-    module_name, _, attr = spec.partition(":")
-    if not attr:
-        fail(f"--agent {spec!r} must look like module:object")
+    module_name, _, attr = spec.rpartition(":")
+    if not module_name or not attr:
+        fail(f"--agent {spec!r} must look like module:object or path/to/file.py:object")
     try:
-        obj = getattr(importlib.import_module(module_name), attr)
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                fail(f"cannot load agent {spec!r}: no file {module_name}")
+            found = importlib.util.spec_from_file_location(path.stem, path)
+            assert found is not None and found.loader is not None
+            module = importlib.util.module_from_spec(found)
+            sys.modules[path.stem] = module
+            found.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+        obj = getattr(module, attr)
     except (ImportError, AttributeError) as exc:
         fail(f"cannot load agent {spec!r}: {exc}")
-    agent = obj() if callable(obj) and not isinstance(obj, Agent) else obj
-    if not isinstance(agent, Agent):
-        fail(f"{spec!r} is not a tether Agent")
+    if inspect.isfunction(obj) or isinstance(obj, type):
+        obj = obj()  # a factory
+    if isinstance(obj, Agent):
+        return obj
+    try:
+        agent = adapt(obj, sessions=sessions, name=attr)
+    except ImportError as exc:
+        fail(f"cannot serve {spec!r}: {exc}")
+    if agent is None:
+        fail(f"{spec!r} is not a tether Agent nor an agent of a framework tether adapts "
+             "(OpenAI Agents SDK, Pydantic AI, LangGraph)")
     return agent
 
 
@@ -460,6 +487,29 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if findings else 0
 
 
+def _cmd_simulated_model(args: argparse.Namespace) -> int:
+    from tether.agents.upstream import SimulatedUpstream, serve
+
+    async def run() -> None:
+        upstream = SimulatedUpstream(ttft=0.05, tokens_per_second=args.tokens_per_second,
+                                     answer_tokens=40)
+        runner = await serve(args.host, args.port, upstream)
+        print(f"simulated model (a stand-in, not an LLM) on "
+              f"http://{args.host}:{args.port}/v1/chat/completions", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    except OSError as exc:
+        fail(f"cannot listen on {args.host}:{args.port}: {_os_reason(exc)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tether", description="Durable sessions over WebSocket for AI agents.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -491,7 +541,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long events are kept: 90s, 15m, 1h, 30d (default 30d)")
     serve.add_argument("--agent", action="append",
                        help="agent to serve, module:object (repeatable; default: the demo "
-                            "agent on sessions demo* and chat-*; 'none' for no agent)")
+                            "agent on sessions demo* and chat-*; 'none' for no agent); an "
+                            "OpenAI Agents SDK, Pydantic AI or LangGraph agent is served as is")
+    serve.add_argument("--sessions", action="append", metavar="PATTERN",
+                       help="sessions the framework agents of --agent serve (glob, "
+                            "repeatable; default '*'); tether Agents name their own")
+    serve.add_argument("--anonymous", action="append", metavar="PATTERN=CAPS",
+                       help="grant requests without a token CAPS on sessions matching PATTERN "
+                            "(Durable Streams routes), e.g. '*=subscribe,publish'; loopback "
+                            "only unless --anonymous-public")
+    serve.add_argument("--anonymous-public", action="store_true",
+                       help="allow --anonymous on a non-loopback address")
     serve.add_argument("--node", default=None, help="node id shown in /healthz and logs")
     serve.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=_cmd_serve)
@@ -509,6 +569,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="secret inline (visible in ps: prefer --secret-file)")
     token.add_argument("--data", default=None)
     token.set_defaults(func=_cmd_token)
+
+    model = sub.add_parser("simulated-model",
+                           help="serve the simulated model as OpenAI Chat Completions, for "
+                                "framework agents with no API key")
+    model.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    model.add_argument("--port", type=_port, default=8766, help="port (default 8766)")
+    model.add_argument("--tokens-per-second", type=float, default=40.0,
+                       help="pace of the streamed answer (default 40; 0 = no pacing)")
+    model.set_defaults(func=_cmd_simulated_model)
 
     doctor = sub.add_parser("doctor", help="find stored events that cannot be delivered")
     doctor.add_argument("--data", default=None, help="data folder (default ./tether-data)")

@@ -29,11 +29,13 @@ CONTROL_TYPES = frozenset({"run.cancel", "run.steer", "approval.decision", "tool
 # Types only the server writes (run lifecycle, tool calls, the run index).
 SERVER_TYPES = frozenset({
     "run.created", "run.state", "run.snapshot", "run.delta", "run.index", "run.claim",
+    "run.checkpoint",
     "tool.call", "approval.request", "tether.schedule", "tether.webhook", "tether.fire",
     "tether.probe", "tether.unreadable",
     # A Durable Streams stream's own records (tether/server/durable_streams.py): only that
     # transport writes them, so no client can forge a stream's metadata or producer state.
     "ds.create", "ds.message", "ds.bytes", "ds.producer", "ds.close", "ds.delete",
+    "ds.fork", "ds.unfork",
 })
 KNOWN_RESERVED_TYPES = frozenset({STREAM_APPEND, STREAM_END}) | CONTROL_TYPES | SERVER_TYPES
 TRANSIENT_ONLY_TYPES = frozenset({PRESENCE_JOIN, PRESENCE_LEAVE, PRESENCE_UPDATE})

@@ -550,6 +550,36 @@ class Authenticator:
         return grant
 
 
+ANONYMOUS_SUB = "anonymous"
+
+
+def parse_anonymous(spec: str) -> tuple[str, frozenset[str]]:
+    """One ``--anonymous`` rule, ``PATTERN=CAPS`` (``'*=subscribe,publish'``): the session
+    pattern (an id or an ``fnmatch`` glob) and the capabilities requests without a token get
+    there. ``admin`` is never granted anonymously."""
+    pattern, sep, caps_text = spec.partition("=")
+    pattern = pattern.strip()
+    caps = frozenset(c.strip() for c in caps_text.split(",") if c.strip())
+    if not sep or not pattern or not caps:
+        raise ValueError(f"--anonymous {spec!r}: expected PATTERN=CAPS, e.g. '*=subscribe'")
+    unknown = caps - set(CAPABILITIES)
+    if unknown:
+        raise ValueError(f"--anonymous {spec!r}: unknown capabilities {sorted(unknown)}")
+    if "admin" in caps:
+        raise ValueError(f"--anonymous {spec!r}: admin cannot be granted anonymously")
+    return pattern, caps
+
+
+def anonymous_grant(rules: Sequence[str], session: str) -> Grant | None:
+    """The grant of a request without a token on ``session``: the first rule whose pattern
+    matches, else None (the request then needs a token)."""
+    for rule in rules:
+        pattern, caps = parse_anonymous(rule)
+        if pattern == session or fnmatch.fnmatchcase(session, pattern):
+            return Grant(ANONYMOUS_SUB, (pattern,), caps, None)
+    return None
+
+
 def require(grant: Grant, session: str, cap: str) -> None:
     """Raise ``forbidden`` unless ``grant`` allows ``cap`` on ``session``."""
     if not grant.allows(session, cap):

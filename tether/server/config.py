@@ -5,6 +5,7 @@ Every setting is listed in ``docs/operations.md`` with its flag and environment 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -65,9 +66,19 @@ class ServerConfig:
     tail_check_interval: float = 2.0  # lossy live channels (Redis): heal a lost last event
     max_errors_in_row: int = 100  # request errors in a row before closing the connection
     compression: bool = True  # offer permessage-deflate
+    # permessage-deflate as tether runs it (tether/server/deflate.py): the server's LZ77
+    # window (2**bits bytes) and zlib memory level set its per-connection cost; frames under
+    # the threshold (bytes) go out uncompressed.
+    compression_window_bits: int = 10
+    compression_mem_level: int = 1
+    compression_threshold: int = 64
     node_id: str = field(default_factory=lambda: os.environ.get("TETHER_NODE", ""))
     retention: Retention = field(default_factory=Retention)
     log_level: str = "info"
+    # Requests without a token get these grants, "PATTERN=CAPS" each (Durable Streams routes
+    # only); refused at startup unless bound to loopback or anonymous_public is set.
+    anonymous: tuple[str, ...] = ()
+    anonymous_public: bool = False
 
     @classmethod
     def from_env(cls, **overrides: object) -> ServerConfig:
@@ -77,7 +88,7 @@ class ServerConfig:
         for f in fields(cls):
             value = env.get(f"TETHER_{f.name.upper()}")
             if value is None or f.name in ("retention", "secret_file", "public_key_file",
-                                           "jwks", "user_secret"):
+                                           "jwks", "user_secret", "anonymous"):
                 continue
             current = getattr(config, f.name)
             if isinstance(current, bool):
@@ -107,6 +118,9 @@ class ServerConfig:
             config.secret_file = Path(env["TETHER_SECRET_FILE"])
         config.public_key_file = split_list(env.get("TETHER_PUBLIC_KEY_FILE", ""))
         config.jwks = split_list(env.get("TETHER_JWKS", ""))
+        # Rules hold commas ('*=subscribe,publish'): several are separated by ';'.
+        config.anonymous = tuple(r.strip() for r in env.get("TETHER_ANONYMOUS", "").split(";")
+                                 if r.strip())
         # A flag beats the environment: --secret-file hides TETHER_SECRET, and the reverse.
         if overrides.get("secret_file") is not None and overrides.get("secret") is None:
             config.secret = None
@@ -119,6 +133,17 @@ class ServerConfig:
 
     def resolved_store_url(self) -> str:
         return self.store_url or f"sqlite://{self.data_dir}"
+
+    def check_anonymous(self) -> None:
+        """Refuse anonymous access on a non-loopback address unless ``anonymous_public``."""
+        from tether.server.auth import parse_anonymous
+
+        for rule in self.anonymous:
+            parse_anonymous(rule)
+        if self.anonymous and not self.anonymous_public and not is_loopback(self.host):
+            raise ValueError(f"--anonymous on {self.host}, which is not a loopback address: "
+                             "anyone who reaches it could read and write; add "
+                             "--anonymous-public to allow that")
 
     @property
     def shared_store(self) -> bool:
@@ -133,6 +158,16 @@ def _number(kind: type[_N], name: str, value: str) -> _N:
     except ValueError:
         raise ValueError(f"{name}={value!r} is not {'an integer' if kind is int else 'a number'}"
                          ) from None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a bind address) is only reachable from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def split_list(value: str) -> tuple[str, ...]:

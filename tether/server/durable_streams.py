@@ -3,12 +3,13 @@
 A stream is a session log (``docs/durable-streams.md`` has the whole mapping): ``PUT`` writes a
 ``ds.create`` event holding the stream's configuration, each JSON message is one
 ``ds.message`` event, each append of another content type one ``ds.bytes`` event, ``DELETE``
-writes ``ds.delete``. An offset is the seq of the last event covered, as 16 decimal digits, so
-offsets sort lexicographically in log order.
+writes ``ds.delete``. An offset is a position in the stream: the seq of the last event covered
+(shifted past the branch point for a fork, see :mod:`tether.server.forks`), written as two
+16-digit halves of one 32-digit number, so offsets sort lexicographically in log order.
 
 Like every transport this is a thin layer over :class:`~tether.server.sessions.SessionService`:
-writes go through ``publish`` (capability, limits, validation, commit) and reads through
-``history``. Long-poll and SSE wait on the store's listener, registered before reading.
+writes go through ``publish`` (capability, limits, validation, commit), reads through
+``history`` and live reads wait on ``SessionService.watch``, registered before reading.
 """
 
 from __future__ import annotations
@@ -17,13 +18,11 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
-import ipaddress
-import math
 import os
 import re
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,7 +32,10 @@ from aiohttp import web
 from tether.protocol.codes import ErrorCode, RequestError
 from tether.protocol.cursor import Cursor
 from tether.protocol.events import Event, Sender, valid_session_id
-from tether.server.auth import Grant
+from tether.server import forks
+from tether.server.auth import Grant, anonymous_grant
+from tether.server.config import is_loopback
+from tether.server.forks import Segment
 from tether.server.http import bearer_token
 from tether.server.keys import AUTH, CONFIG, SESSIONS
 from tether.server.sessions import Caller, SessionService
@@ -44,30 +46,59 @@ MESSAGE = "ds.message"
 BYTES = "ds.bytes"
 PRODUCER = "ds.producer"
 CLOSE = "ds.close"
+FORK = "ds.fork"  # in a source: a fork now reads it (the source's data must stay readable)
+UNFORK = "ds.unfork"  # in a source: that fork was deleted
 DATA_TYPES = frozenset({MESSAGE, BYTES})
 MAX_SAFE_INT = 2**53 - 1
 _INT_RE = re.compile(r"0|[1-9][0-9]{0,15}")
 
 OFFSET_DIGITS = 16
+_HALF = 10**OFFSET_DIGITS
 PAGE = 1000  # events per catch-up response
 # Seconds a long-poll waits for data (implementation-defined by the protocol).
 LONG_POLL_TIMEOUT = float(os.environ.get("TETHER_DS_LONG_POLL", "20"))
 SSE_LIFETIME = 60.0  # seconds before the server ends an SSE response (the client reconnects)
 CURSOR_EPOCH = datetime(2024, 10, 9, tzinfo=UTC).timestamp()
 CURSOR_INTERVAL = 20
-ANONYMOUS_ENV = "TETHER_ANONYMOUS"
+STREAM_PREFIX = "/v1/stream/"
 
-_OFFSET_RE = re.compile(rf"[0-9]{{{OFFSET_DIGITS}}}")
+# Two 16-digit halves (the reference server's shape) or, as earlier versions wrote, one.
+_OFFSET_RE = re.compile(rf"([0-9]{{{OFFSET_DIGITS}}})(?:_([0-9]{{{OFFSET_DIGITS}}}))?")
 _TTL_RE = re.compile(r"0|[1-9][0-9]{0,15}")
 _SEQ_HEADER = "Stream-Seq"
 _LINES_RE = re.compile(r"\r\n|\r|\n")  # every line break SSE knows, so data cannot end a field
 
+# Reads and writes need a bearer token (or an --anonymous rule), never a cookie, so any origin
+# may call: the browser cannot lend a visitor's credentials to another site here.
+_EXPOSED = ("Stream-Next-Offset, Stream-Cursor, Stream-Up-To-Date, Stream-Closed, "
+            "Stream-TTL, Stream-Expires-At, Stream-SSE-Data-Encoding, ETag, Location, "
+            "Producer-Epoch, Producer-Seq, Producer-Expected-Seq, Producer-Received-Seq")
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff",
-                    "Cross-Origin-Resource-Policy": "cross-origin"}
+                    "Cross-Origin-Resource-Policy": "cross-origin",
+                    "Access-Control-Allow-Origin": "*",
+                    "Access-Control-Expose-Headers": _EXPOSED}
+PREFLIGHT_HEADERS = {
+    **SECURITY_HEADERS,
+    "Access-Control-Allow-Methods": "GET, HEAD, POST, PUT, DELETE, OPTIONS",
+    "Access-Control-Allow-Headers": (
+        "Authorization, Content-Type, If-None-Match, Stream-TTL, Stream-Expires-At, "
+        "Stream-Seq, Stream-Closed, Stream-Forked-From, Stream-Fork-Offset, "
+        "Stream-Fork-Sub-Offset, Producer-Id, Producer-Epoch, Producer-Seq, X-Tether-Client"),
+    "Access-Control-Max-Age": "600",
+}
 
 
-def offset_of(seq: int) -> str:
-    return f"{seq:0{OFFSET_DIGITS}d}"
+def offset_of(position: int) -> str:
+    return f"{position // _HALF:0{OFFSET_DIGITS}d}_{position % _HALF:0{OFFSET_DIGITS}d}"
+
+
+def parse_offset(text: str) -> int | None:
+    """The position an offset names, or None when it is not one."""
+    match = _OFFSET_RE.fullmatch(text)
+    if match is None:
+        return None
+    high, low = match.groups()
+    return int(high) if low is None else int(high) * _HALF + int(low)
 
 
 def media_type(value: str | None) -> str:
@@ -89,27 +120,47 @@ def live_cursor(previous: str | None) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Meta:
-    """A stream's configuration, as its ``ds.create`` event holds it."""
+    """A stream's configuration and state, folded from its session's ``ds.*`` records."""
 
     content_type: str
     ttl: int | None
     expires_at: str | None
     created_seq: int
     created_ms: int
+    chain: tuple[Segment, ...] = ()  # what a read walks (forks.py); (own log,) unless a fork
+    fork: tuple[str, int | None, int] | None = None  # (source, Stream-Fork-Offset, sub-offset)
     stream_seq: str | None = None  # the last Stream-Seq accepted
     closed: bool = False  # a ds.close was written: no more appends
+    written_ms: int = 0  # the newest record's commit time (a write renews a sliding TTL)
+    deleted: bool = False  # deleted while forks still read it: 410 until the last one goes
+    forks: frozenset[str] = field(default_factory=frozenset)  # live forks reading this stream
 
-    def config(self) -> tuple[str, int | None, str | None]:
-        return (media_type(self.content_type), self.ttl, self.expires_at)
+    def config(self) -> tuple[str, int | None, str | None, Any]:
+        return (media_type(self.content_type), self.ttl, self.expires_at, self.fork)
 
-    def expired(self) -> bool:
+    @property
+    def source(self) -> str | None:
+        return self.fork[0] if self.fork is not None else None
+
+    def expired(self, touched: float = 0.0) -> bool:
+        """Whether the TTL (renewed by reads and writes: a sliding window) or the absolute
+        expiry time has passed. ``touched`` is the last read seen by this node."""
         now = time.time()
-        if self.ttl is not None and now >= self.created_ms / 1000 + self.ttl:
-            return True
+        if self.ttl is not None:
+            renewed = max(self.created_ms, self.written_ms) / 1000
+            if now >= max(renewed, touched) + self.ttl:
+                return True
         if self.expires_at is not None:
             with contextlib.suppress(ValueError):
                 return now >= datetime.fromisoformat(self.expires_at).timestamp()
         return False
+
+
+def _server_caller() -> Caller:
+    """The transport itself: reads of a fork's sources, and the bookkeeping records it keeps
+    in them (a fork's reader needs no right on the streams the fork was made from)."""
+    grant = Grant("tether.durable-streams", ("*",), frozenset({"subscribe", "publish"}), None)
+    return Caller(grant, Sender("tether.durable-streams", "server", "system"), connection="ds")
 
 
 class Streams:
@@ -119,10 +170,14 @@ class Streams:
 
     def __init__(self, service: SessionService) -> None:
         self.service = service
+        self.server = _server_caller()
         self._meta: OrderedDict[str, Meta | None] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
         # session → producer id → (epoch, last accepted seq), loaded with the metadata
         self.producers: dict[str, dict[str, tuple[int, int]]] = {}
+        # session → the last read seen by this node (time.time()): renews a sliding TTL.
+        # Soft state, as presence is: after a restart only writes count until the next read.
+        self.touched: dict[str, float] = {}
 
     def lock(self, session: str) -> asyncio.Lock:
         lock = self._locks.get(session)
@@ -143,62 +198,108 @@ class Streams:
         if len(self._meta) > self.MAX_CACHED:
             evicted, _ = self._meta.popitem(last=False)
             self.producers.pop(evicted, None)
+            self.touched.pop(evicted, None)
 
-    async def meta(self, caller: Caller, session: str) -> Meta | None:
-        """The stream's configuration, or None when no stream exists at ``session``."""
+    def touch(self, session: str) -> None:
+        self.touched[session] = time.time()
+
+    async def state(self, session: str) -> Meta | None:
+        """The stream at ``session`` as its log says, deleted or not; None: none or expired."""
         if session in self._meta:
             meta = self._meta[session]
             self._meta.move_to_end(session)
         else:
-            meta, producers = await self._load(caller, session)
+            meta, producers = await self._load(session)
             self.remember(session, meta, producers)
-        if meta is not None and meta.expired():
+        if meta is not None and not meta.deleted \
+                and meta.expired(self.touched.get(session, 0.0)):
             return None
         return meta
 
-    async def _load(self, caller: Caller, session: str
-                    ) -> tuple[Meta | None, dict[str, tuple[int, int]]]:
+    async def meta(self, caller: Caller, session: str) -> Meta | None:
+        """The live stream at ``session`` (deleted ones raise :class:`Gone`), or None."""
+        caller.require(session, "subscribe")
+        meta = await self.state(session)
+        if meta is not None and meta.deleted:
+            raise Gone("the stream was deleted; forks of it still read its data")
+        return meta
+
+    async def _load(self, session: str) -> tuple[Meta | None, dict[str, tuple[int, int]]]:
         head, _, _, _ = await self.service.position(session, None)
         after = head.first_seq - 1
         meta: Meta | None = None
         producers: dict[str, tuple[int, int]] = {}
         while True:
-            page = await self.service.history(caller, session, Cursor(head.epoch, after), PAGE)
+            page = await self.service.history(self.server, session,
+                                              Cursor(head.epoch, after), PAGE)
             for event in page.events:
-                if event.type == CREATE and isinstance(event.data, dict):
-                    meta = Meta(str(event.data.get("content_type")), event.data.get("ttl"),
-                                event.data.get("expires_at"), event.seq, event.time)
-                    producers = {}
-                elif event.type == DELETE:
-                    meta = None
-                    producers = {}
-                elif event.type == CLOSE and meta is not None:
-                    meta = dataclasses.replace(meta, closed=True)
-                elif event.type == PRODUCER and isinstance(event.data, dict):
-                    producers[str(event.data.get("id"))] = (int(event.data.get("epoch", 0)),
-                                                            int(event.data.get("seq", 0)))
-                elif meta is not None and event.type in DATA_TYPES \
-                        and isinstance(event.data, dict) and "stream_seq" in event.data:
-                    meta = _with_seq(meta, event.data["stream_seq"])
+                meta, producers = _fold(session, meta, producers, event)
             if len(page.events) < PAGE:
                 return meta, producers
             after = page.events[-1].seq
 
-    async def read(self, caller: Caller, session: str, after: int
-                   ) -> tuple[list[Event], int, bool, int]:
-        """Data events after ``after``: (events, next seq, up to date, tail seq)."""
+    async def _read_log(self, session: str, after: int, limit: int
+                        ) -> tuple[list[Event], int]:
+        """The forks.Reader: one page of ``session``'s log after ``after``."""
         head, _, _, _ = await self.service.position(session, None)
         if after < head.first_seq - 1:
-            raise _Gone()
-        page = await self.service.history(caller, session, Cursor(head.epoch, after), PAGE)
-        last = page.events[-1].seq if page.events else after
-        data = [e for e in page.events if e.type in DATA_TYPES]
-        up_to_date = len(page.events) < PAGE
-        return data, last, up_to_date, max(head.last_seq, last)
+            raise Gone("offset is before the oldest retained data")
+        if after >= head.last_seq:
+            return [], head.last_seq
+        page = await self.service.history(self.server, session, Cursor(head.epoch, after),
+                                          limit)
+        return page.events, head.last_seq
+
+    async def read(self, meta: Meta, after: int, limit: int = PAGE) -> forks.Page:
+        """Events after position ``after`` (data and records), walking a fork's chain."""
+        return await forks.read(self._read_log, meta.chain, after, limit)
+
+    async def tail(self, session: str, meta: Meta) -> int:
+        """The position of the stream's newest event."""
+        head, _, _, _ = await self.service.position(session, None)
+        return forks.tail(meta.chain, head.last_seq)
 
 
-class _Gone(Exception):
-    pass
+def _fold(session: str, meta: Meta | None, producers: dict[str, tuple[int, int]],
+          event: Event) -> tuple[Meta | None, dict[str, tuple[int, int]]]:
+    """The stream's state after one more record of its log."""
+    data = event.data if isinstance(event.data, dict) else {}
+    if event.type == CREATE:
+        fork = data.get("fork")
+        chain: tuple[Segment, ...] = forks.root(session, event.seq)
+        fork_key = None
+        if isinstance(fork, dict):
+            parents = tuple(Segment.from_json(s) for s in fork.get("segments", ()))
+            chain = forks.fork_chain(parents, session, event.seq, int(fork["at"]))
+            fork_key = (str(fork["from"]), fork.get("offset"), int(fork.get("sub", 0)))
+        return Meta(str(data.get("content_type")), data.get("ttl"), data.get("expires_at"),
+                    event.seq, event.time, chain, fork_key, written_ms=event.time), {}
+    if meta is None:
+        return None, producers
+    if event.type == DELETE:
+        if meta.forks:
+            return dataclasses.replace(meta, deleted=True), producers
+        return None, {}
+    if event.type in (FORK, UNFORK):
+        if data.get("gen") != meta.created_seq:  # about an earlier stream of this name
+            return meta, producers
+        name = str(data.get("name"))
+        live = meta.forks | {name} if event.type == FORK else meta.forks - {name}
+        if meta.deleted and not live:
+            return None, {}
+        return dataclasses.replace(meta, forks=live), producers
+    meta = dataclasses.replace(meta, written_ms=event.time)
+    if event.type == CLOSE:
+        return dataclasses.replace(meta, closed=True), producers
+    if event.type == PRODUCER:
+        producers[str(data.get("id"))] = (int(data.get("epoch", 0)), int(data.get("seq", 0)))
+    elif event.type in DATA_TYPES and "stream_seq" in data:
+        meta = dataclasses.replace(meta, stream_seq=str(data["stream_seq"]))
+    return meta, producers
+
+
+class Gone(Exception):
+    """``410 Gone``: data below retention, or a deleted stream that forks still read."""
 
 
 def _with_seq(meta: Meta, stream_seq: str) -> Meta:
@@ -213,6 +314,10 @@ def _problem(status: int, message: str, **headers: str) -> web.Response:
                         headers={**SECURITY_HEADERS, **headers})
 
 
+def _gone(exc: Gone) -> web.Response:
+    return _problem(410, str(exc))
+
+
 def _session(request: web.Request) -> str:
     name = request.match_info["name"]
     if not valid_session_id(name):
@@ -221,27 +326,18 @@ def _session(request: web.Request) -> str:
     return name
 
 
-def anonymous_grant(app: web.Application) -> Grant | None:
-    """The grant of a request without a token: ``TETHER_ANONYMOUS='PATTERN=CAPS'``, honoured
-    only when the server listens on a loopback address (off unless set)."""
-    spec = os.environ.get(ANONYMOUS_ENV, "").strip()
-    if not spec:
+def _anonymous(app: web.Application, session: str) -> Grant | None:
+    """The grant of a request without a token (``tether serve --anonymous``): honoured only
+    on a loopback address unless ``--anonymous-public`` says otherwise."""
+    config = app[CONFIG]
+    if not config.anonymous or not (config.anonymous_public or is_loopback(config.host)):
         return None
-    host = app[CONFIG].host
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        return None
-    pattern, _, caps = spec.partition("=")
-    return Grant("anonymous", (pattern.strip() or "*",),
-                 frozenset(c.strip() for c in caps.split(",") if c.strip()), None)
+    return anonymous_grant(config.anonymous, session)
 
 
 def _caller(request: web.Request, session: str, cap: str) -> Caller:
     token = bearer_token(request)
-    grant = None if token else anonymous_grant(request.app)
+    grant = None if token else _anonymous(request.app, session)
     if grant is None:
         grant = request.app[AUTH].verify(token)
     caller = Caller(grant, Sender(grant.sub, request.headers.get("X-Tether-Client",
@@ -267,10 +363,18 @@ def _parse_json_messages(raw: bytes, allow_empty: bool) -> list[Any]:
     return [value]
 
 
+async def _commit(service: SessionService, caller: Caller, session: str,
+                  items: list[tuple[str, Any]]) -> int:
+    """Publish the records in order; the seq of the last one (0 when there are none)."""
+    futures = [service.publish(caller, session, kind, data, server_written=True)
+               for kind, data in items]
+    results = await asyncio.gather(*futures)
+    return max((r.event.seq for r in results), default=0)
+
+
 async def _append(request: web.Request, caller: Caller, session: str, content_type: str,
                   raw: bytes, initial: bool, stream_seq: str | None = None) -> int:
     """Commit the body as events; the seq of the last one (0 when nothing was written)."""
-    service = request.app[SESSIONS]
     if is_json(content_type):
         if initial and not raw.strip():
             return 0
@@ -285,16 +389,85 @@ async def _append(request: web.Request, caller: Caller, session: str, content_ty
         kind, data = items[-1]
         if kind == BYTES:
             items[-1] = (kind, {**data, "stream_seq": stream_seq})
-    futures = [service.publish(caller, session, kind, data, server_written=True)
-               for kind, data in items]
-    results = await asyncio.gather(*futures)
-    return max((r.event.seq for r in results), default=0)
+    return await _commit(request.app[SESSIONS], caller, session, items)
+
+
+def _own(meta: Meta, seq: int) -> int:
+    """The position of the stream's own log record ``seq``."""
+    return seq + meta.chain[-1].delta
+
+
+@dataclass(frozen=True, slots=True)
+class _ForkRequest:
+    source: str
+    offset: int | None  # Stream-Fork-Offset (None: the source's tail)
+    sub: int  # Stream-Fork-Sub-Offset: bytes / messages of the next append also inherited
+
+
+def _fork_request(request: web.Request) -> _ForkRequest | None:
+    """The fork headers of a ``PUT``, validated (``400`` for malformed ones)."""
+    source = request.headers.get("Stream-Forked-From")
+    offset_text = request.headers.get("Stream-Fork-Offset")
+    sub_text = request.headers.get("Stream-Fork-Sub-Offset")
+    if source is None:
+        if offset_text is not None or sub_text is not None:
+            raise RequestError(ErrorCode.INVALID, "Stream-Fork-Offset and "
+                                                  "Stream-Fork-Sub-Offset need Stream-Forked-From")
+        return None
+    name = source.strip()
+    if "://" in name:
+        name = "/" + name.split("://", 1)[1].partition("/")[2]
+    name = name.split("?", 1)[0]
+    if name.startswith(STREAM_PREFIX):
+        name = name[len(STREAM_PREFIX):]
+    if not valid_session_id(name):
+        raise RequestError(ErrorCode.INVALID, "Stream-Forked-From must name a stream "
+                                              "(/v1/stream/NAME)")
+    offset = None
+    if offset_text is not None:
+        offset = parse_offset(offset_text.strip())
+        if offset is None:
+            raise RequestError(ErrorCode.INVALID, "malformed Stream-Fork-Offset")
+    sub = 0
+    if sub_text is not None:
+        if not _INT_RE.fullmatch(sub_text.strip()):
+            raise RequestError(ErrorCode.INVALID, "Stream-Fork-Sub-Offset must be an integer "
+                                                  "0..2^53-1 without sign or leading zeros")
+        sub = int(sub_text)
+        if sub and offset is None:
+            raise RequestError(ErrorCode.INVALID, "Stream-Fork-Sub-Offset needs "
+                                                  "Stream-Fork-Offset")
+    return _ForkRequest(name, offset, sub)
+
+
+async def _branch(streams: Streams, source: Meta, fork: _ForkRequest, tail: int
+                  ) -> tuple[int, list[tuple[str, Any]]] | web.Response:
+    """Where a fork of ``source`` branches, and the records it starts with (the inherited part
+    of an append split by a sub-offset); or the refusal."""
+    at = tail if fork.offset is None else max(fork.offset, forks.start(source.chain))
+    if at > tail:
+        return _problem(400, "Stream-Fork-Offset is beyond the source's tail")
+    if not fork.sub:
+        return at, []
+    page = await streams.read(source, at)
+    data = [e for e in page.events if e.type in DATA_TYPES]
+    if is_json(source.content_type):
+        # Each JSON message is its own record: the fork simply branches after the sub-th.
+        if fork.sub > len(data):
+            return _problem(400, "Stream-Fork-Sub-Offset is beyond the next append")
+        return data[fork.sub - 1].seq, []
+    if not data or not isinstance(data[0].data, dict):
+        return _problem(400, "Stream-Fork-Sub-Offset is beyond the next append")
+    chunk = base64.b64decode(data[0].data.get("b64", ""))
+    if fork.sub > len(chunk):
+        return _problem(400, "Stream-Fork-Sub-Offset is beyond the next append")
+    return at, [(BYTES, {"b64": base64.b64encode(chunk[:fork.sub]).decode()})]
 
 
 async def put_stream(request: web.Request) -> web.Response:
     session = _session(request)
     caller = _caller(request, session, "publish")
-    content_type = request.headers.get("Content-Type") or "application/octet-stream"
+    content_type = request.headers.get("Content-Type")
     ttl_text = request.headers.get("Stream-TTL")
     expires_at = request.headers.get("Stream-Expires-At")
     if ttl_text is not None and expires_at is not None:
@@ -310,32 +483,82 @@ async def put_stream(request: web.Request) -> web.Response:
         except ValueError:
             return _problem(400, "Stream-Expires-At must be an RFC 3339 timestamp")
         expires_at = expires_at.strip()
+    fork = _fork_request(request)
     raw = await request.read()
     streams = _streams(request)
+    service = request.app[SESSIONS]
     location = str(request.url.with_query(None))
+    source: Meta | None = None
+    if fork is not None:
+        caller.require(fork.source, "subscribe")
+        source = await streams.state(fork.source)
+        if source is None:
+            return _problem(404, "the stream to fork does not exist")
+        if source.deleted:
+            return _problem(409, "the stream to fork was deleted")
+        content_type = content_type or source.content_type
+        if media_type(content_type) != media_type(source.content_type):
+            return _problem(409, "a fork has its source's content type")
+        if ttl is None and expires_at is None:
+            ttl, expires_at = source.ttl, source.expires_at  # a fork lives as long by default
+    content_type = content_type or "application/octet-stream"
+    fork_key = None if fork is None else (fork.source, fork.offset, fork.sub)
     async with streams.lock(session):
-        meta = await streams.meta(caller, session)
-        wanted = (media_type(content_type), ttl, expires_at)
-        if meta is not None:
-            if meta.config() != wanted:
+        current = await streams.state(session)
+        if current is not None:
+            if current.deleted:
+                return _problem(409, "the stream was deleted and forks still read it")
+            if current.config() != (media_type(content_type), ttl, expires_at, fork_key):
                 return _problem(409, "the stream exists with a different configuration")
-            _, last, _, tail = await streams.read(caller, session, meta.created_seq)
-            return _ok(200, meta, tail)
+            return _ok(200, current, await streams.tail(session, current))
         if is_json(content_type) and raw.strip():
             _parse_json_messages(raw, allow_empty=True)  # refuse bad JSON before creating
-        service = request.app[SESSIONS]
-        appended = await service.publish(caller, session, CREATE, {
-            "content_type": content_type, "ttl": ttl, "expires_at": expires_at},
-            server_written=True)
-        meta = Meta(content_type, ttl, expires_at, appended.event.seq, appended.event.time)
+        record: dict[str, Any] = {"content_type": content_type, "ttl": ttl,
+                                  "expires_at": expires_at}
+        prefix: list[tuple[str, Any]] = []
+        if fork is not None and source is not None:
+            branch = await _branch(streams, source, fork, await streams.tail(fork.source,
+                                                                              source))
+            if isinstance(branch, web.Response):
+                return branch
+            at, prefix = branch
+            record["fork"] = {"from": fork.source, "offset": fork.offset, "sub": fork.sub,
+                              "at": at, "segments": [s.to_json() for s in
+                                                     forks.inherited(source.chain, at)]}
+        appended = await service.publish(caller, session, CREATE, record, server_written=True)
+        meta, _ = _fold(session, None, {}, appended.event)
+        assert meta is not None
+        if fork is not None and source is not None:
+            await _refer(streams, fork.source, session, FORK)
         streams.remember(session, meta, {})
-        last = await _append(request, caller, session, content_type, raw, initial=True)
+        last = await _commit(service, caller, session, prefix)
+        last = max(last, await _append(request, caller, session, content_type, raw,
+                                       initial=True))
         if _closing(request):
             last = await _close(request, caller, session, meta)
             meta = dataclasses.replace(meta, closed=True)
-    response = _ok(201, meta, max(last, meta.created_seq))
+    response = _ok(201, meta, _own(meta, max(last, meta.created_seq)))
     response.headers["Location"] = location
     return response
+
+
+async def _refer(streams: Streams, source: str, fork: str, kind: str) -> None:
+    """Record in ``source`` that ``fork`` reads it (``ds.fork``) or no longer does
+    (``ds.unfork``). A deleted source whose last fork goes is gone for good, and lets go of
+    its own source in turn."""
+    while True:
+        async with streams.lock(source):
+            meta = await streams.state(source)
+            if meta is None:
+                return
+            appended = await streams.service.publish(
+                streams.server, source, kind, {"name": fork, "gen": meta.created_seq},
+                server_written=True)
+            folded, _ = _fold(source, meta, streams.producers.get(source, {}), appended.event)
+            streams.remember(source, folded)
+        if folded is not None or meta.source is None:
+            return
+        fork, source, kind = source, meta.source, UNFORK
 
 
 def _closing(request: web.Request) -> bool:
@@ -365,7 +588,10 @@ async def post_stream(request: web.Request) -> web.Response:
             and request.content_length > request.app[CONFIG].max_frame_bytes:
         return _problem(413, "request body too large")
     streams = _streams(request)
-    meta = await streams.meta(caller, session)
+    try:
+        meta = await streams.meta(caller, session)
+    except Gone as exc:
+        return _gone(exc)
     if meta is None:
         return _problem(404, "no such stream")
     closing = _closing(request)
@@ -381,9 +607,13 @@ async def post_stream(request: web.Request) -> web.Response:
     stream_seq = request.headers.get(_SEQ_HEADER)
     producer = _producer_headers(request)
     async with streams.lock(session):
-        meta = await streams.meta(caller, session)
+        try:
+            meta = await streams.meta(caller, session)
+        except Gone as exc:
+            return _gone(exc)
         if meta is None:
             return _problem(404, "no such stream")
+        streams.touch(session)  # any write renews a sliding TTL, a refused one too
         headers = dict(SECURITY_HEADERS)
         if meta.closed:
             headers["Stream-Closed"] = "true"
@@ -395,9 +625,8 @@ async def post_stream(request: web.Request) -> web.Response:
         if meta.closed:
             if closing and not raw and producer is None:
                 return web.Response(status=204, headers=headers)  # closing again: a no-op
-            _, _, _, tail = await streams.read(caller, session, meta.created_seq)
-            return _problem(409, "the stream is closed", **headers,
-                            **{"Stream-Next-Offset": offset_of(tail)})
+            return _problem(409, "the stream is closed", **headers, **{
+                "Stream-Next-Offset": offset_of(await streams.tail(session, meta))})
         if stream_seq is not None and meta.stream_seq is not None \
                 and stream_seq.encode() <= meta.stream_seq.encode():
             return _problem(409, "Stream-Seq must increase")
@@ -422,10 +651,9 @@ async def post_stream(request: web.Request) -> web.Response:
         if closing:
             last = await _close(request, caller, session, meta)
             headers["Stream-Closed"] = "true"
-        if not last:
-            _, _, _, last = await streams.read(caller, session, meta.created_seq)
+        tail = _own(meta, last) if last else await streams.tail(session, meta)
     return web.Response(status=status, headers={**headers,
-                                                "Stream-Next-Offset": offset_of(last)})
+                                                "Stream-Next-Offset": offset_of(tail)})
 
 
 def _producer_headers(request: web.Request) -> tuple[str, int, int] | None:
@@ -476,11 +704,18 @@ async def delete_stream(request: web.Request) -> web.Response:
     caller = _caller(request, session, "publish")
     streams = _streams(request)
     async with streams.lock(session):
-        if await streams.meta(caller, session) is None:
+        try:
+            meta = await streams.meta(caller, session)
+        except Gone as exc:
+            return _gone(exc)
+        if meta is None:
             return _problem(404, "no such stream")
-        await request.app[SESSIONS].publish(caller, session, DELETE, None,
-                                            server_written=True)
-        streams.remember(session, None)
+        appended = await request.app[SESSIONS].publish(caller, session, DELETE, None,
+                                                       server_written=True)
+        folded, _ = _fold(session, meta, streams.producers.get(session, {}), appended.event)
+        streams.remember(session, folded)
+    if folded is None and meta.source is not None:
+        await _refer(streams, meta.source, session, UNFORK)  # the source may go now
     return web.Response(status=204, headers=SECURITY_HEADERS)
 
 
@@ -488,21 +723,27 @@ async def head_stream(request: web.Request) -> web.Response:
     session = _session(request)
     caller = _caller(request, session, "subscribe")
     streams = _streams(request)
-    meta = await streams.meta(caller, session)
+    try:
+        meta = await streams.meta(caller, session)
+    except Gone:
+        return web.Response(status=410, headers=SECURITY_HEADERS)
     if meta is None:
         return web.Response(status=404, headers=SECURITY_HEADERS)
-    head, _, _, _ = await request.app[SESSIONS].position(session, None)
     headers = {**SECURITY_HEADERS, "Content-Type": meta.content_type,
-               "Stream-Next-Offset": offset_of(max(head.last_seq, meta.created_seq)),
+               "Stream-Next-Offset": offset_of(await streams.tail(session, meta)),
                "Cache-Control": "no-store"}
     if meta.ttl is not None:
-        remaining = meta.created_ms / 1000 + meta.ttl - time.time()
-        headers["Stream-TTL"] = str(max(0, math.ceil(remaining)))
+        headers["Stream-TTL"] = str(meta.ttl)  # a sliding window: renewed by every access
     if meta.expires_at is not None:
         headers["Stream-Expires-At"] = meta.expires_at
     if meta.closed:
         headers["Stream-Closed"] = "true"
     return web.Response(status=200, headers=headers)
+
+
+async def options_stream(request: web.Request) -> web.Response:
+    """A CORS preflight: any origin, the protocol's request headers (bearer auth only)."""
+    return web.Response(status=204, headers=PREFLIGHT_HEADERS)
 
 
 def _body(meta: Meta, events: list[Event]) -> bytes:
@@ -514,41 +755,49 @@ def _body(meta: Meta, events: list[Event]) -> bytes:
 
 def _start(offset: str | None, meta: Meta, tail: int) -> int:
     if offset is None or offset == "-1":
-        return meta.created_seq
+        return forks.start(meta.chain)
     if offset == "now":
         return tail
-    if not _OFFSET_RE.fullmatch(offset):
+    position = parse_offset(offset)
+    if position is None:
         raise RequestError(ErrorCode.INVALID, f"malformed offset {offset[:64]!r}")
-    return max(int(offset), meta.created_seq)
+    return max(position, forks.start(meta.chain))
+
+
+def _data(page: forks.Page) -> list[Event]:
+    return [e for e in page.events if e.type in DATA_TYPES]
 
 
 async def get_stream(request: web.Request) -> web.StreamResponse:
     session = _session(request)
     caller = _caller(request, session, "subscribe")
     streams = _streams(request)
-    meta = await streams.meta(caller, session)
+    try:
+        meta = await streams.meta(caller, session)
+    except Gone as exc:
+        return _gone(exc)
     if meta is None:
         return _problem(404, "no such stream")
+    streams.touch(session)  # a read renews a sliding TTL
     live = request.query.get("live")
     offset = request.query.get("offset")
     if live not in (None, "long-poll", "sse"):
         return _problem(400, f"unknown live mode {live!r}")
     if live is not None and offset is None:
         return _problem(400, "live reads need an offset")
-    service = request.app[SESSIONS]
-    head, _, _, _ = await service.position(session, None)
-    after = _start(offset, meta, max(head.last_seq, meta.created_seq))
+    after = _start(offset, meta, await streams.tail(session, meta))
     if live == "sse":
         return await _sse(request, caller, session, meta, after)
     if live == "long-poll":
         return await _long_poll(request, caller, session, meta, after)
     try:
-        events, last, up_to_date, _ = await streams.read(caller, session, after)
-    except _Gone:
-        return _problem(410, "offset is before the oldest retained data")
+        page = await streams.read(meta, after)
+    except Gone as exc:
+        return _gone(exc)
+    last = page.last
     headers = {**SECURITY_HEADERS, "Content-Type": meta.content_type,
                "Stream-Next-Offset": offset_of(last)}
-    if up_to_date:
+    if page.up_to_date:
         headers["Stream-Up-To-Date"] = "true"
         if meta.closed:
             headers["Stream-Closed"] = "true"
@@ -560,36 +809,8 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
         headers["Cache-Control"] = "private, max-age=60, stale-while-revalidate=300"
         if request.headers.get("If-None-Match") == etag:
             return web.Response(status=304, headers=headers)
-    return web.Response(status=200, body=_body(meta, events if offset != "now" else []),
+    return web.Response(status=200, body=_body(meta, _data(page) if offset != "now" else []),
                         headers=headers)
-
-
-class _Waiter:
-    """Set when the session gets an event: a store listener registered before reading."""
-
-    def __init__(self, request: web.Request, session: str) -> None:
-        self.store = request.app[SESSIONS].store
-        self.session = session
-        self.changed = asyncio.Event()
-
-    def __call__(self, event: Event) -> None:
-        if not event.transient:
-            self.changed.set()
-
-    def __enter__(self) -> _Waiter:
-        self.store.listen(self.session, self)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.store.unlisten(self.session, self)
-
-    async def wait(self, seconds: float) -> bool:
-        try:
-            await asyncio.wait_for(self.changed.wait(), max(0.0, seconds))
-        except TimeoutError:
-            return False
-        self.changed.clear()
-        return True
 
 
 async def _long_poll(request: web.Request, caller: Caller, session: str, meta: Meta,
@@ -597,33 +818,38 @@ async def _long_poll(request: web.Request, caller: Caller, session: str, meta: M
     streams = _streams(request)
     cursor = live_cursor(request.query.get("cursor"))
     deadline = time.monotonic() + LONG_POLL_TIMEOUT
-    with _Waiter(request, session) as waiter:
+    # A fork waits on its own log: its sources' later appends are not part of it.
+    with request.app[SESSIONS].watch(caller, session) as watch:
         while True:
             # Closure is looked at before reading, so the read covers what preceded it.
-            current = await streams.meta(caller, session)
-            if current is None:
-                return _problem(404, "no such stream")
             try:
-                events, last, up_to_date, _ = await streams.read(caller, session, after)
-            except _Gone:
-                return _problem(410, "offset is before the oldest retained data")
+                current = await streams.meta(caller, session)
+                if current is None:
+                    return _problem(404, "no such stream")
+                page = await streams.read(current, after)
+            except Gone as exc:
+                return _gone(exc)
+            events, last = _data(page), page.last
             if events:
                 headers = {**SECURITY_HEADERS, "Content-Type": meta.content_type,
                            "Stream-Next-Offset": offset_of(last), "Stream-Cursor": cursor,
                            "ETag": f'"{session}:{offset_of(after)}:{offset_of(last)}"',
                            "Cache-Control": "private, max-age=60, stale-while-revalidate=300"}
-                if up_to_date:
+                if page.up_to_date:
                     headers["Stream-Up-To-Date"] = "true"
                     if current.closed:
                         headers["Stream-Closed"] = "true"
                 return web.Response(status=200, body=_body(meta, events), headers=headers)
             after = last
-            if current.closed and up_to_date:  # nothing will come: no wait
+            if not page.up_to_date:
+                continue  # a page of records that are not data: read on
+            if current.closed:  # nothing will come: no wait
                 return web.Response(status=204, headers={
                     **SECURITY_HEADERS, "Stream-Next-Offset": offset_of(after),
                     "Stream-Up-To-Date": "true", "Stream-Closed": "true",
                     "Cache-Control": "no-store"})
-            if not await waiter.wait(deadline - time.monotonic()):
+            if not await watch.wait(deadline - time.monotonic()) \
+                    and time.monotonic() >= deadline:
                 return web.Response(status=204, headers={
                     **SECURITY_HEADERS, "Stream-Next-Offset": offset_of(after),
                     "Stream-Up-To-Date": "true", "Stream-Cursor": cursor,
@@ -710,24 +936,26 @@ async def _sse(request: web.Request, caller: Caller, session: str, meta: Meta,
     deadline = time.monotonic() + SSE_LIFETIME
     first = True
     try:
-        with _Waiter(request, session) as waiter:
+        with service.watch(caller, session) as watch:
             await response.prepare(request)
             service.live.add(live)
             while not live.ended.is_set():
                 # Closure is looked at before reading, so the read covers what preceded it.
-                current = await streams.meta(caller, session)
-                if current is None:
-                    break
                 try:
-                    events, last, up_to_date, _ = await streams.read(caller, session, after)
-                except _Gone:
+                    current = await streams.meta(caller, session)
+                    if current is None:
+                        break
+                    page = await streams.read(current, after)
+                except Gone:
                     break
+                events, last, up_to_date = _data(page), page.last, page.up_to_date
                 closed = current.closed and up_to_date
                 if events or first or closed:
                     frames, cursor = _sse_frames(meta, events, last, up_to_date, cursor,
                                                  closed)
                     await response.write(frames)
                     first = False
+                    streams.touch(session)  # a live reader keeps a sliding TTL alive
                 if closed:
                     break  # the stream is over: the connection ends after the final event
                 after = last
@@ -736,7 +964,7 @@ async def _sse(request: web.Request, caller: Caller, session: str, meta: Meta,
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                waiting = asyncio.ensure_future(waiter.wait(min(remaining, 15.0)))
+                waiting = asyncio.ensure_future(watch.wait(min(remaining, 15.0)))
                 ended = asyncio.ensure_future(live.ended.wait())
                 done, _ = await asyncio.wait({waiting, ended},
                                              return_when=asyncio.FIRST_COMPLETED)
@@ -767,3 +995,4 @@ def install(app: web.Application) -> None:
     app.router.add_route("GET", path, get_stream)
     app.router.add_route("HEAD", path, head_stream)
     app.router.add_route("DELETE", path, delete_stream)
+    app.router.add_route("OPTIONS", path, options_stream)

@@ -593,6 +593,15 @@ class SessionService:
         await self.store.publish_transient(
             Event(session, "", 0, kind, info, SYSTEM, now_ms(), transient=True))
 
+    def watch(self, caller: Caller, session: str) -> Watch:
+        """A wake-up for a reader that polls the log (long-poll, Durable Streams SSE).
+
+        Use it as a context manager and read *inside* it: the listener is registered on
+        entry, before the read, so no commit can fall between the read and the wait.
+        """
+        caller.require(session, "subscribe")
+        return Watch(self.store, session, self.config.tail_check_interval)
+
     # --- runs --------------------------------------------------------------------------------
 
     async def start_run(self, caller: Caller, session: str, agent_name: str | None,
@@ -660,6 +669,47 @@ class SessionService:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed", exc_info=task.exception())
+
+
+class Watch:
+    """Set when ``session`` commits an event (see :meth:`SessionService.watch`).
+
+    On a store whose live channel may lose events (Redis pub/sub), :meth:`wait` also returns
+    True every ``recheck`` seconds, so the reader looks at the log again instead of sleeping
+    through a lost notification.
+    """
+
+    def __init__(self, store: SessionStore, session: str, recheck: float) -> None:
+        self._store = store
+        self._session = session
+        self._recheck = recheck if store.live_is_lossy else None
+        self._changed = asyncio.Event()
+
+    def _on_event(self, event: Event) -> None:
+        if not event.transient:
+            self._changed.set()
+
+    def __enter__(self) -> Watch:
+        self._store.listen(self._session, self._on_event)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._store.unlisten(self._session, self._on_event)
+
+    async def wait(self, seconds: float) -> bool:
+        """Whether the session may have changed within ``seconds`` (False: nothing came)."""
+        limit = max(0.0, seconds)
+        if self._recheck is not None and self._recheck < limit:
+            limit = self._recheck
+            timed_out = True
+        else:
+            timed_out = False
+        try:
+            await asyncio.wait_for(self._changed.wait(), limit)
+        except TimeoutError:
+            return timed_out  # a lossy store's periodic look at the log counts as a change
+        self._changed.clear()
+        return True
 
 
 def _compacted(events: list[Event]) -> list[Event]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the official conformance suite against `tether serve` on a temporary data folder.
-# The suite sends no token: the server accepts anonymous requests on stream routes through
-# TETHER_ANONYMOUS, which tether honours only when bound to loopback.
+# The suite sends no token: the server grants requests without one through
+# `--anonymous '*=subscribe,publish'`, which tether accepts only when bound to loopback.
 # Usage: tests/durable_streams/conformance/run.sh [--store URL] [vitest args...]
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -11,8 +11,9 @@ if [ "${1:-}" = "--store" ]; then store=(--store "$2"); shift 2; fi
 [ -f "$here/node_modules/.package-lock.json" ] || (cd "$here" && npm ci --no-audit --no-fund)
 data="$(mktemp -d)"
 port="${PORT:-4437}"
-TETHER_DS_LONG_POLL="${TETHER_DS_LONG_POLL:-3}" TETHER_ANONYMOUS='*=subscribe,publish' "$root/.venv/bin/tether" serve --host 127.0.0.1 \
-    --port "$port" --data "$data" --agent none --log-level warning "${store[@]}" &
+TETHER_DS_LONG_POLL="${TETHER_DS_LONG_POLL:-3}" "$root/.venv/bin/tether" serve --host 127.0.0.1 \
+    --port "$port" --data "$data" --agent none --log-level warning \
+    --anonymous '*=subscribe,publish' "${store[@]}" &
 pid=$!
 trap 'kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; rm -rf "$data"' EXIT
 for _ in $(seq 50); do
