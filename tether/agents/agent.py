@@ -48,8 +48,18 @@ class Agent:
     def serves(self, session: str) -> bool:
         return any(fnmatch.fnmatchcase(session, pattern) for pattern in self.sessions)
 
+    async def recover(self, run: Run) -> None:
+        """Bring a run recovered from the log (after a restart or a lease change) to where
+        :meth:`respond` can take over. The default finishes what the default loop was doing:
+        a step cut off is run again, a wait for an approval or a front-end tool goes on.
+        Agents that keep their own state (framework integrations) override this to only end
+        the cut-off streams (:meth:`Run.restart_step`) and resume in :meth:`respond`."""
+        await run.resume()
+
     async def respond(self, run: Run) -> None:
-        """The default loop: model step, tools, repeat, until the model answers with text."""
+        """The default loop: model step, tools, repeat, until the model answers with text
+        and no steer arrived meanwhile (the model sees steers as user messages)."""
+        run.take_steers()  # those already in the log are in the conversation
         for _ in range(self.max_steps):
             calls: dict[int, list[str]] = {}  # index → [id, name, arguments]
             async with run.stream_text() as text:
@@ -63,6 +73,8 @@ class Agent:
                         call[1] = chunk.name or call[1]
                         call[2] += chunk.arguments
             if not calls:
+                if run.take_steers():
+                    continue  # steered while answering: answer the new input too
                 return
             # The model's own call ids are not used: a decision or a front-end result names
             # its call, so the id must be unguessable, and models do not choose ids to be

@@ -201,6 +201,7 @@ class Run:
         self.cancel_by: dict[str, Any] | None = None  # who a run.cancel in the log came from
         self.cancelling = False  # this node is stopping the run (and records the cancel)
         self._wakeup = asyncio.Event()
+        self._steered_to: int | None = None  # take_steers: the seq read up to
         self.sender = Sender(f"agent:{agent.name}", manager.node, "agent")
         if events is not None:
             self._loaded(events)
@@ -289,12 +290,7 @@ class Run:
             await self.emit("tool.result", {"run": self.id, "call": call_id, "error": problem})
             return
         if tool.requires_approval:
-            expires = (int((time.time() + tool.timeout) * 1000) if tool.timeout else None)
-            await self.emit("approval.request", {"run": self.id, "call": call_id, "name": name,
-                                                 "arguments": arguments, "expires_at": expires})
-            await self.transition(Trigger.REQUEST_APPROVAL, call=call_id)
-            decision = await self.wait_for(call_id, expires)
-            await self.transition(Trigger.DECISION, call=call_id)
+            decision = await self.approval(call_id, name, arguments, expires_in=tool.timeout)
             await self._decided(call_id, name, arguments, decision)
             return
         await self.run_tool(call_id, name, arguments)
@@ -315,19 +311,7 @@ class Run:
     async def run_tool(self, call_id: str, name: str, arguments: dict[str, Any]) -> None:
         tool = self.agent.tools[name]
         if tool.client_side:
-            expires = (int((time.time() + tool.timeout) * 1000) if tool.timeout else None)
-            # Addressed to the clients present that declared the tool (in hello or presence);
-            # any client may still answer, the first valid answer wins.
-            members = await self.manager.store.presence(self.session)
-            clients = [m.get("member") for m in members
-                       if name in (m.get("tools") or ())
-                       or name in ((m.get("state") or {}).get("tools") or ())]
-            await self.emit("tool.call", {"run": self.id, "call": call_id, "name": name,
-                                          "arguments": arguments, "target": "client",
-                                          "clients": clients, "expires_at": expires})
-            await self.transition(Trigger.CALL_CLIENT_TOOL, call=call_id)
-            await self.wait_for(call_id, expires)
-            await self.transition(Trigger.TOOL_RESULT, call=call_id)
+            await self.client_tool(call_id, name, arguments, expires_in=tool.timeout)
             return
         await self.emit("tool.call", {"run": self.id, "call": call_id, "name": name,
                                       "arguments": arguments, "target": "server"})
@@ -338,6 +322,108 @@ class Run:
         except Exception as exc:
             body = {"error": f"{type(exc).__name__}: {exc}"}
         await self.emit("tool.result", {"run": self.id, "call": call_id, **body})
+
+    # --- for agents that run their own loop (framework integrations) -----------------------
+    #
+    # Each of these is idempotent over the log: after a restart, an agent that replays its
+    # own persisted state calls them again with the same call ids, and they write only what
+    # the log does not hold yet, then wait (or return at once when the answer is in).
+
+    async def record_tool_call(self, call_id: str, name: str, arguments: Any) -> None:
+        """Record a server tool call the agent's framework runs itself."""
+        if not self._data_of("tool.call", call_id):
+            await self.emit("tool.call", {"run": self.id, "call": call_id, "name": name,
+                                          "arguments": arguments, "target": "server"})
+
+    async def record_tool_result(self, call_id: str, result: Any = None, *,
+                                 error: str | None = None) -> None:
+        """Record the result (or the error) of a server tool call the framework ran."""
+        if self._data_of("tool.result", call_id):
+            return
+        if error is None:
+            try:
+                orjson.dumps(result)
+            except TypeError:
+                result = str(result)
+        body: dict[str, Any] = {"result": result} if error is None else {"error": error}
+        await self.emit("tool.result", {"run": self.id, "call": call_id, **body})
+
+    async def approval(self, call_id: str, name: str, arguments: dict[str, Any], *,
+                       expires_in: float | None = None) -> Event:
+        """Ask for an approval of the call and wait, durably, for the decision (an
+        ``approval.decision`` event: ``decision`` is approve, reject or expired, and an
+        approval may carry edited ``arguments``)."""
+        if not self._data_of("approval.request", call_id):
+            expires = int((time.time() + expires_in) * 1000) if expires_in else None
+            await self.emit("approval.request", {"run": self.id, "call": call_id, "name": name,
+                                                 "arguments": arguments, "expires_at": expires})
+        request = self._data_of("approval.request", call_id)
+        if not self._transitioned(Trigger.REQUEST_APPROVAL, call_id):
+            await self.transition(Trigger.REQUEST_APPROVAL, call=call_id)
+        decision = await self.wait_for(call_id, request.get("expires_at"))
+        if not self._transitioned(Trigger.DECISION, call_id):
+            await self.transition(Trigger.DECISION, call=call_id)
+        return decision
+
+    async def client_tool(self, call_id: str, name: str, arguments: Any, *,
+                          expires_in: float | None = 300.0) -> Event:
+        """Call a front-end tool and wait, durably, for its ``tool.result`` (``result`` or
+        ``error``). The call is addressed to the clients present that declared the tool (in
+        hello or presence); any client may still answer, the first valid answer wins."""
+        if not self._data_of("tool.call", call_id):
+            expires = int((time.time() + expires_in) * 1000) if expires_in else None
+            members = await self.manager.store.presence(self.session)
+            clients = [m.get("member") for m in members
+                       if name in (m.get("tools") or ())
+                       or name in ((m.get("state") or {}).get("tools") or ())]
+            await self.emit("tool.call", {"run": self.id, "call": call_id, "name": name,
+                                          "arguments": arguments, "target": "client",
+                                          "clients": clients, "expires_at": expires})
+        call = self._data_of("tool.call", call_id)
+        if not self._transitioned(Trigger.CALL_CLIENT_TOOL, call_id):
+            await self.transition(Trigger.CALL_CLIENT_TOOL, call=call_id)
+        result = await self.wait_for(call_id, call.get("expires_at"))
+        if not self._transitioned(Trigger.TOOL_RESULT, call_id):
+            await self.transition(Trigger.TOOL_RESULT, call=call_id)
+        return result
+
+    async def checkpoint(self, state: Any) -> None:
+        """Persist the agent's own state (a framework's serialised run state) in the log, so
+        the run resumes from it after a restart: :meth:`last_checkpoint` reads it back."""
+        await self.emit("run.checkpoint", {"run": self.id, "state": state})
+
+    def last_checkpoint(self) -> Any:
+        """The state of this run's newest ``run.checkpoint``, or None."""
+        for _, type_, data, _ in reversed(self.events):
+            if type_ == "run.checkpoint" and isinstance(data, dict) \
+                    and data.get("run") == self.id:
+                return data.get("state")
+        return None
+
+    def input_text(self) -> str:
+        """The text that started this run: a person's message, or the API's or a
+        schedule's input."""
+        given = self.record.input
+        text = given.get("text") if isinstance(given, dict) else given
+        return str(text) if text is not None else ""
+
+    def take_steers(self) -> list[str]:
+        """The ``run.steer`` texts for this run that arrived since the last call (or since
+        its newest checkpoint, after a restart): steer is new user input at a safe point."""
+        if self._steered_to is None:
+            self._steered_to = max((seq for seq, t, d, _ in self.events
+                                    if t == "run.checkpoint" and isinstance(d, dict)
+                                    and d.get("run") == self.id), default=0)
+        texts = [str(d.get("text", "")) for seq, t, d, _ in self.events
+                 if seq > self._steered_to and t == "run.steer" and isinstance(d, dict)
+                 and d.get("run") == self.id]
+        self._steered_to = max(self.seen, default=self._steered_to)
+        return texts
+
+    def _transitioned(self, trigger: Trigger, call_id: str) -> bool:
+        return any(t == "run.state" and isinstance(d, dict) and d.get("run") == self.id
+                   and d.get("trigger") == str(trigger) and d.get("call") == call_id
+                   for _, t, d, _ in self.events)
 
     async def wait_for(self, call_id: str, expires_at: int | None) -> Event:
         """Wait, durably, for the decision or result of ``call_id`` (or its expiry)."""
@@ -407,7 +493,7 @@ class Run:
                 await self._end_cut_streams("cancelled")
                 await self.transition(Trigger.CANCEL, by=self.cancel_by)
                 return
-            await self._resume()
+            await self.agent.recover(self)
             if self.record.state == RunState.QUEUED:
                 await self.transition(Trigger.START)
             await self.agent.respond(self)
@@ -426,13 +512,21 @@ class Run:
         finally:
             self.manager.finished(self)
 
-    async def _resume(self) -> None:
-        """Continue a run recovered from the log (after a restart or a lease change)."""
+    async def restart_step(self) -> None:
+        """A run that was ``running`` when its node stopped: end the streams that were cut
+        off, visibly (``interrupted: restarted``), and record the restart. Nothing when the
+        run was not running (queued, or waiting)."""
+        if self.record.state == RunState.RUNNING:
+            await self._end_cut_streams("restarted")
+            await self.transition(Trigger.RESTART)
+
+    async def resume(self) -> None:
+        """Continue a run recovered from the log (after a restart or a lease change): what
+        :meth:`Agent.recover` does for agents driven by :meth:`Agent.respond`'s loop."""
         if self.record.state == RunState.RUNNING:
             # It was streaming when its node stopped: end what was cut off, visibly, and
             # run the step again (the model sees the same history, so no text is lost).
-            await self._end_cut_streams("restarted")
-            await self.transition(Trigger.RESTART)
+            await self.restart_step()
             # A server tool whose result is missing is called again (at least once).
             for call in self._calls_without_result("server"):
                 await self.run_tool(call["call"], call["name"], call.get("arguments") or {})
