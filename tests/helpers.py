@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -130,11 +131,18 @@ class Peer:
 
 
 class ServerProcess:
-    """``python -m tether serve`` in a subprocess, for crash and multi-node tests."""
+    """``python -m tether serve`` in a subprocess, for crash and multi-node tests.
+
+    ``workers`` > 1 runs ``--workers N`` in a process group of its own: :meth:`kill` then
+    SIGKILLs the whole group (supervisor, sequencer and workers), :meth:`kill_worker` one
+    worker.
+    """
 
     def __init__(self, data: Path, store: str | None = None, port: int | None = None,
-                 extra: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+                 extra: list[str] | None = None, env: dict[str, str] | None = None,
+                 workers: int = 1) -> None:
         self.env = env or {}
+        self.workers = workers
         self.data = data
         self.store = store
         self.port = port or free_port()
@@ -144,16 +152,46 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         args = [sys.executable, "-m", "tether", "serve", "--port", str(self.port),
                 "--data", str(self.data), "--secret", SECRET, "--log-level", "warning",
-                *self.extra]
+                "--workers", str(self.workers), *self.extra]
         if self.store:
             args += ["--store", self.store]
         if hasattr(self, "log"):
             self.log.close()  # a restart: one log file per process
         self.log = open(self.data.parent / f"server-{self.port}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=self.log,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+                                     start_new_session=self.workers > 1)
         wait_for_port(self.port, 30)
+        if self.workers > 1:  # the port answers once one worker listens: wait for them all
+            while len(self.worker_pids()) < self.workers or not self._all_listening():
+                time.sleep(0.02)
         return self
+
+    def worker_pids(self) -> list[int]:
+        """The pids of the worker processes (``--workers`` > 1)."""
+        import psutil
+
+        return [child.pid for child in psutil.Process(self.pid).children()]
+
+    def _all_listening(self) -> bool:
+        import psutil
+
+        listening = {c.pid for c in psutil.net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == self.port}
+        return set(self.worker_pids()) <= listening
+
+    def worker_of(self, local_port: int) -> int:
+        """The pid of the worker serving the connection from ``local_port`` on this host."""
+        import psutil
+
+        for pid in self.worker_pids():
+            for conn in psutil.Process(pid).net_connections("tcp"):
+                if conn.raddr and conn.raddr.port == local_port and conn.laddr.port == self.port:
+                    return pid
+        raise LookupError(f"no worker serves the connection from port {local_port}")
+
+    def kill_worker(self, pid: int) -> None:
+        os.kill(pid, signal.SIGKILL)
 
     @property
     def pid(self) -> int:
@@ -162,7 +200,10 @@ class ServerProcess:
 
     def kill(self) -> None:
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
+        if self.workers > 1:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        else:
+            self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
 
     def stop(self) -> None:

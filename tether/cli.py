@@ -129,7 +129,10 @@ def _install_uvloop() -> None:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from tether import logs
     from tether.server import Server, ServerConfig
+    from tether.server.workers import Worker, default_workers
     from tether.store import Retention
+
+    worker = Worker.from_env()  # set when this process is one of --workers N
 
     try:
         config = ServerConfig.from_env(
@@ -154,19 +157,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         fail(str(exc))
     if not 1 <= config.port <= 65535:  # the flag is checked by argparse; TETHER_PORT here
         fail(f"port {config.port} is out of range (1-65535)")
+    if args.workers is not None:
+        config.workers = args.workers
+    if config.workers < 0:
+        fail(f"--workers {config.workers}: give 1 or more (0: one per core)")
+    if worker is not None:
+        worker.configure(config)
+    workers = 1 if worker is not None else config.workers or default_workers()
     logs.configure(config.log_level)
     _install_uvloop()
 
     agents = [load_agent(spec, args.sessions or ("*",))
               for spec in (args.agent or ["tether.agents.demo:demo_agent"]) if spec != "none"]
+    if workers > 1:
+        return _serve_workers(config, workers, args.argv)
 
     async def run() -> int:
-        try:
-            server = Server(config)
-        except (KeyConfigError, ValueError) as exc:
-            fail(str(exc))
-        for agent in agents:
-            server.runs.register(agent)
         stop = asyncio.Event()
         received: list[int] = []
         loop = asyncio.get_running_loop()
@@ -174,6 +180,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         def on_signal(signum: int) -> None:
             received.append(signum)
             stop.set()
+
+        try:
+            # A worker of --workers N: the supervisor's store (or Redis), and it stops when
+            # the supervisor goes away.
+            store = worker.store(config, lambda: on_signal(signal.SIGTERM)) if worker else None
+            server = Server(config, store=store)
+        except (KeyConfigError, ValueError) as exc:
+            fail(str(exc))
+        for agent in agents:
+            server.runs.register(agent)
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig)
@@ -193,9 +209,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         gc.collect()
         gc.freeze()
         gc.set_threshold(20_000, 20, 20)
-        print(f"tether serving on http://{config.host}:{server.port} "
-              f"(WebSocket {server.url}/v1/ws, store {config.resolved_store_url()}, "
-              f"secret {server.auth.secret_source})", flush=True)
+        if worker is not None:
+            worker.ready()
+            worker.watch_parent(lambda: on_signal(signal.SIGTERM))
+        else:
+            print(f"tether serving on http://{config.host}:{server.port} "
+                  f"(WebSocket {server.url}/v1/ws, store {config.resolved_store_url()}, "
+                  f"secret {server.auth.secret_source})", flush=True)
         await stop.wait()
         await server.stop()
         # Ctrl-C: 130, as a shell expects of an interrupted command; SIGTERM is the
@@ -204,6 +224,34 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(run())
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+
+
+def _serve_workers(config: Any, workers: int, argv: list[str]) -> int:
+    """``tether serve --workers N``: the supervisor of N workers (tether/server/workers.py)."""
+    from tether.server.auth import Authenticator
+    from tether.server.workers import StartError, Supervisor, describe, run_supervisor
+
+    try:
+        auth = Authenticator.from_config(config)  # creates the secret once, for every worker
+    except (KeyConfigError, ValueError) as exc:
+        fail(str(exc))
+    # Keys that exist only in memory (Redis with public keys only) must be the same in every
+    # worker, or a token minted by one would be refused by another.
+    secret = auth.secret if auth.secret_source.startswith("a random secret") else None
+
+    def started(supervisor: Supervisor) -> None:
+        print(f"tether serving on http://{config.host}:{config.port} "
+              f"(WebSocket ws://{config.host}:{config.port}/v1/ws, store "
+              f"{config.resolved_store_url()}, secret {auth.secret_source}, "
+              f"{describe(config, workers)})", flush=True)
+
+    try:
+        return run_supervisor(config, workers, argv, started, secret=secret,
+                              start=lambda supervisor: _start(supervisor, config))
+    except StartError as exc:
+        fail(str(exc))
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
 
@@ -553,6 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--anonymous-public", action="store_true",
                        help="allow --anonymous on a non-loopback address")
     serve.add_argument("--node", default=None, help="node id shown in /healthz and logs")
+    serve.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="worker processes serving the port (default: one per core; 1: "
+                            "one process); see docs/operations.md")
     serve.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=_cmd_serve)
 
@@ -612,6 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # what --workers re-runs
     try:
         return int(args.func(args))
     except CommandError as exc:

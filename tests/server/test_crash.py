@@ -6,6 +6,10 @@ several points chosen by the subscriber's progress (so the publisher is wherever
 be, often with a publish in flight), restarted on the same data, and both sides reconnect:
 the publisher re-sends its unacknowledged publish with the same idempotency key, the subscriber
 resumes from its last cursor.
+
+The same runs against ``--workers 2`` (a sequencer owning the SQLite store, two workers on the
+port): once killing the whole process group, once killing only the worker that serves the
+subscriber (the supervisor restarts it; both sides reconnect, perhaps to the other worker).
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ async def publisher(server: ServerProcess, acked: dict[int, int], restarted: asy
 
 
 async def subscriber(server: ServerProcess, seen: list[dict[str, Any]],
-                     kill: asyncio.Queue[int]) -> None:
+                     kill: asyncio.Queue[tuple[int, int]]) -> None:
     cursor: str | None = None
     kills = list(KILL_AT)
     while len(seen) < TOTAL:
@@ -72,7 +76,7 @@ async def subscriber(server: ServerProcess, seen: list[dict[str, Any]],
                 cursor = frame["cursor"]
                 if kills and len(seen) == kills[0]:
                     kills.pop(0)
-                    await kill.put(len(seen))
+                    await kill.put((len(seen), peer.ws.get_extra_info("sockname")[1]))
         except (ConnectionError, aiohttp.ClientError, OSError):
             pass
         finally:
@@ -80,19 +84,26 @@ async def subscriber(server: ServerProcess, seen: list[dict[str, Any]],
                 await peer.close()
 
 
-async def test_sigkill_mid_stream_loses_no_acknowledged_event(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers, victim", [(1, "server"), (2, "server"), (2, "worker")])
+async def test_sigkill_mid_stream_loses_no_acknowledged_event(tmp_path: Path, workers: int,
+                                                              victim: str) -> None:
     data = tmp_path / "data"
     data.mkdir()
-    server = ServerProcess(data).start()
+    server = ServerProcess(data, workers=workers).start()
     acked: dict[int, int] = {}
     seen: list[dict[str, Any]] = []
-    kill: asyncio.Queue[int] = asyncio.Queue()
+    kill: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
     restarted = asyncio.Event()
     kills: list[int] = []
 
     async def killer() -> None:
         for _ in KILL_AT:
-            progress = await kill.get()
+            progress, subscriber_port = await kill.get()
+            if victim == "worker":
+                # The worker serving the subscriber; its supervisor starts another.
+                server.kill_worker(server.worker_of(subscriber_port))
+                kills.append(progress)
+                continue
             restarted.clear()
             server.kill()
             kills.append(progress)

@@ -167,8 +167,10 @@ class Server:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                      shutdown_timeout=SHUTDOWN_GRACE)
         await self._runner.setup()
+        # Workers of one port (tether serve --workers) each bind it with SO_REUSEPORT.
         site = web.TCPSite(self._runner, self.config.host, self.config.port,
-                           reuse_address=True, backlog=4096)
+                           reuse_address=True, reuse_port=self.config.reuse_port or None,
+                           backlog=4096)
         try:
             await site.start()
         except BaseException:

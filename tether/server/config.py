@@ -66,6 +66,9 @@ class ServerConfig:
     tail_check_interval: float = 2.0  # lossy live channels (Redis): heal a lost last event
     max_errors_in_row: int = 100  # request errors in a row before closing the connection
     compression: bool = True  # offer permessage-deflate
+    # Worker processes serving the port (`tether serve --workers N`); 0 = one per core.
+    workers: int = 0
+    reuse_port: bool = False  # bind with SO_REUSEPORT: set in each worker of --workers
     # permessage-deflate as tether runs it (tether/server/deflate.py): the server's LZ77
     # window (2**bits bytes) and zlib memory level set its per-connection cost; frames under
     # the threshold (bytes) go out uncompressed.
