@@ -8,7 +8,10 @@ whole frame up front so the server acts only on well-formed requests.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
+import orjson
 
 from tether.protocol.codes import ErrorCode, RequestError
 from tether.protocol.cursor import Cursor, CursorError
@@ -51,8 +54,11 @@ class Detach:
     session: str
 
 
-@dataclass(frozen=True, slots=True)
-class Publish:
+class Publish(msgspec.Struct, frozen=True, gc=False):
+    """The one frame of the per-event path: a Struct, which builds in a tenth of the time of a
+    frozen dataclass. ``gc=False``: decoded JSON holds no cycles, so the collector need not
+    track it."""
+
     id: RequestId
     session: str
     type: str
@@ -177,6 +183,44 @@ def parse_client_frame(frame: dict[str, Any]) -> ClientFrame:
     if not isinstance(op, str):
         raise FrameError(ErrorCode.BAD_FRAME, "a frame needs a string 'op'", rid)
     raise FrameError(ErrorCode.UNKNOWN_FRAME, f"unknown op {op[:40]!r}", rid)
+
+
+# The fast path for ``publish`` in JSON: msgspec decodes and validates the envelope in one
+# step (1.2 µs against 3 µs for orjson + parse_client_frame, bench/experiments/frames.py).
+# It only ever accepts frames the reference path accepts, with the same values: the envelope's
+# fields carry exactly parse_client_frame's rules, unknown fields are refused, and ``data`` is
+# kept raw and decoded by orjson, so numbers, strings and nesting are what orjson makes of
+# them. Anything else — another op, an error of any kind — goes the reference path, which
+# answers with the documented codes.
+_SessionId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}\Z")]
+_Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+_NULL = msgspec.Raw(b"null")
+
+
+class _WirePublish(msgspec.Struct, kw_only=True, frozen=True, gc=False, tag_field="op",
+                   tag="publish", forbid_unknown_fields=True):
+    session: _SessionId
+    type: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    data: msgspec.Raw = _NULL
+    id: _Int64 | Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    key: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
+    transient: bool = False
+
+
+_decode_publish = msgspec.json.Decoder(_WirePublish).decode
+
+
+def fast_publish(data: bytes | str) -> Publish | None:
+    """The :class:`Publish` in a JSON frame, or None: then decode and parse it as any frame.
+
+    Never raises: None also for malformed input, so that errors keep one source.
+    """
+    try:
+        wire = _decode_publish(data)
+        value = orjson.loads(memoryview(wire.data)) if wire.data is not _NULL else None
+    except Exception:  # msgspec and orjson errors, RecursionError on absurd nesting
+        return None
+    return Publish(wire.id, wire.session, wire.type, value, wire.key, wire.transient)
 
 
 # --- server → client ----------------------------------------------------------------------

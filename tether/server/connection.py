@@ -13,11 +13,12 @@ import contextlib
 import functools
 import logging
 import struct
+from collections.abc import Coroutine
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from tether.protocol.codec import CODECS, SUBPROTOCOLS, Codec, DecodeError
+from tether.protocol.codec import CODECS, JSON, SUBPROTOCOLS, Codec, DecodeError
 from tether.protocol.codes import CloseCode, ErrorCode, RequestError, TetherError
 from tether.protocol.cursor import Cursor
 from tether.protocol.events import Sender
@@ -33,6 +34,7 @@ from tether.protocol.frames import (
     RequestId,
     attached_frame,
     error_frame,
+    fast_publish,
     parse_client_frame,
     presence_frame,
     published_frame,
@@ -40,6 +42,7 @@ from tether.protocol.frames import (
 )
 from tether.server.auth import Authenticator, AuthError
 from tether.server.config import ServerConfig
+from tether.server.deflate import websocket_response
 from tether.server.hub import FORMAT_JSON, FORMAT_MSGPACK, Outbox, Subscription
 from tether.server.keys import AUTH, CONFIG, METRICS, SESSIONS
 from tether.server.metrics import Metrics
@@ -128,6 +131,7 @@ class Connection:
     __slots__ = (
         "_closing",
         "_hello_timer",
+        "_room",
         "acked",
         "auth",
         "bucket",
@@ -135,6 +139,7 @@ class Connection:
         "codec",
         "config",
         "errors_in_row",
+        "fast_json",
         "format",
         "id",
         "inflight",
@@ -162,7 +167,9 @@ class Connection:
         self.caller: Caller | None = None  # set by hello
         self.subs: dict[str, Subscription] = {}
         self.acked: dict[str, Cursor] | None = None  # made on first ack
-        self.inflight: set[asyncio.Future[Appended]] | None = None  # made on first publish
+        self.inflight = 0  # publishes handed to the service, not answered yet
+        self._room: asyncio.Future[None] | None = None  # a publish waiting for inflight room
+        self.fast_json = codec is JSON  # publish frames take the msgspec path (frames.py)
         self.errors_in_row = 0
         self.bucket = TokenBucket(config.publish_rate, config.publish_burst)
         self._hello_timer: asyncio.TimerHandle | None = None
@@ -217,13 +224,18 @@ class Connection:
         self._hello_timer = loop.call_later(self.config.hello_timeout, self._hello_timeout)
         hot = self.metrics.hot
         ws = self.ws
+        on_data = self._on_data
         try:
             while True:
                 msg = await ws.receive()
                 if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                     hot.frames_in += 1
                     hot.bytes_in += len(msg.data)
-                    await self._on_data(msg.data)
+                    # A publish is handled synchronously; only other requests (and a publish
+                    # that must wait for room) give a coroutine to await.
+                    pending = on_data(msg.data)
+                    if pending is not None:
+                        await pending
                 elif msg.type == WSMsgType.ERROR:
                     # aiohttp closed the socket already: oversized frame (1009) or bad framing.
                     too_large = getattr(msg.data, "code", None) == 1009 or ws.close_code == 1009
@@ -238,21 +250,33 @@ class Connection:
                 await asyncio.wait([self._closing], timeout=2.0)
             await self._cleanup()
 
-    async def _on_data(self, data: bytes | str) -> None:
+    def _on_data(self, data: bytes | str) -> Coroutine[Any, Any, None] | None:
+        """Handle one frame: a publish at once, anything else as a coroutine to await."""
+        frame: ClientFrame | None = fast_publish(data) if self.fast_json else None
+        if frame is None:
+            try:
+                raw = self.codec.decode(data)
+            except DecodeError as exc:
+                self.send_error(None, RequestError(ErrorCode.BAD_FRAME, str(exc)))
+                return None
+            try:
+                frame = parse_client_frame(raw)
+            except FrameError as exc:
+                session = raw.get("session")
+                self.send_error(exc.request_id, exc,
+                                session if isinstance(session, str) else None)
+                return None
+        if isinstance(frame, Publish):
+            if self.inflight >= self.config.max_inflight_publishes:
+                return self._publish_when_room(frame)
+            self._publish(frame)
+            return None
+        return self._dispatch(frame)
+
+    async def _dispatch(self, frame: ClientFrame) -> None:
         try:
-            raw = self.codec.decode(data)
-        except DecodeError as exc:
-            self.send_error(None, RequestError(ErrorCode.BAD_FRAME, str(exc)))
-            return
-        try:
-            frame = parse_client_frame(raw)
-        except FrameError as exc:
-            session = raw.get("session")
-            self.send_error(exc.request_id, exc, session if isinstance(session, str) else None)
-            return
-        try:
-            await self._dispatch(frame)
-        except TetherError as exc:  # the one place errors become frames
+            await self._handle(frame)
+        except TetherError as exc:  # the one place errors become frames (and _publish)
             self.send_error(frame.id, exc, getattr(frame, "session", None))
         except Exception:
             # A bug in one request's handling answers that request; the connection and every
@@ -260,11 +284,11 @@ class Connection:
             log.exception("connection %s: %s frame failed", self.id, type(frame).__name__)
             self.send_error(frame.id, RequestError(ErrorCode.INTERNAL, "internal error"),
                             getattr(frame, "session", None))
+        else:
+            self.errors_in_row = 0
 
-    async def _dispatch(self, frame: ClientFrame) -> None:
-        if isinstance(frame, Publish):
-            await self._publish(frame)
-        elif isinstance(frame, Hello):
+    async def _handle(self, frame: ClientFrame) -> None:
+        if isinstance(frame, Hello):
             self._hello(frame)
         elif self.caller is None:
             raise RequestError(ErrorCode.NOT_READY, "send hello first")
@@ -279,7 +303,6 @@ class Connection:
             self.send(presence_frame(frame.session, "set", [info], rid=frame.id))
         else:  # Ping
             self.send({"op": "pong", "id": frame.id, "time": now_ms()})
-        self.errors_in_row = 0
 
     def _hello_timeout(self) -> None:
         if self.caller is None:
@@ -363,26 +386,43 @@ class Connection:
             self.acked = {}
         self.acked[frame.session] = frame.cursor
 
-    async def _publish(self, frame: Publish) -> None:
-        caller = self.caller
-        if caller is None:
-            raise RequestError(ErrorCode.NOT_READY, "send hello first")
-        # Commits run concurrently so one connection can have many publishes in one group
-        # commit; bounded so a flood pauses reading (TCP backpressure) instead of growing memory.
-        inflight = self.inflight
-        if inflight is None:
-            inflight = self.inflight = set()
-        elif len(inflight) >= self.config.max_inflight_publishes:
-            await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-        future = self.service.publish(caller, frame.session, frame.type, frame.data, frame.key,
-                                      frame.transient)
-        # A done-callback, not a task per publish: the reply is a few dict operations.
-        inflight.add(future)
-        future.add_done_callback(functools.partial(self._committed, frame))
+    def _publish(self, frame: Publish) -> None:
+        """Hand a publish to the service; the reply is sent from a done-callback.
+
+        Commits run concurrently so one connection can have many publishes in one group
+        commit, up to ``max_inflight_publishes`` (then reading pauses: TCP backpressure
+        instead of memory). Neither a task nor a coroutine per publish.
+        """
+        try:
+            caller = self.caller
+            if caller is None:
+                raise RequestError(ErrorCode.NOT_READY, "send hello first")
+            self.service.publish(caller, frame.session, frame.type, frame.data, frame.key,
+                                 frame.transient, reply=functools.partial(self._committed, frame))
+        except TetherError as exc:
+            self.send_error(frame.id, exc, frame.session)
+            return
+        except Exception:
+            log.exception("connection %s: publish failed", self.id)
+            self.send_error(frame.id, RequestError(ErrorCode.INTERNAL, "internal error"),
+                            frame.session)
+            return
+        self.inflight += 1
+        self.errors_in_row = 0
+
+    async def _publish_when_room(self, frame: Publish) -> None:
+        while self.inflight >= self.config.max_inflight_publishes:
+            room = self._room = asyncio.get_running_loop().create_future()
+            await room
+        self._publish(frame)
 
     def _committed(self, frame: Publish, future: asyncio.Future[Appended]) -> None:
-        if self.inflight is not None:
-            self.inflight.discard(future)
+        self.inflight -= 1
+        room = self._room
+        if room is not None:
+            self._room = None
+            if not room.done():
+                room.set_result(None)
         if future.cancelled():
             return
         exc = future.exception()
@@ -423,11 +463,11 @@ class WebSocketEndpoint:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         config = self.config
-        ws = web.WebSocketResponse(
+        ws = websocket_response(  # permessage-deflate as configured: see deflate.py
+            config,
             protocols=SUBPROTOCOLS,
             heartbeat=config.heartbeat or None,
             max_msg_size=config.max_frame_bytes,
-            compress=config.compression,
             autoping=True,
         )
         if not ws.can_prepare(request).ok:

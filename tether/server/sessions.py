@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -61,6 +63,9 @@ if TYPE_CHECKING:
     from tether.agents.runner import RunManager
 
 log = logging.getLogger("tether.sessions")
+
+# What a transport is called with once a publish is done (committed, refused or failed).
+Reply = Callable[["asyncio.Future[Appended]"], None]
 
 SHUTDOWN_WAIT = 2.0  # seconds a stopping node waits for close handshakes
 HEALTH_SESSION = "tether.healthz"  # the server's own: probe commits of /healthz
@@ -410,7 +415,8 @@ class SessionService:
 
     def publish(self, caller: Caller, session: str, type: str, data: Any,
                 key: str | None = None, transient: bool = False, *,
-                server_written: bool = False) -> asyncio.Future[Appended]:
+                server_written: bool = False, reply: Reply | None = None,
+                ) -> asyncio.Future[Appended]:
         """Validate (raising at once) and commit; the future resolves after the commit.
 
         Control events (``run.cancel`` …) go to the run manager, which validates them against
@@ -419,6 +425,8 @@ class SessionService:
         ``SERVER_TYPES``, such as a Durable Streams stream's ``ds.*`` events) on a caller's
         behalf: the caller's capability and limits still apply. A committed ``message`` from
         a person may start a run, in the background: the reply does not wait for it.
+        ``reply`` is called with the future once it is done, after the service's own
+        bookkeeping and in the same callback (one loop callback per publish, not two).
         """
         caller.require(session, "publish")
         bucket = caller.bucket
@@ -429,19 +437,25 @@ class SessionService:
         self.limits.take(caller.sender.sub, "publish")
         validate_event(type, data, self.config.max_event_bytes, transient,
                        self.config.max_event_depth, server_written)
+        future: asyncio.Future[Appended]
         if type in CONTROL_TYPES:
             # Not on the data path: a cancel must not wait behind queued data.
-            return asyncio.ensure_future(
+            future = asyncio.ensure_future(
                 self.runs.control(session, type, data, caller.sender, caller.grant))
-        if transient:
-            return asyncio.ensure_future(self._publish_transient(
+        elif transient:
+            future = asyncio.ensure_future(self._publish_transient(
                 Event(session, "", 0, type, data, caller.sender, now_ms(), transient=True)))
-        try:
-            future = self.store.append_future(session, type, data, caller.sender, key)
-        except StoreError as exc:
-            self.health.failed(str(exc))
-            raise
-        future.add_done_callback(self._committed)
+        else:
+            try:
+                future = self.store.append_future(session, type, data, caller.sender, key)
+            except StoreError as exc:
+                self.health.failed(str(exc))
+                raise
+            future.add_done_callback(self._committed if reply is None
+                                     else functools.partial(self._committed, reply=reply))
+            return future
+        if reply is not None:
+            future.add_done_callback(reply)
         return future
 
     async def _publish_transient(self, event: Event) -> Appended:
@@ -449,19 +463,19 @@ class SessionService:
         self.metrics.published_transient.inc()
         return Appended(event, duplicate=False)
 
-    def _committed(self, future: asyncio.Future[Appended]) -> None:
-        if future.cancelled():
-            return
-        exc = future.exception()
-        if exc is not None:
-            if isinstance(exc, StoreError):
+    def _committed(self, future: asyncio.Future[Appended], reply: Reply | None = None) -> None:
+        if not future.cancelled():
+            exc = future.exception()
+            if exc is None:
+                self.health.ok()
+                appended = future.result()
+                self.metrics.published_stored.inc()
+                if not appended.duplicate and appended.event.type == "message":
+                    self.background(self.runs.on_committed(appended.event))
+            elif isinstance(exc, StoreError):
                 self.health.failed(str(exc))
-            return
-        self.health.ok()
-        appended = future.result()
-        self.metrics.published_stored.inc()
-        if not appended.duplicate and appended.event.type == "message":
-            self.background(self.runs.on_committed(appended.event))
+        if reply is not None:
+            reply(future)
 
     # --- reading -----------------------------------------------------------------------------
 
