@@ -1,0 +1,35 @@
+"""The scenarios' agent written with the OpenAI Agents SDK: ``add`` a server tool, ``deploy``
+needing approval (the SDK's own ``needs_approval``), ``ask`` a front-end tool."""
+
+import os
+
+from agents import Agent, OpenAIChatCompletionsModel, function_tool
+from openai import AsyncOpenAI
+
+from tether.agents.integrations.openai_agents import client_function_tool
+
+
+@function_tool
+def add(a: int, b: int) -> int:
+    """Add two numbers."""
+    return a + b
+
+
+@function_tool(needs_approval=True)
+def deploy(target: str) -> dict[str, str]:
+    """Deploy to a target (needs approval)."""
+    return {"deployed": target}
+
+
+@client_function_tool
+def ask(q: str) -> str:
+    """Ask the user a question."""
+    raise NotImplementedError  # answered by a browser
+
+
+model = OpenAIChatCompletionsModel(
+    model="tether-simulated",
+    openai_client=AsyncOpenAI(base_url=os.environ["OPENAI_BASE_URL"],
+                              api_key=os.environ.get("OPENAI_API_KEY", "unused")))
+agent = Agent(name="helper", instructions="You help with arithmetic and deployments.",
+              model=model, tools=[add, deploy, ask])
