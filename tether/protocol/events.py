@@ -33,6 +33,7 @@ SERVER_TYPES = frozenset({
     "tool.call", "approval.request", "tether.schedule", "tether.webhook", "tether.fire",
     "tether.probe", "tether.unreadable",
     "tether.items",  # an OpenAI Agents SDK session's memory (integrations/openai_agents.py)
+    "tether.langgraph",  # a LangGraph thread's checkpoints (integrations/langgraph.py)
     # A Durable Streams stream's own records (tether/server/durable_streams.py): only that
     # transport writes them, so no client can forge a stream's metadata or producer state.
     "ds.create", "ds.message", "ds.bytes", "ds.producer", "ds.close", "ds.delete",
