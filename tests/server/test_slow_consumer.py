@@ -1,5 +1,6 @@
 """A client that stops reading while 50 MB are published: the server's memory stays bounded by
-its configured buffer, and the client, once it reads again, receives everything in order."""
+its configured buffer, and the client, once it reads again, receives everything in order. Also
+with ``--workers 2`` (the memory of every process of the server counted together)."""
 
 from __future__ import annotations
 
@@ -77,9 +78,15 @@ class RawSocketPeer:
             raise ConnectionError(f"unexpected opcode {opcode}")
 
 
-async def publish_all(session: str, port: int, count: int) -> None:
-    """Publish ``count`` events of EVENT_BYTES, many in flight, and wait for every ack."""
-    peer = await Peer.connect(port)
+async def publish_all(session: str, port: int, count: int,
+                      on: tuple[ServerProcess, int] | None = None) -> None:
+    """Publish ``count`` events of EVENT_BYTES, many in flight, and wait for every ack;
+    ``on`` = (server, worker pid): from a connection that worker serves."""
+    while True:
+        peer = await Peer.connect(port)
+        if on is None or on[0].worker_of(peer.ws.get_extra_info("sockname")[1]) == on[1]:
+            break
+        await peer.close()
     await peer.hello()
     body = "x" * (EVENT_BYTES - 40)
     sent = acked = 0
@@ -94,10 +101,17 @@ async def publish_all(session: str, port: int, count: int) -> None:
     await peer.close()
 
 
-async def test_stalled_reader_costs_bounded_memory_and_loses_nothing(tmp_path: Path) -> None:
+def rss(process: psutil.Process) -> int:
+    """The resident memory of ``process`` and its children (the workers of --workers)."""
+    return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_stalled_reader_costs_bounded_memory_and_loses_nothing(tmp_path: Path,
+                                                                     workers: int) -> None:
     data = tmp_path / "data"
     data.mkdir()
-    server = ServerProcess(data, env={
+    server = ServerProcess(data, workers=workers, env={
         "TETHER_PUBLISH_RATE": "1000000", "TETHER_PUBLISH_BURST": "1000000",
         "TETHER_SUBJECT_PUBLISH_RATE": "0",
         "TETHER_HEARTBEAT": "120", "TETHER_OUTBOUND_BUFFER_BYTES": str(BUFFER),
@@ -107,8 +121,13 @@ async def test_stalled_reader_costs_bounded_memory_and_loses_nothing(tmp_path: P
         # Warm up: the same volume into another session fills SQLite's page cache and the
         # allocator's arenas, so what grows afterwards is what the stalled reader costs.
         # SQLite's page cache is 64 MiB: warm up past it.
-        await publish_all("warmup", server.port, 2 * COUNT)
-        baseline = process.memory_info().rss
+        if workers == 1:
+            await publish_all("warmup", server.port, 2 * COUNT)
+        else:  # every worker's arenas too
+            await asyncio.gather(*(
+                publish_all(f"warmup-{pid}", server.port, 2 * COUNT // workers, (server, pid))
+                for pid in server.worker_pids()))
+        baseline = rss(process)
 
         slow = await RawSocketPeer.connect(server.port)
         await slow.send({"op": "hello", "id": 1, "token": token()})
@@ -119,10 +138,10 @@ async def test_stalled_reader_costs_bounded_memory_and_loses_nothing(tmp_path: P
         peak = baseline
         publishing = asyncio.create_task(publish_all("slow", server.port, COUNT))
         while not publishing.done():
-            peak = max(peak, process.memory_info().rss)
+            peak = max(peak, rss(process))
             await asyncio.wait([publishing], timeout=0.05)
         await publishing
-        peak = max(peak, process.memory_info().rss)
+        peak = max(peak, rss(process))
         growth = peak - baseline
         print(f"\nRSS baseline {baseline / 2**20:.1f} MiB, peak growth {growth / 2**20:.1f} MiB "
               f"while {TOTAL_BYTES / 2**20:.0f} MiB were published to a stalled reader "

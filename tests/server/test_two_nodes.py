@@ -1,6 +1,7 @@
 """Two `tether serve` nodes on one redis-server: a subscriber on node 1 follows a publisher on
 node 2; node 1 is killed with SIGKILL; the subscriber resumes on node 2 with no gap and no
-duplicate."""
+duplicate. Also with ``--workers 2`` per node (on Redis, each worker is a node of its own; node
+1's whole process group is killed)."""
 
 from __future__ import annotations
 
@@ -20,13 +21,15 @@ TOTAL = 1000
 KILL_AT = 300
 
 
-async def test_subscriber_moves_to_the_other_node_without_gap(tmp_path: Path,
-                                                               redis_url: str) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_subscriber_moves_to_the_other_node_without_gap(tmp_path: Path, redis_url: str,
+                                                               workers: int) -> None:
     nodes = []
     for name in ("node1", "node2"):
         data = tmp_path / name
         data.mkdir()
-        nodes.append(ServerProcess(data, store=redis_url, extra=["--node", name]).start())
+        nodes.append(ServerProcess(data, store=redis_url, extra=["--node", name],
+                                   workers=workers).start())
     node1, node2 = nodes
     seen: list[dict[str, Any]] = []
     killed = asyncio.Event()
