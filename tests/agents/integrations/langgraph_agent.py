@@ -1,0 +1,55 @@
+"""The scenarios' agent as a LangGraph graph: a model node and a ToolNode, the same tools as the
+native reference, approval and the front-end tool in LangGraph's idiom (``interrupt``)."""
+
+import os
+
+from langchain_core.tools import tool
+from langchain_openai import ChatOpenAI
+from langgraph.graph import START, MessagesState, StateGraph
+from langgraph.prebuilt import ToolNode, tools_condition
+from langgraph.types import interrupt
+
+from tether.agents.integrations.langgraph import serve
+
+
+@tool
+def add(a: int, b: int) -> int:
+    """Add two numbers."""
+    return a + b
+
+
+@tool
+def deploy(target: str) -> dict[str, str] | str:
+    """Deploy to a target (needs approval)."""
+    answer = interrupt({"name": "deploy", "arguments": {"target": target}})
+    if answer["decision"] != "approve":
+        return f"not deployed: {answer['decision']} by {answer['by']}"
+    return {"deployed": answer["arguments"]["target"]}
+
+
+@tool
+def ask(q: str) -> str:
+    """Ask the user a question."""
+    return str(interrupt({"name": "ask", "arguments": {"q": q}}))
+
+
+tools = [add, deploy, ask]
+model = ChatOpenAI(model="tether-simulated", base_url=os.environ["OPENAI_BASE_URL"],
+                   api_key=os.environ.get("OPENAI_API_KEY", "unused"), streaming=True,
+                   use_responses_api=False).bind_tools(tools)
+
+
+async def call_model(state: MessagesState) -> MessagesState:
+    return {"messages": [await model.ainvoke(state["messages"])]}
+
+
+builder = StateGraph(MessagesState)
+builder.add_node("model", call_model)
+builder.add_node("tools", ToolNode(tools))
+builder.add_edge(START, "model")
+builder.add_conditional_edges("model", tools_condition)
+builder.add_edge("tools", "model")
+graph = builder.compile()
+
+agent = serve(graph, name="langgraph", sessions=["fw-*"], client_tools=["ask"],
+              coalesce_window=0.005)
