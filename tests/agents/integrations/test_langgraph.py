@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from tests.agents.integrations import scenarios
+from tests.agents.test_runs import until_event
 
 SPEC = "tests.agents.integrations.langgraph_agent:agent"
 
@@ -18,3 +19,83 @@ SPEC = "tests.agents.integrations.langgraph_agent:agent"
     scenarios.rejection, scenarios.client_tool, scenarios.cancel, scenarios.steer])
 async def test_langgraph(serve_agent: Any, scenario: Any) -> None:
     await scenario(serve_agent(SPEC))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", [scenarios.streaming, scenarios.server_tool])
+async def test_a_compiled_graph_is_served_as_it_is(serve_agent: Any, scenario: Any) -> None:
+    """``--agent module:graph``: the graph object itself, detected by its type."""
+    await scenario(serve_agent("tests.agents.integrations.langgraph_agent:graph"))
+
+
+def user_texts(request: dict[str, Any]) -> list[str]:
+    return [str(m["content"]) for m in request["messages"] if m["role"] == "user"]
+
+
+@pytest.mark.slow
+async def test_earlier_turns_are_the_threads_memory(serve_agent: Any) -> None:
+    """The session is the graph's thread: a second run sees the first turn."""
+    served = serve_agent(SPEC)
+    session = "fw-memory"
+    peer = await scenarios.connect(served.port, session)
+    for text in ("first words", "please add"):
+        await peer.publish(session, "message", {"text": text})
+        run = (await until_event(peer, "run.created"))["data"]["run"]
+        await until_event(peer, "run.state", run=run, state="completed")
+    await peer.close()
+    last = served.upstream.requests[-1]["messages"]
+    assert user_texts(served.upstream.requests[-1]) == ["first words", "please add"]
+    assert [m["role"] for m in last] == ["user", "assistant", "user", "assistant", "tool"]
+
+
+@pytest.mark.slow
+async def test_a_step_cut_off_by_sigkill_runs_again_from_the_checkpoint(
+        serve_agent: Any) -> None:
+    """SIGKILL while the model streams: the restarted server ends the cut stream as
+    ``restarted`` and runs the step again from the graph's checkpoint — the input is not fed
+    twice — and the run completes."""
+    served = serve_agent(SPEC)
+    served.upstream.tokens_per_second = 50.0
+    served.upstream.answer_tokens = 200
+    session = "fw-restart"
+    peer = await scenarios.connect(served.port, session)
+    await peer.publish(session, "message", {"text": "hello there"})
+    first = (await until_event(peer, "stream.append"))["data"]
+    await peer.close()
+    served.server.kill()
+    served.upstream.answer_tokens = 12
+    served.server.start()
+    peer = await scenarios.connect(served.port, session)
+    await until_event(peer, "run.state", run=first["run"], state="completed")
+    await peer.close()
+    events = await scenarios.read_log(served.port, session)
+    scenarios.assert_clean(events)
+    ends = [e["data"] for e in events if e["type"] == "stream.end"
+            and e["data"]["run"] == first["run"]]
+    assert [e.get("interrupted") for e in ends] == ["restarted", None]
+    assert ends[-1]["text"]
+    assert scenarios.states(events, first["run"]) == ["running", "running", "completed"]
+    assert user_texts(served.upstream.requests[-1]) == ["hello there"]
+
+
+@pytest.mark.slow
+async def test_a_call_left_unanswered_by_a_cancel_is_closed_for_the_next_run(
+        serve_agent: Any) -> None:
+    """A run cancelled while its tool call waits for approval leaves that call unanswered in
+    the thread; the next run answers it first, so the model gets a valid conversation."""
+    served = serve_agent(SPEC)
+    session = "fw-dangling"
+    peer = await scenarios.connect(served.port, session)
+    await peer.publish(session, "message", {"text": "please deploy"})
+    request = (await until_event(peer, "approval.request", name="deploy"))["data"]
+    await peer.publish(session, "run.cancel", {"run": request["run"]})
+    await until_event(peer, "run.state", run=request["run"], state="cancelled")
+    await peer.publish(session, "message", {"text": "hello again"})
+    run = (await until_event(peer, "run.created"))["data"]["run"]
+    await until_event(peer, "run.state", run=run, state="completed")
+    await peer.close()
+    last = served.upstream.requests[-1]["messages"]
+    calls = [c["id"] for m in last for c in m.get("tool_calls") or ()]
+    answered = [m["tool_call_id"] for m in last if m["role"] == "tool"]
+    assert calls and calls == answered
+    assert "not run" in next(m["content"] for m in last if m["role"] == "tool")
