@@ -34,6 +34,15 @@ async def test_example(serve_agent: Any, scenario: Any) -> None:
     await scenario(serve_agent(f"{EXAMPLE}:agent"))
 
 
+@pytest.mark.parametrize("spec,scenario", [
+    ("dynamic", scenarios.approval_across_sigkill), ("dynamic", scenarios.rejection),
+    ("with_client_tools", scenarios.client_tool)])
+async def test_other_idioms(serve_agent: Any, spec: str, scenario: Any) -> None:
+    """An approval a tool asks for itself (``ApprovalRequired``); a front-end tool given to
+    ``serve(client_tools=...)``."""
+    await scenario(serve_agent(f"tests.agents.integrations.pydantic_ai_agent:{spec}"))
+
+
 def tool_contents(served: Served) -> list[str]:
     return [str(m["content"]) for m in served.upstream.requests[-1]["messages"]
             if m["role"] == "tool"]

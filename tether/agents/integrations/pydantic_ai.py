@@ -123,11 +123,12 @@ class _Turn:
     ids: dict[str, str] = field(default_factory=dict)  # Pydantic AI call id → tether call id
     deferred: list[_Deferred] = field(default_factory=list)
     steers: list[str] = field(default_factory=list)  # taken from the log, not yet enqueued
+    enqueued: dict[str, str] = field(default_factory=dict)  # enqueue id → steer, undelivered
 
     def state(self) -> dict[str, Any]:
         return {"format": CHECKPOINT_FORMAT,
                 "messages": ModelMessagesTypeAdapter.dump_python(self.messages, mode="json"),
-                "ids": self.ids, "steers": self.steers,
+                "ids": self.ids, "steers": [*self.enqueued.values(), *self.steers],
                 "deferred": [{"kind": d.kind, "id": d.id, "name": d.name,
                               "arguments": d.arguments} for d in self.deferred]}
 
@@ -181,7 +182,11 @@ class PydanticAIAgent(Agent):
                 turn.deferred += [_Deferred("call", c.tool_call_id, c.tool_name, _arguments(c))
                                   for c in output.calls]
                 for d in turn.deferred:
-                    turn.ids.setdefault(d.id, new_call_id())
+                    known = turn.ids.get(d.id)
+                    if known is None or (d.kind == "call" and _has_call(run, known)):
+                        # A tool that raised CallDeferred was recorded as a server call: its
+                        # front-end call gets an id of its own.
+                        turn.ids[d.id] = new_call_id()
                 turn.steers += run.take_steers()
                 await run.checkpoint(turn.state())
                 continue
@@ -251,6 +256,8 @@ class PydanticAIAgent(Agent):
                             elif isinstance(event, PartDeltaEvent) \
                                     and isinstance(event.delta, TextPartDelta):
                                 text.write(event.delta.content_delta)
+                            elif isinstance(event, EnqueuedMessagesEvent):
+                                turn.enqueued.pop(event.enqueue_id, None)
                 elif PydanticAgent.is_call_tools_node(node):
                     if not any(isinstance(p, ToolCallPart) for p in node.model_response.parts):
                         # A final answer: a steer now makes the run take one more request.
@@ -263,15 +270,21 @@ class PydanticAIAgent(Agent):
                             elif isinstance(event, FunctionToolResultEvent):
                                 await self._returned(run, turn, event, resolved)
                             elif isinstance(event, EnqueuedMessagesEvent):
-                                pass  # steers: the log has them already
+                                turn.enqueued.pop(event.enqueue_id, None)
             assert agent_run.result is not None
+            # A steer Pydantic AI did not deliver (the run stopped for deferred calls first)
+            # goes to the next agent.iter.
+            turn.steers[:0] = turn.enqueued.values()
+            turn.enqueued.clear()
             turn.messages = agent_run.result.all_messages()
             return agent_run.result.output
 
     def _enqueue_steers(self, run: Run, turn: _Turn, agent_run: Any) -> None:
         turn.steers += run.take_steers()
         for text in turn.steers:
-            agent_run.enqueue(text)
+            enqueue_id = agent_run.enqueue(text)
+            if enqueue_id is not None:
+                turn.enqueued[enqueue_id] = text
         turn.steers = []
 
     async def _called(self, run: Run, turn: _Turn, agent_run: Any,
@@ -328,7 +341,15 @@ def _jsonable(value: Any) -> Any:
 
 
 def _has_result(run: Run, call: str) -> bool:
-    return any(t == "tool.result" and isinstance(d, dict) and d.get("call") == call
+    return _logged(run, "tool.result", call)
+
+
+def _has_call(run: Run, call: str) -> bool:
+    return _logged(run, "tool.call", call)
+
+
+def _logged(run: Run, type_: str, call: str) -> bool:
+    return any(t == type_ and isinstance(d, dict) and d.get("call") == call
                for _, t, d, _ in run.events)
 
 
