@@ -206,7 +206,7 @@ async def test_idempotent_producer_fences_dedupes_and_detects_gaps(
     assert orjson.loads(await resp.read()) == [{"m": 1}, {"m": 2}, {"m": 3}, {"m": 1}]
 
     # The producer state is in the log: a server that forgot its cache still dedupes.
-    server.app[durable_streams.STREAMS]._meta.clear()
+    server.app[durable_streams.STREAMS]._cache.clear()
     assert (await send(1, 0)).status == 204
 
 

@@ -37,7 +37,7 @@ SERVER_TYPES = frozenset({
     # A Durable Streams stream's own records (tether/server/durable_streams.py): only that
     # transport writes them, so no client can forge a stream's metadata or producer state.
     "ds.create", "ds.message", "ds.bytes", "ds.producer", "ds.close", "ds.delete",
-    "ds.fork", "ds.unfork",
+    "ds.fork", "ds.unfork", "ds.seq",
 })
 KNOWN_RESERVED_TYPES = frozenset({STREAM_APPEND, STREAM_END}) | CONTROL_TYPES | SERVER_TYPES
 TRANSIENT_ONLY_TYPES = frozenset({PRESENCE_JOIN, PRESENCE_LEAVE, PRESENCE_UPDATE})

@@ -48,6 +48,7 @@ PRODUCER = "ds.producer"
 CLOSE = "ds.close"
 FORK = "ds.fork"  # in a source: a fork now reads it (the source's data must stay readable)
 UNFORK = "ds.unfork"  # in a source: that fork was deleted
+SEQ = "ds.seq"  # the Stream-Seq a JSON append was accepted with (a bytes append carries it)
 DATA_TYPES = frozenset({MESSAGE, BYTES})
 MAX_SAFE_INT = 2**53 - 1
 _INT_RE = re.compile(r"0|[1-9][0-9]{0,15}")
@@ -163,21 +164,37 @@ def _server_caller() -> Caller:
     return Caller(grant, Sender("tether.durable-streams", "server", "system"), connection="ds")
 
 
+@dataclass(slots=True)
+class _Entry:
+    """A cached fold of one session's log: valid while the log's epoch and tail match."""
+
+    meta: Meta | None
+    producers: dict[str, tuple[int, int]]
+    epoch: str
+    upto: int  # the seq of the last record folded
+
+
 class Streams:
-    """The Durable Streams view of the session service, with a bounded metadata cache."""
+    """The Durable Streams view of the session service.
+
+    A stream's state (configuration, closure, producers, forks) is a fold of its log's
+    ``ds.*`` records. The fold is cached per process and brought up to date from the log on
+    every access: the session's head says whether records were added since (by this process,
+    another worker of ``--workers`` or another node on Redis), and only those are read. So every
+    process answers from the same state, with one ``head`` per request when nothing changed.
+    """
 
     MAX_CACHED = 10_000
+    TOUCH_EVERY = 1.0  # seconds between two shared records of reads of one stream
 
     def __init__(self, service: SessionService) -> None:
         self.service = service
         self.server = _server_caller()
-        self._meta: OrderedDict[str, Meta | None] = OrderedDict()
+        self._cache: OrderedDict[str, _Entry] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
-        # session → producer id → (epoch, last accepted seq), loaded with the metadata
-        self.producers: dict[str, dict[str, tuple[int, int]]] = {}
-        # session → the last read seen by this node (time.time()): renews a sliding TTL.
-        # Soft state, as presence is: after a restart only writes count until the next read.
+        # session → the last read seen by this process (time.time()): renews a sliding TTL.
         self.touched: dict[str, float] = {}
+        self._shared_touch: dict[str, float] = {}
 
     def lock(self, session: str) -> asyncio.Lock:
         lock = self._locks.get(session)
@@ -189,30 +206,63 @@ class Streams:
                         del self._locks[name]
         return lock
 
-    def remember(self, session: str, meta: Meta | None,
-                 producers: dict[str, tuple[int, int]] | None = None) -> None:
-        if producers is not None or meta is None or session not in self._meta:
-            self.producers[session] = producers or {}
-        self._meta[session] = meta
-        self._meta.move_to_end(session)
-        if len(self._meta) > self.MAX_CACHED:
-            evicted, _ = self._meta.popitem(last=False)
-            self.producers.pop(evicted, None)
-            self.touched.pop(evicted, None)
+    async def touch(self, session: str, meta: Meta) -> None:
+        """A read or a write renews a sliding TTL. Reads leave no record in the log: the time
+        goes to presence-like soft state (shared by every worker and node, expiring with the
+        TTL), at most once a second per stream and process."""
+        now = time.time()
+        self.touched[session] = now
+        if meta.ttl is None or now - self._shared_touch.get(session, 0.0) < self.TOUCH_EVERY:
+            return
+        self._shared_touch[session] = now
+        if len(self._shared_touch) > self.MAX_CACHED:
+            self._shared_touch.clear()
+        await self.service.presence.set_presence(_touch_key(session), "read", {"t": now},
+                                                 float(meta.ttl) + 1.0)
 
-    def touch(self, session: str) -> None:
-        self.touched[session] = time.time()
+    async def _expired(self, session: str, meta: Meta) -> bool:
+        if not meta.expired(self.touched.get(session, 0.0)):
+            return False
+        if meta.ttl is None:
+            return True
+        # Another process may have seen a read since: the shared record says.
+        members = await self.service.presence.presence(_touch_key(session))
+        touched = max((float(m.get("t", 0)) for m in members if isinstance(m, dict)),
+                      default=0.0)
+        if touched > self.touched.get(session, 0.0):
+            self.touched[session] = touched
+        return meta.expired(self.touched.get(session, 0.0))
+
+    async def fold(self, session: str) -> _Entry:
+        """The session's fold, brought up to date with its log."""
+        head, _, _, _ = await self.service.position(session, None)
+        entry = self._cache.get(session)
+        if entry is None or entry.epoch != head.epoch or entry.upto > head.last_seq \
+                or entry.upto < head.first_seq - 1:
+            entry = _Entry(None, {}, head.epoch, head.first_seq - 1)
+        if entry.upto < head.last_seq:
+            after = entry.upto
+            while after < head.last_seq:
+                page = await self.service.history(self.server, session,
+                                                  Cursor(head.epoch, after), PAGE)
+                if not page.events:
+                    break
+                for event in page.events:
+                    entry.meta, entry.producers = _fold(session, entry.meta, entry.producers,
+                                                        event)
+                after = page.events[-1].seq
+            entry.upto = after
+        self._cache[session] = entry
+        self._cache.move_to_end(session)
+        if len(self._cache) > self.MAX_CACHED:
+            evicted, _ = self._cache.popitem(last=False)
+            self.touched.pop(evicted, None)
+        return entry
 
     async def state(self, session: str) -> Meta | None:
         """The stream at ``session`` as its log says, deleted or not; None: none or expired."""
-        if session in self._meta:
-            meta = self._meta[session]
-            self._meta.move_to_end(session)
-        else:
-            meta, producers = await self._load(session)
-            self.remember(session, meta, producers)
-        if meta is not None and not meta.deleted \
-                and meta.expired(self.touched.get(session, 0.0)):
+        meta = (await self.fold(session)).meta
+        if meta is not None and not meta.deleted and await self._expired(session, meta):
             return None
         return meta
 
@@ -224,19 +274,8 @@ class Streams:
             raise Gone("the stream was deleted; forks of it still read its data")
         return meta
 
-    async def _load(self, session: str) -> tuple[Meta | None, dict[str, tuple[int, int]]]:
-        head, _, _, _ = await self.service.position(session, None)
-        after = head.first_seq - 1
-        meta: Meta | None = None
-        producers: dict[str, tuple[int, int]] = {}
-        while True:
-            page = await self.service.history(self.server, session,
-                                              Cursor(head.epoch, after), PAGE)
-            for event in page.events:
-                meta, producers = _fold(session, meta, producers, event)
-            if len(page.events) < PAGE:
-                return meta, producers
-            after = page.events[-1].seq
+    async def producers(self, session: str) -> dict[str, tuple[int, int]]:
+        return (await self.fold(session)).producers
 
     async def _read_log(self, session: str, after: int, limit: int
                         ) -> tuple[list[Event], int]:
@@ -258,6 +297,11 @@ class Streams:
         """The position of the stream's newest event."""
         head, _, _, _ = await self.service.position(session, None)
         return forks.tail(meta.chain, head.last_seq)
+
+
+def _touch_key(session: str) -> str:
+    # Not a session id ('/' is not allowed in one): no client can attach to it or list it.
+    return f"ds.touch/{session}"
 
 
 def _fold(session: str, meta: Meta | None, producers: dict[str, tuple[int, int]],
@@ -293,17 +337,13 @@ def _fold(session: str, meta: Meta | None, producers: dict[str, tuple[int, int]]
         return dataclasses.replace(meta, closed=True), producers
     if event.type == PRODUCER:
         producers[str(data.get("id"))] = (int(data.get("epoch", 0)), int(data.get("seq", 0)))
-    elif event.type in DATA_TYPES and "stream_seq" in data:
+    elif event.type == SEQ or (event.type == BYTES and "stream_seq" in data):
         meta = dataclasses.replace(meta, stream_seq=str(data["stream_seq"]))
     return meta, producers
 
 
 class Gone(Exception):
     """``410 Gone``: data below retention, or a deleted stream that forks still read."""
-
-
-def _with_seq(meta: Meta, stream_seq: str) -> Meta:
-    return dataclasses.replace(meta, stream_seq=stream_seq)
 
 
 # --- requests ------------------------------------------------------------------------------
@@ -372,24 +412,31 @@ async def _commit(service: SessionService, caller: Caller, session: str,
     return max((r.event.seq for r in results), default=0)
 
 
-async def _append(request: web.Request, caller: Caller, session: str, content_type: str,
-                  raw: bytes, initial: bool, stream_seq: str | None = None) -> int:
-    """Commit the body as events; the seq of the last one (0 when nothing was written)."""
+def _records(content_type: str, raw: bytes, initial: bool,
+             stream_seq: str | None = None) -> list[tuple[str, Any]]:
+    """The records a body appends: one per JSON message, or one for the bytes."""
     if is_json(content_type):
         if initial and not raw.strip():
-            return 0
+            return []
         items: list[tuple[str, Any]] = [
             (MESSAGE, m) for m in _parse_json_messages(raw, allow_empty=initial)]
     else:
         if not raw:
-            return 0
+            return []
         items = [(BYTES, {"b64": base64.b64encode(raw).decode()})]
     if stream_seq is not None and items:
         # The last event of the batch carries the accepted Stream-Seq (read back on load).
         kind, data = items[-1]
         if kind == BYTES:
             items[-1] = (kind, {**data, "stream_seq": stream_seq})
-    return await _commit(request.app[SESSIONS], caller, session, items)
+    return items
+
+
+async def _append(request: web.Request, caller: Caller, session: str, content_type: str,
+                  raw: bytes, initial: bool) -> int:
+    """Commit the body as events; the seq of the last one (0 when nothing was written)."""
+    return await _commit(request.app[SESSIONS], caller, session,
+                         _records(content_type, raw, initial))
 
 
 def _own(meta: Meta, seq: int) -> int:
@@ -530,12 +577,11 @@ async def put_stream(request: web.Request) -> web.Response:
         assert meta is not None
         if fork is not None and source is not None:
             await _refer(streams, fork.source, session, FORK)
-        streams.remember(session, meta, {})
         last = await _commit(service, caller, session, prefix)
         last = max(last, await _append(request, caller, session, content_type, raw,
                                        initial=True))
         if _closing(request):
-            last = await _close(request, caller, session, meta)
+            last = await _commit(service, caller, session, [(CLOSE, None)])
             meta = dataclasses.replace(meta, closed=True)
     response = _ok(201, meta, _own(meta, max(last, meta.created_seq)))
     response.headers["Location"] = location
@@ -551,26 +597,17 @@ async def _refer(streams: Streams, source: str, fork: str, kind: str) -> None:
             meta = await streams.state(source)
             if meta is None:
                 return
-            appended = await streams.service.publish(
+            await streams.service.publish(
                 streams.server, source, kind, {"name": fork, "gen": meta.created_seq},
                 server_written=True)
-            folded, _ = _fold(source, meta, streams.producers.get(source, {}), appended.event)
-            streams.remember(source, folded)
-        if folded is not None or meta.source is None:
+            after = await streams.state(source)
+        if after is not None or meta.source is None:
             return
         fork, source, kind = source, meta.source, UNFORK
 
 
 def _closing(request: web.Request) -> bool:
     return request.headers.get("Stream-Closed", "").strip().lower() == "true"
-
-
-async def _close(request: web.Request, caller: Caller, session: str, meta: Meta) -> int:
-    """Write ``ds.close``: the stream takes no more appends. The seq of the close."""
-    appended = await request.app[SESSIONS].publish(caller, session, CLOSE, None,
-                                                   server_written=True)
-    _streams(request).remember(session, dataclasses.replace(meta, closed=True))
-    return appended.event.seq
 
 
 def _ok(status: int, meta: Meta, tail: int) -> web.Response:
@@ -588,24 +625,12 @@ async def post_stream(request: web.Request) -> web.Response:
             and request.content_length > request.app[CONFIG].max_frame_bytes:
         return _problem(413, "request body too large")
     streams = _streams(request)
-    try:
-        meta = await streams.meta(caller, session)
-    except Gone as exc:
-        return _gone(exc)
-    if meta is None:
-        return _problem(404, "no such stream")
     closing = _closing(request)
     raw = await request.read()
     content_type = request.headers.get("Content-Type")
-    if raw or not closing:  # a close without a body ignores the content type
-        if not content_type:
-            return _problem(400, "Content-Type is required")
-        if media_type(content_type) != media_type(meta.content_type):
-            return _problem(409, f"the stream's content type is {meta.content_type}")
-        if not raw:
-            return _problem(400, "an empty body appends nothing")
     stream_seq = request.headers.get(_SEQ_HEADER)
     producer = _producer_headers(request)
+    # One writer per stream in this process; the state is read from the log under the lock.
     async with streams.lock(session):
         try:
             meta = await streams.meta(caller, session)
@@ -613,12 +638,19 @@ async def post_stream(request: web.Request) -> web.Response:
             return _gone(exc)
         if meta is None:
             return _problem(404, "no such stream")
-        streams.touch(session)  # any write renews a sliding TTL, a refused one too
+        if raw or not closing:  # a close without a body ignores the content type
+            if not content_type:
+                return _problem(400, "Content-Type is required")
+            if media_type(content_type) != media_type(meta.content_type):
+                return _problem(409, f"the stream's content type is {meta.content_type}")
+            if not raw:
+                return _problem(400, "an empty body appends nothing")
+        await streams.touch(session, meta)  # any write renews a sliding TTL, a refused one too
         headers = dict(SECURITY_HEADERS)
         if meta.closed:
             headers["Stream-Closed"] = "true"
         if producer is not None:
-            refusal = _check_producer(streams.producers.setdefault(session, {}), *producer)
+            refusal = _check_producer(await streams.producers(session), *producer)
             if refusal is not None:
                 refusal.headers.update(headers)
                 return refusal
@@ -630,27 +662,25 @@ async def post_stream(request: web.Request) -> web.Response:
         if stream_seq is not None and meta.stream_seq is not None \
                 and stream_seq.encode() <= meta.stream_seq.encode():
             return _problem(409, "Stream-Seq must increase")
-        last = await _append(request, caller, session, meta.content_type, raw,
-                             initial=not raw,
-                             stream_seq=None if is_json(meta.content_type) else stream_seq)
-        if stream_seq is not None:
-            meta = _with_seq(meta, stream_seq)
-            streams.remember(session, meta)
+        items = _records(meta.content_type, raw, initial=not raw,
+                         stream_seq=None if is_json(meta.content_type) else stream_seq)
+        if stream_seq is not None and is_json(meta.content_type):
+            items.append((SEQ, {"stream_seq": stream_seq}))
         status = 204
         if producer is not None:
             pid, epoch, seq = producer
-            # Not atomic with the append: a crash between the two lets a retry append again
-            # (the protocol's "recovery for non-atomic stores": bump the epoch after a crash).
-            appended = await request.app[SESSIONS].publish(
-                caller, session, PRODUCER, {"id": pid, "epoch": epoch, "seq": seq},
-                server_written=True)
-            streams.producers.setdefault(session, {})[pid] = (epoch, seq)
-            last = max(last, appended.event.seq)
+            # The producer's state follows the batch's records and is queued with them in
+            # one loop tick, which SQLite commits in one transaction and Redis in one script
+            # call; the store protocol does not promise it, so after a crash between the two a
+            # retry could append again (the protocol's "recovery for non-atomic stores": bump
+            # the epoch after a crash).
+            items.append((PRODUCER, {"id": pid, "epoch": epoch, "seq": seq}))
             headers.update({"Producer-Epoch": str(epoch), "Producer-Seq": str(seq)})
             status = 200 if raw else 204  # a close-only request appends no data
         if closing:
-            last = await _close(request, caller, session, meta)
+            items.append((CLOSE, None))
             headers["Stream-Closed"] = "true"
+        last = await _commit(request.app[SESSIONS], caller, session, items)
         tail = _own(meta, last) if last else await streams.tail(session, meta)
     return web.Response(status=status, headers={**headers,
                                                 "Stream-Next-Offset": offset_of(tail)})
@@ -710,11 +740,10 @@ async def delete_stream(request: web.Request) -> web.Response:
             return _gone(exc)
         if meta is None:
             return _problem(404, "no such stream")
-        appended = await request.app[SESSIONS].publish(caller, session, DELETE, None,
-                                                       server_written=True)
-        folded, _ = _fold(session, meta, streams.producers.get(session, {}), appended.event)
-        streams.remember(session, folded)
-    if folded is None and meta.source is not None:
+        await request.app[SESSIONS].publish(caller, session, DELETE, None,
+                                            server_written=True)
+        gone = await streams.state(session) is None  # else forks still read it: 410
+    if gone and meta.source is not None:
         await _refer(streams, meta.source, session, UNFORK)  # the source may go now
     return web.Response(status=204, headers=SECURITY_HEADERS)
 
@@ -748,7 +777,7 @@ async def options_stream(request: web.Request) -> web.Response:
 
 def _body(meta: Meta, events: list[Event]) -> bytes:
     if is_json(meta.content_type):
-        return b"[" + b",".join(orjson.dumps(e.data) for e in events) + b"]"
+        return orjson.dumps([e.data for e in events])  # one call: half the cost of a join
     return b"".join(base64.b64decode(e.data["b64"]) for e in events
                     if isinstance(e.data, dict) and "b64" in e.data)
 
@@ -778,7 +807,7 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
         return _gone(exc)
     if meta is None:
         return _problem(404, "no such stream")
-    streams.touch(session)  # a read renews a sliding TTL
+    await streams.touch(session, meta)  # a read renews a sliding TTL
     live = request.query.get("live")
     offset = request.query.get("offset")
     if live not in (None, "long-poll", "sse"):
@@ -955,7 +984,7 @@ async def _sse(request: web.Request, caller: Caller, session: str, meta: Meta,
                                                  closed)
                     await response.write(frames)
                     first = False
-                    streams.touch(session)  # a live reader keeps a sliding TTL alive
+                    await streams.touch(session, meta)  # a live reader renews a sliding TTL
                 if closed:
                     break  # the stream is over: the connection ends after the final event
                 after = last
