@@ -153,14 +153,17 @@ async def run_stateless(base_url: str, token: str, model: str, calls: int, workl
 
 async def run_websocket(base_url: str, token: str, model: str, calls: int, workload: Workload,
                         counters: Counters, cpu: Callable[[], float], *,
-                        strict: bool) -> RunResult:
+                        strict: bool, deflate: bool = False) -> RunResult:
     headers = {"Authorization": f"Bearer {token}"}
     url = f"{base_url}/responses" + ("" if strict else "?inherit=tools,instructions")
     stats: list[TurnStats] = []
     async with aiohttp.ClientSession() as http:
         meter = Meter(counters, cpu)
-        # compress=0: the openai SDK does not negotiate permessage-deflate by default either.
-        async with http.ws_connect(url, headers=headers, compress=0, max_msg_size=0,
+        # compress=0: the openai SDK does not negotiate permessage-deflate by default either;
+        # with ``deflate`` the client offers it as the SDK does with
+        # websocket_connection_options={"compression": "deflate"}, and both directions compress.
+        async with http.ws_connect(url, headers=headers, compress=15 if deflate else 0,
+                                   max_msg_size=0,
                                    autoping=True) as ws:
             connect_seconds, connect_up, connect_down, _ = meter.elapsed()
             previous: str | None = None
@@ -197,5 +200,6 @@ async def run_websocket(base_url: str, token: str, model: str, calls: int, workl
                 stats.append(TurnStats(turn, up, down, ttft, e2e, server_cpu,
                                        called[0]["name"] if called else None,
                                        sum(len(a["output"]) for a in pending)))
-    return RunResult("ws-strict" if strict else "ws-continuation", stats, connect_seconds,
+    name = "ws-strict" if strict else "ws-deflate" if deflate else "ws-continuation"
+    return RunResult(name, stats, connect_seconds,
                      connect_up, connect_down)

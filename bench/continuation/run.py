@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 SECRET = "bench-continuation-" + "x" * 32
 MODEL = "tether-simulated"
-TRANSPORTS = ("http-stateless", "ws-continuation", "ws-strict")
+TRANSPORTS = ("http-stateless", "ws-continuation", "ws-deflate", "ws-strict")
 
 
 def free_port() -> int:
@@ -109,7 +109,8 @@ async def one_run(transport: str, server: ServerUnderTest, profile: LinkProfile,
             return await run_stateless(base_url, token, MODEL, calls, workload, link.counters,
                                        cpu)
         return await run_websocket(base_url, token, MODEL, calls, workload, link.counters, cpu,
-                                   strict=transport == "ws-strict")
+                                   strict=transport == "ws-strict",
+                                   deflate=transport == "ws-deflate")
     finally:
         await link.stop()
 
@@ -204,6 +205,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 targets.append({"link": row["link"], "target": "end-to-end time ≥ 40% less",
                                 "value_pct": row["time_less_pct"],
                                 "met": row["time_less_pct"] >= 40.0})
+        if row["transport"] == "ws-deflate" and row["calls"] == 20:
+            targets.append({"link": row["link"], "target": "deflate: client-sent bytes ≥ 95% less",
+                            "value_pct": row["sent_less_pct"],
+                            "met": row["sent_less_pct"] >= 95.0})
+            if row["link"] == "plane":
+                targets.append({"link": row["link"],
+                                "target": "deflate: end-to-end time ≥ 45% less",
+                                "value_pct": row["time_less_pct"],
+                                "met": row["time_less_pct"] >= 45.0})
     return {
         "benchmark": "continuation",
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
