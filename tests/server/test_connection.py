@@ -9,11 +9,10 @@ import struct
 
 import aiohttp
 import pytest
-from aiohttp import WSMsgType
 
 from tests.helpers import token
 from tether.server import Server
-from tether.server.connection import WsSink
+from tether.server.hub import ws_frame
 
 
 def parse_frames(data: bytes) -> list[tuple[int, bytes]]:
@@ -38,11 +37,8 @@ def parse_frames(data: bytes) -> list[tuple[int, bytes]]:
 
 @pytest.mark.parametrize("binary", [False, True])
 def test_frame_headers_at_every_length_boundary(binary: bool) -> None:
-    sink = WsSink.__new__(WsSink)
-    sink.opcode = WSMsgType.BINARY if binary else WSMsgType.TEXT
-    sink.first_byte = 0x80 | int(sink.opcode)
     payloads = [b"x" * n for n in (0, 1, 125, 126, 127, 65535, 65536, 70000)]
-    frames = parse_frames(sink._frame(payloads))
+    frames = parse_frames(b"".join(ws_frame(p, binary) for p in payloads))
     assert [p for _, p in frames] == payloads
     assert {first for first, _ in frames} == {0x80 | (2 if binary else 1)}
 

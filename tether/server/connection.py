@@ -12,11 +12,11 @@ import asyncio
 import contextlib
 import functools
 import logging
-import struct
 from collections.abc import Coroutine
 from typing import Any
 
 from aiohttp import WSMsgType, web
+from aiohttp._websocket.writer import WebSocketWriter
 
 from tether.protocol.codec import CODECS, JSON, SUBPROTOCOLS, Codec, DecodeError
 from tether.protocol.codes import CloseCode, ErrorCode, RequestError, TetherError
@@ -43,7 +43,15 @@ from tether.protocol.frames import (
 from tether.server.auth import Authenticator, AuthError
 from tether.server.config import ServerConfig
 from tether.server.deflate import websocket_response
-from tether.server.hub import FORMAT_JSON, FORMAT_MSGPACK, Outbox, Subscription
+from tether.server.hub import (
+    FORMAT_JSON,
+    FORMAT_JSON_WS,
+    FORMAT_MSGPACK,
+    FORMAT_MSGPACK_WS,
+    Outbox,
+    Subscription,
+    ws_frame,
+)
 from tether.server.keys import AUTH, CONFIG, METRICS, SESSIONS
 from tether.server.metrics import Metrics
 from tether.server.sessions import (
@@ -57,63 +65,56 @@ from tether.store.base import Appended, now_ms
 
 log = logging.getLogger("tether.connection")
 
-_LEN2 = struct.Struct("!BBH")
-_LEN3 = struct.Struct("!BBQ")
-
 
 class WsSink:
-    __slots__ = ("first_byte", "opcode", "ws")
+    """Where a connection's outbox writes.
 
-    def __init__(self, ws: web.WebSocketResponse, binary: bool) -> None:
+    ``framed``: the outbox holds whole frames (header included, see ``FORMAT_JSON_WS``), which
+    go to the transport as they are; otherwise payloads, which aiohttp frames and compresses.
+    """
+
+    __slots__ = ("framed", "opcode", "ws")
+
+    def __init__(self, ws: web.WebSocketResponse, binary: bool, framed: bool) -> None:
         self.ws = ws
         self.opcode = WSMsgType.BINARY if binary else WSMsgType.TEXT
-        self.first_byte = 0x80 | int(self.opcode)  # FIN + opcode
+        self.framed = framed
 
     async def send(self, data: bytes) -> None:
-        await self.ws.send_frame(data, self.opcode)
+        if not self.framed:
+            await self.ws.send_frame(data, self.opcode)
+            return
+        await self.send_many([data])
 
     def write_now(self, frames: list[bytes]) -> bool:
-        """Frame and write ``frames`` at once, if the transport can take them without waiting.
+        """Write ``frames`` at once, if the transport can take them without waiting.
 
-        False (nothing written) when it cannot: compression negotiated, or the transport is
-        paused by backpressure; the outbox then drains through :meth:`send_many`.
+        False (nothing written) when it cannot: frames to compress, or the transport paused
+        by backpressure; the outbox then drains through :meth:`send_many`.
         """
         writer = self.ws._writer
-        if self.ws.compress or writer is None or writer.protocol._paused:
+        if not self.framed or writer is None or writer.protocol._paused:
             return False
         if writer.transport.is_closing():
             raise ConnectionResetError("transport closing")
-        writer.transport.write(self._frame(frames))
+        writer.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
         return True
-
-    def _frame(self, frames: list[bytes]) -> bytes:
-        # Server frames are unmasked: a header, then the payload.
-        parts: list[bytes] = []
-        first = self.first_byte
-        for data in frames:
-            n = len(data)
-            if n < 126:
-                parts.append(bytes((first, n)))
-            elif n < 65536:
-                parts.append(_LEN2.pack(first, 126, n))
-            else:
-                parts.append(_LEN3.pack(first, 127, n))
-            parts.append(data)
-        return b"".join(parts)
 
     async def send_many(self, frames: list[bytes]) -> None:
         """Write several frames with one transport write.
 
-        A fan-out burst leaves many frames queued per connection; framing them here and
-        handing the transport one buffer costs one syscall instead of one per frame. With
-        permessage-deflate the frames must go through aiohttp's compressor, one by one.
+        A fan-out burst leaves many frames queued per connection; handing the transport one
+        buffer costs one syscall instead of one per frame. With permessage-deflate the
+        frames must go through aiohttp's compressor, one by one.
         """
         writer = self.ws._writer
-        if self.ws.compress or writer is None or writer.transport.is_closing():
+        if not self.framed:
             for data in frames:
                 await self.ws.send_frame(data, self.opcode)
             return
-        writer.transport.write(self._frame(frames))
+        if writer is None or writer.transport.is_closing():
+            raise ConnectionResetError("transport closing")
+        writer.transport.write(b"".join(frames))
         protocol = writer.protocol
         if protocol._paused:
             await protocol._drain_helper()
@@ -141,6 +142,7 @@ class Connection:
         "errors_in_row",
         "fast_json",
         "format",
+        "framed",
         "id",
         "inflight",
         "metrics",
@@ -161,8 +163,18 @@ class Connection:
         self.ws = ws
         self.codec = codec
         self.remote = remote
-        self.format = FORMAT_MSGPACK if codec.binary else FORMAT_JSON
-        self.outbox = Outbox(WsSink(ws, codec.binary), config.outbound_buffer_bytes, metrics)
+        # Written past aiohttp's writer only when that writer would add nothing: no
+        # compression (its own, or a writer subclass that compresses). Then the outbox holds
+        # whole frames, an event's header built once for all its subscribers (FORMAT_JSON_WS).
+        writer = ws._writer
+        self.framed = (writer is not None and type(writer) is WebSocketWriter
+                       and not writer.compress)
+        if self.framed:
+            self.format = FORMAT_MSGPACK_WS if codec.binary else FORMAT_JSON_WS
+        else:
+            self.format = FORMAT_MSGPACK if codec.binary else FORMAT_JSON
+        self.outbox = Outbox(WsSink(ws, codec.binary, self.framed),
+                             config.outbound_buffer_bytes, metrics)
         self.id = new_connection_id()
         self.caller: Caller | None = None  # set by hello
         self.subs: dict[str, Subscription] = {}
@@ -178,7 +190,8 @@ class Connection:
     # --- plumbing -------------------------------------------------------------------------
 
     def send(self, frame: dict[str, Any]) -> None:
-        self.outbox.push(self.codec.encode(frame))
+        data = self.codec.encode(frame)
+        self.outbox.push(ws_frame(data, self.codec.binary) if self.framed else data)
 
     def send_error(self, rid: RequestId, error: TetherError, session: str | None = None) -> None:
         self.metrics.errors.labels(str(error.code)).inc()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import struct
 import time
 from collections import deque
 from typing import Protocol
@@ -40,6 +41,15 @@ log = logging.getLogger("tether.hub")
 FORMAT_JSON = "json"
 FORMAT_MSGPACK = "msgpack"
 FORMAT_SSE = "sse"
+# The same frames with their WebSocket header already on (server frames are unmasked: a 2-10
+# byte header, then the payload): the header and the copy that joins it to the payload are
+# made once per event, not once per subscriber. For sockets that write frames themselves;
+# permessage-deflate must compress each payload, so a compressing socket uses the plain ones.
+FORMAT_JSON_WS = "json+ws"
+FORMAT_MSGPACK_WS = "msgpack+ws"
+
+_LEN2 = struct.Struct("!BBH")
+_LEN3 = struct.Struct("!BBQ")
 
 _BATCH_BYTES = 256 << 10  # at most this much per transport write from one outbox
 
@@ -67,10 +77,25 @@ def encode_event(fmt: str, event: Event) -> bytes:
         return _encode(fmt, placeholder(event, f"not encodable: {exc}"))
 
 
+def ws_frame(payload: bytes, binary: bool) -> bytes:
+    """``payload`` as one unmasked, final WebSocket frame (text, or binary)."""
+    first = 0x82 if binary else 0x81
+    n = len(payload)
+    if n < 126:
+        return bytes((first, n)) + payload
+    if n < 65536:
+        return _LEN2.pack(first, 126, n) + payload
+    return _LEN3.pack(first, 127, n) + payload
+
+
 def _encode(fmt: str, event: Event) -> bytes:
     frame = _frame_for(event)
+    if fmt == FORMAT_JSON_WS:
+        return ws_frame(JSON.encode(frame), False)
     if fmt == FORMAT_JSON:
         return JSON.encode(frame)
+    if fmt == FORMAT_MSGPACK_WS:
+        return ws_frame(MSGPACK.encode(frame), True)
     if fmt == FORMAT_MSGPACK:
         return MSGPACK.encode(frame)
     body = orjson.dumps(frame)
