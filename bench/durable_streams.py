@@ -3,6 +3,8 @@
 Systems, each a fresh server per run, pinned to the server core:
 
 - ``tether-sqlite``: ``tether serve`` on SQLite (WAL) in a temp dir, requests with a bearer token;
+- ``tether-sqlite-fsync``: the same with SQLite ``synchronous=FULL`` (an fsync per group
+  commit: ``bench/ds_reference/tether_fsync.py``), the durability of ``ref-file``;
 - ``tether-redis``: ``tether serve --store redis://…`` and a redis-server (no persistence) on
   the same core;
 - ``ref-memory`` / ``ref-file``: ``@durable-streams/server`` 0.3.7 (``DurableStreamTestServer``,
@@ -21,7 +23,7 @@ Workloads, every request over HTTP/1.1 keep-alive from aiohttp in this process (
   and waits for the reader to see it before the next; ``LATENCY_SAMPLES`` of them, p50/p99
   from just before the POST to the ``data`` event.
 
-Run: ``python -m bench.durable_streams`` (3 runs each, ~4 min) or ``--quick``; results in
+Run: ``python -m bench.durable_streams`` (3 runs each, ~5 min) or ``--quick``; results in
 ``bench/results/durable_streams.json`` and ``docs/benchmarks.md`` ("Durable Streams").
 """
 
@@ -46,7 +48,8 @@ from bench import common as c
 from bench.redis_store import RedisServer
 
 REFERENCE = Path(__file__).resolve().parent / "ds_reference"
-SYSTEMS = ("tether-sqlite", "tether-redis", "ref-memory", "ref-file")
+SYSTEMS = ("tether-sqlite", "tether-sqlite-fsync", "tether-redis", "ref-memory", "ref-file")
+FSYNC = str(REFERENCE / "tether_fsync.py")  # tether serve with synchronous=FULL
 WRITERS = 32
 CATCHUP_MESSAGES = 20_000
 CATCHUP_BATCH = 200
@@ -72,8 +75,12 @@ class System:
             if self.name == "tether-redis":
                 self.redis = RedisServer()
                 store = self.redis.url
-            # The SSE reader and the writers share one token subject: no per-subject limits.
-            proc = c.tether_server(store, {"TETHER_SUBJECT_STREAMS": "0"})
+            # One process on the server core, as the reference server is (--workers would
+            # only share that core); the writers share one token subject: no subject limits.
+            proc = c.tether_server(store, {"TETHER_WORKERS": "1"})
+            if self.name == "tether-sqlite-fsync":
+                at = proc.cmd.index("-m")
+                proc.cmd[at:at + 2] = [FSYNC]  # python FSYNC serve …
             self.headers = {"Authorization": f"Bearer {c.token()}"}
         else:
             port = c.free_port()

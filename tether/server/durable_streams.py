@@ -259,6 +259,19 @@ class Streams:
             self.touched.pop(evicted, None)
         return entry
 
+    def committed(self, session: str, events: list[Event]) -> None:
+        """Fold what this process just committed, if it directly follows the cached fold
+        (else the next access reads it back from the log)."""
+        entry = self._cache.get(session)
+        if entry is None or not events or events[0].seq != entry.upto + 1:
+            return
+        for i, event in enumerate(events):
+            if event.seq != entry.upto + 1 + i:
+                return  # another writer's record in between: leave the rest to the log
+        for event in events:
+            entry.meta, entry.producers = _fold(session, entry.meta, entry.producers, event)
+            entry.upto = event.seq
+
     async def state(self, session: str) -> Meta | None:
         """The stream at ``session`` as its log says, deleted or not; None: none or expired."""
         meta = (await self.fold(session)).meta
@@ -404,11 +417,13 @@ def _parse_json_messages(raw: bytes, allow_empty: bool) -> list[Any]:
 
 
 async def _commit(service: SessionService, caller: Caller, session: str,
-                  items: list[tuple[str, Any]]) -> int:
+                  items: list[tuple[str, Any]], streams: Streams | None = None) -> int:
     """Publish the records in order; the seq of the last one (0 when there are none)."""
     futures = [service.publish(caller, session, kind, data, server_written=True)
                for kind, data in items]
     results = await asyncio.gather(*futures)
+    if streams is not None:
+        streams.committed(session, [r.event for r in results if not r.duplicate])
     return max((r.event.seq for r in results), default=0)
 
 
@@ -680,7 +695,7 @@ async def post_stream(request: web.Request) -> web.Response:
         if closing:
             items.append((CLOSE, None))
             headers["Stream-Closed"] = "true"
-        last = await _commit(request.app[SESSIONS], caller, session, items)
+        last = await _commit(request.app[SESSIONS], caller, session, items, streams)
         tail = _own(meta, last) if last else await streams.tail(session, meta)
     return web.Response(status=status, headers={**headers,
                                                 "Stream-Next-Offset": offset_of(tail)})
