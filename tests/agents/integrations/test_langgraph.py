@@ -3,6 +3,7 @@ LangGraph's checkpoints in the session log."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from tests.agents.integrations import scenarios
 from tests.agents.test_runs import until_event
 
 SPEC = "tests.agents.integrations.langgraph_agent:agent"
+EXAMPLE = Path(__file__).parents[3] / "examples" / "agents" / "langgraph_agent.py"
 
 
 @pytest.mark.slow
@@ -26,6 +28,16 @@ async def test_langgraph(serve_agent: Any, scenario: Any) -> None:
 async def test_a_compiled_graph_is_served_as_it_is(serve_agent: Any, scenario: Any) -> None:
     """``--agent module:graph``: the graph object itself, detected by its type."""
     await scenario(serve_agent("tests.agents.integrations.langgraph_agent:graph"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", [
+    scenarios.streaming, scenarios.server_tool, scenarios.approval_across_sigkill,
+    scenarios.client_tool])
+async def test_example(serve_agent: Any, scenario: Any) -> None:
+    """examples/agents/langgraph_agent.py runs as documented (the graph, served by its path;
+    its front-end tool says ``"target": "client"``)."""
+    await scenario(serve_agent(f"{EXAMPLE}:agent"))
 
 
 def user_texts(request: dict[str, Any]) -> list[str]:

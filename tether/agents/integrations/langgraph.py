@@ -414,6 +414,14 @@ def _unanswered(values: Any) -> list[dict[str, Any]]:
             for c in m.tool_calls if c.get("id") not in answered]
 
 
+def _logged(run: Run, type_: str, call: str) -> dict[str, Any]:
+    """The data of the run's ``type_`` event for ``call`` in the log, or {}."""
+    for _, t, data, _ in run.events:
+        if t == type_ and isinstance(data, dict) and data.get("call") == call:
+            return data
+    return {}
+
+
 def default_input(texts: list[str], ids: list[str], state: StateSnapshot | None) -> Any:
     """The graph input for new user text: ``{"messages": [HumanMessage, ...]}``.
 
@@ -490,11 +498,13 @@ class _Driver:
         self.text_cm: contextlib.AbstractAsyncContextManager[TextStream] | None = None
         self.message: str | None = None  # the id of the message being streamed
         self.streamed: set[str] = set()  # ids of the messages streamed so far
+        self.asked: dict[str, Any] = {}  # tool_call_id → the model's tool call
 
     async def drive(self) -> None:
         last: str | None = None
         while True:
             snap = await self.graph.aget_state(self.thread)
+            self.asked.update({c["id"]: c for c in _unanswered(snap.values) if c.get("id")})
             meta: dict[str, Any] = dict(snap.metadata or {})
             mine = meta.get(RUN_KEY) == self.run.id
             fed = int(meta.get(INPUT_KEY) or 0) if mine else 0
@@ -581,28 +591,29 @@ class _Driver:
             await cm.__aexit__(None, None, None)
 
     async def record(self, update: Any) -> None:
+        """Record the tool calls a step answered: ``tool.call`` then ``tool.result``, as a
+        native run does. A call is recorded when its ToolMessage comes, not when the model
+        asks for it: only then is it known whether the tool ran on the server, waited for an
+        approval, or was a front-end tool (an ``interrupt`` says so while the tool runs)."""
         for message in _messages(update):
             if isinstance(message, AIMessage):
-                for call in message.tool_calls:
-                    if call["id"] and call["name"] not in self.agent.client_tools:
-                        await self.run.record_tool_call(await self.call_id(call["id"]),
-                                                        call["name"], call["args"])
+                self.asked.update({c["id"]: c for c in message.tool_calls if c["id"]})
             elif isinstance(message, ToolMessage):
-                call_id = await self.call_id(message.tool_call_id)
-                await self.run.record_tool_call(call_id, message.name or "tool", {})
+                call_id = self.calls.get(message.tool_call_id)
+                if call_id is None:  # a plain server tool: an id of its own
+                    call_id = self.calls[message.tool_call_id] = new_call_id()
+                if _logged(self.run, "tool.result", call_id):
+                    continue  # a refusal, or a front-end tool's answer: recorded already
+                asked = self.asked.get(message.tool_call_id) or {}
+                edited = _logged(self.run, "approval.decision", call_id).get("arguments")
+                await self.run.record_tool_call(
+                    call_id, message.name or str(asked.get("name", "tool")),
+                    edited if isinstance(edited, dict) else asked.get("args") or {})
                 if message.status == "error":
                     await self.run.record_tool_result(call_id, error=_text(message.content)
                                                       or "error")
                 else:
                     await self.run.record_tool_result(call_id, _result(message))
-
-    async def call_id(self, key: str) -> str:
-        """The tether call id for a framework id; minted (and kept) on first use."""
-        found = self.calls.get(key)
-        if found is None:
-            found = self.calls[key] = new_call_id()
-            await self.run.checkpoint({"calls": self.calls})
-        return found
 
     # --- interrupts ---
 
