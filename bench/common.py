@@ -143,6 +143,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of process ``pid`` and its descendants (``tether serve --workers N``)."""
+    total = cpu_seconds(pid)
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                with contextlib.suppress(OSError):
+                    total += tree_cpu_seconds(int(child))
+    return total
+
+
 def child_env() -> dict[str, str]:
     """The environment for child processes: unbuffered, with this checkout importable."""
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
@@ -161,6 +172,7 @@ class Proc:
         self._tmp = tempfile.TemporaryDirectory(prefix=f"bench-{name}-")
         self.dir = workdir or Path(self._tmp.name)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.ready_text: str | None = None  # a log line that says the server is all up
 
     def start(self) -> Proc:
         self.log_path = Path(self._tmp.name) / "server.log"
@@ -169,6 +181,11 @@ class Proc:
                                      env=self.env, cwd=ROOT)
         try:
             wait_for_port(self.port, 30, self.proc)
+            # --workers N: the port answers once one worker listens; all do at this line.
+            while self.ready_text and self.ready_text not in self.log_tail(50):
+                if self.proc.poll() is not None:
+                    raise RuntimeError("exited")
+                time.sleep(0.05)
         except Exception:
             self.stop()
             raise RuntimeError(f"{self.name} did not start:\n{self.log_tail()}") from None
@@ -187,7 +204,7 @@ class Proc:
         raise RuntimeError("no VmRSS")
 
     def cpu_seconds(self) -> float:
-        return cpu_seconds(self.pid)
+        return tree_cpu_seconds(self.pid)
 
     def log_tail(self, n: int = 30) -> str:
         with contextlib.suppress(OSError):
@@ -235,8 +252,13 @@ TETHER_LOAD_ENV = {
 }
 
 
-def tether_server(store: str | None = None, env: dict[str, str] | None = None) -> Proc:
-    """``python -m tether serve`` on a free port, SQLite in a temp dir unless ``store``."""
+def tether_server(store: str | None = None, env: dict[str, str] | None = None,
+                  workers: int = 1) -> Proc:
+    """``python -m tether serve`` on a free port, SQLite in a temp dir unless ``store``.
+
+    ``workers`` > 1 runs ``--workers N`` unpinned: it is there to use every core (on a 2-core
+    machine it shares the client's core; see docs/benchmarks.md, "--workers").
+    """
     port = free_port()
     proc = Proc("tether", [], port, {**TETHER_LOAD_ENV, **(env or {})})
     # BENCH_TETHER_WRAPPER=script.py runs the server through a script that patches it first
@@ -245,9 +267,12 @@ def tether_server(store: str | None = None, env: dict[str, str] | None = None) -
     entry = [str(Path(wrapper).resolve())] if wrapper else ["-m", "tether"]
     cmd = [sys.executable, *entry, "serve", "--port", str(port),
            "--data", str(proc.dir / "data"), "--secret", SECRET, "--log-level", "warning"]
+    cmd += ["--workers", str(workers)]
     if store:
         cmd += ["--store", store]
-    proc.cmd = pinned(cmd)
+    proc.cmd = pinned(cmd) if workers == 1 else cmd
+    if workers > 1:
+        proc.ready_text = "tether serving on"
     return proc
 
 

@@ -11,12 +11,15 @@ number of publishes in flight (each acknowledgement releases the next one).
 * python-socketio (baseline, target >= 5x): ASGI app under uvicorn; ``pub`` events are emitted to
   a room of 100 clients, then acknowledged.
 
-Run: ``python -m bench.fanout`` (3 runs per system, ~1 min) or ``--quick``.
+Run: ``python -m bench.fanout`` (3 runs per system, ~1 min) or ``--quick``; ``--workers 1,2``
+adds ``tether serve --workers 2`` as a system of its own (not pinned to the server core: it is
+there to use every core).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
 import time
 from pathlib import Path
@@ -70,9 +73,9 @@ async def measure(server: c.Proc, subs: list[Any], pub: c.WindowedPublisher,
     }
 
 
-async def run_tether(warmup: float, duration: float, profile: str | None = None
-                     ) -> dict[str, Any]:
-    with c.tether_server() as server:
+async def run_tether(warmup: float, duration: float, profile: str | None = None,
+                     workers: int = 1) -> dict[str, Any]:
+    with c.tether_server(workers=workers) as server:
         async def subscriber() -> c.Conn:
             conn: c.Conn = await c.connect(server.port)
             await conn.hello()
@@ -140,10 +143,16 @@ async def main() -> None:
     p.add_argument("--duration", type=float, default=None, help="measured seconds per run")
     p.add_argument("--no-socketio", action="store_true")
     c.add_profile_option(p)
+    p.add_argument("--workers", default="1", metavar="N[,N...]",
+                   help="tether serve --workers counts to measure (default 1), e.g. 1,2")
     args = p.parse_args()
+    counts = [int(n) for n in args.workers.split(",")]
     duration = args.duration or (2.0 if args.quick else 3.0)
     warmup = 0.5 if args.quick else 0.7
-    systems: dict[str, Any] = {"tether": run_tether, "bare aiohttp": run_bare}
+    systems: dict[str, Any] = {"tether": functools.partial(run_tether, workers=counts[0])}
+    for n in counts[1:]:
+        systems[f"tether --workers {n}"] = functools.partial(run_tether, workers=n)
+    systems["bare aiohttp"] = run_bare
     skipped: dict[str, str] = {}
     reason = "disabled by --no-socketio" if args.no_socketio else socketio_available()
     if reason:
@@ -155,7 +164,7 @@ async def main() -> None:
         for name, run in systems.items():  # interleaved so drift hits every system alike
             background = c.settle()
             if name == "tether" and i == 0 and args.profile:
-                r = await run_tether(warmup, duration, args.profile)
+                r = await run_tether(warmup, duration, args.profile, counts[0])
             else:
                 r = await run(warmup, duration)
             r["background_busy"] = background
@@ -169,10 +178,15 @@ async def main() -> None:
                for name, rs in results.items()}
     tether = summary["tether"]["delivered_per_s"]
     ratios = {f"tether / {name}": tether / s["delivered_per_s"]
-              for name, s in summary.items() if name != "tether"}
+              for name, s in summary.items() if not name.startswith("tether")}
     per_cpu = summary["tether"]["delivered_per_cpu_s"]
     cpu_ratios = {f"tether / {name}": per_cpu / s["delivered_per_cpu_s"]
-                  for name, s in summary.items() if name != "tether"}
+                  for name, s in summary.items() if not name.startswith("tether")}
+    for n in counts[1:]:  # --workers N against the same baselines
+        mine = summary[f"tether --workers {n}"]
+        ratios.update({f"tether --workers {n} / {name}":
+                       mine["delivered_per_s"] / s["delivered_per_s"]
+                       for name, s in summary.items() if not name.startswith("tether")})
     targets = {"tether / bare aiohttp": 1.0, "tether / python-socketio": 5.0}
     rows = []
     for name, s in summary.items():
@@ -180,8 +194,8 @@ async def main() -> None:
         cpu_ratio = per_cpu / s["delivered_per_cpu_s"]
         rows.append([name, s["delivered_per_s"], s["published_per_s"], f"{s['server_cpu']:.0%}",
                      f"{s['client_cpu']:.0%}", s["delivered_per_cpu_s"],
-                     "" if name == "tether" else f"{ratio:.2f}x",
-                     "" if name == "tether" else f"{cpu_ratio:.2f}x",
+                     "" if name.startswith("tether") else f"{ratio:.2f}x",
+                     "" if name.startswith("tether") else f"{cpu_ratio:.2f}x",
                      "yes" if all(r["complete"] for r in results[name]) else "NO"])
     print()
     print(f"fan-out: {SUBSCRIBERS} subscribers, 1 publisher, {WINDOW} in flight, "
@@ -190,6 +204,9 @@ async def main() -> None:
                    "per server CPU-s", "tether is", "per CPU-s", "complete"], rows))
     for name, reason in skipped.items():
         print(f"{name}: skipped, {reason}")
+    for key, ratio in ratios.items():
+        if key.startswith("tether --workers"):
+            print(f"{key}: {ratio:.2f}x")
     verdicts = {}
     for key, target in targets.items():
         if key in ratios:

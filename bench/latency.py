@@ -12,7 +12,8 @@ subscriber takes the receive time in the frame callback. Latency = receive - sen
   server core, one every 1 ms. Publish -> deliver crosses the cores twice like a round trip, so
   nothing built on this machine's loopback and scheduler does better than this.
 
-Run: ``python -m bench.latency`` (3 runs per system, ~1 min) or ``--quick``.
+Run: ``python -m bench.latency`` (3 runs per system, ~1 min) or ``--quick``; ``--workers 1,2``
+adds ``tether serve --workers 2`` as a system of its own (not pinned to the server core).
 """
 
 from __future__ import annotations
@@ -113,8 +114,9 @@ async def pace(senders: list[Any], make: Any, rate: float, seconds: float) -> in
 
 async def run_system(name: str, warmup: float, duration: float, rate: float,
                      profile: str | None = None) -> dict[str, Any]:
-    tether = name == "tether"
-    server = c.tether_server() if tether else c.bare_server("relay")
+    tether = name.startswith("tether")
+    workers = int(name.rsplit(" ", 1)[1]) if name.startswith("tether --workers") else 1
+    server = c.tether_server(workers=workers) if tether else c.bare_server("relay")
     with server:
         recorder = Recorder(tether)
 
@@ -178,11 +180,15 @@ async def main() -> None:
     p.add_argument("--duration", type=float, default=None, help="measured seconds per run")
     p.add_argument("--rate", type=float, default=RATE, help="events/s in total (default 10,000)")
     c.add_profile_option(p)
+    p.add_argument("--workers", default="1", metavar="N[,N...]",
+                   help="tether serve --workers counts to measure (default 1), e.g. 1,2")
     args = p.parse_args()
+    counts = [int(n) for n in args.workers.split(",")]
     rate = args.rate
     duration = args.duration or (2.0 if args.quick else 4.0)
     warmup = 0.5 if args.quick else 1.0
-    systems = ["tether", "bare aiohttp"]
+    systems = ["tether" if counts[0] == 1 else f"tether --workers {counts[0]}",
+               *(f"tether --workers {n}" for n in counts[1:]), "bare aiohttp"]
     results: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
     floors: list[dict[str, float]] = []
     for i in range(c.runs(args)):
@@ -203,7 +209,7 @@ async def main() -> None:
     summary = {name: {k: c.median([r[k] for r in rs]) for k in keys}
                for name, rs in results.items()}
     floor = {k: c.median([f[k] for f in floors]) for k in ("p50_us", "p99_us")}
-    t, b = summary["tether"], summary["bare aiohttp"]
+    t, b = summary[systems[0]], summary["bare aiohttp"]
     ratios = {"p50": t["p50_us"] / b["p50_us"], "p99": t["p99_us"] / b["p99_us"]}
     targets = {"p50_us": 250.0, "p99_us": 1000.0}
     verdicts = {k: {"value": t[k], "target": v, "met": t[k] <= v} for k, v in targets.items()}
@@ -213,8 +219,10 @@ async def main() -> None:
     rows = [[name, s["p50_us"], s["p90_us"], s["p99_us"], s["p999_us"], s["max_us"],
              s["sent_per_s"], f"{s['server_cpu']:.0%}", s["server_cpu_us_per_event"]]
             for name, s in summary.items()]
-    rows.append(["tether / bare", f"{ratios['p50']:.1f}x", "", f"{ratios['p99']:.1f}x", "", "",
-                 "", "", ""])
+    for name in systems[:-1]:
+        mine = summary[name]
+        rows.append([f"{name} / bare", f"{mine['p50_us'] / b['p50_us']:.1f}x", "",
+                     f"{mine['p99_us'] / b['p99_us']:.1f}x", "", "", "", "", ""])
     rows.append(["machine floor (TCP RTT)", floor["p50_us"], "", floor["p99_us"], "", "", "",
                  "", ""])
     print(c.table(["system", "p50 us", "p90 us", "p99 us", "p99.9 us", "max us", "events/s",

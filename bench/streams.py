@@ -13,7 +13,9 @@ Baselines in the same run:
   forwarded to its session's subscriber and acknowledged, no store: the ceiling the WebSocket
   stack puts on the same three frames per delta (in, ack, event) on one core.
 
-Run: ``python -m bench.streams`` (3 runs, ~40 s) or ``--quick``.
+Run: ``python -m bench.streams`` (3 runs, ~40 s) or ``--quick``; ``--workers 1,2`` measures
+``tether serve --workers 1`` and ``--workers 2`` in the same runs as the baselines (``--workers``
+N > 1 is not pinned to the server core: it is there to use every core).
 """
 
 from __future__ import annotations
@@ -71,9 +73,9 @@ def sqlite_baseline(seconds: float, per_txn: int = 100) -> float:
     return rows / elapsed
 
 
-async def run_tether(warmup: float, duration: float, profile: str | None = None
-                     ) -> dict[str, Any]:
-    with c.tether_server() as server:
+async def run_tether(warmup: float, duration: float, profile: str | None = None,
+                     workers: int = 1) -> dict[str, Any]:
+    with c.tether_server(workers=workers) as server:
         async def pair(i: int) -> tuple[c.Conn, c.WindowedPublisher]:
             session = f"stream-{i}"
             sub: c.Conn = await c.connect(server.port)
@@ -159,14 +161,24 @@ async def main() -> None:
     p = c.parser(__doc__.splitlines()[0])
     p.add_argument("--duration", type=float, default=None, help="measured seconds per run")
     c.add_profile_option(p)
+    p.add_argument("--workers", default="1", metavar="N[,N...]",
+                   help="tether serve --workers counts to measure (default 1), e.g. 1,2")
     args = p.parse_args()
+    counts = [int(n) for n in args.workers.split(",")]
     duration = args.duration or (2.0 if args.quick else 4.0)
     warmup = 0.5 if args.quick else 1.0
     runs: list[dict[str, Any]] = []
+    more: dict[int, list[dict[str, Any]]] = {n: [] for n in counts[1:]}
     for i in range(c.runs(args)):
         background = c.settle()
         sqlite_rate = sqlite_baseline(1.0 if args.quick else 1.5)
-        r = await run_tether(warmup, duration, args.profile if i == 0 else None)
+        r = await run_tether(warmup, duration, args.profile if i == 0 else None, counts[0])
+        for n in counts[1:]:
+            c.settle()
+            more[n].append(await run_tether(warmup, duration, None, n))
+            print(f"run {i + 1}, --workers {n}: committed {more[n][-1]['committed_per_s']:,.0f}"
+                  f"/s, delivered {more[n][-1]['delivered_per_s']:,.0f}/s (server CPU "
+                  f"{more[n][-1]['server_cpu']:.0%})", flush=True)
         bare = await run_bare(warmup, duration)
         r["sqlite_100_per_txn"] = sqlite_rate
         r["bare_relay_per_s"] = bare["relayed_per_s"]
@@ -205,7 +217,21 @@ async def main() -> None:
     print(f"tether / raw SQLite: {ratio:.2f}x; tether / bare aiohttp relay: {bare_ratio:.2f}x")
     print(f"target >= {target:,}/s: {summary['durable_per_s']:,.0f}/s "
           f"{'MET' if met else 'MISSED'} ({summary['durable_per_s'] / target:.0%} of target)")
+    by_workers = {counts[0]: summary}
+    for n, results in more.items():
+        by_workers[n] = {k: c.median([r[k] for r in results])
+                         for k in ("committed_per_s", "delivered_per_s", "durable_per_s",
+                                   "server_cpu", "durable_per_cpu_s")}
+    if more:
+        print()
+        print(c.table(["tether serve", "durable/s", "/ bare relay", "/ raw SQLite",
+                       "server CPU", "per CPU-s"], [
+            [f"--workers {n}", s["durable_per_s"],
+             s["durable_per_s"] / summary["bare_relay_per_s"],
+             s["durable_per_s"] / summary["sqlite_100_per_txn"], s["server_cpu"],
+             s["durable_per_cpu_s"]] for n, s in by_workers.items()]))
     path = c.write_results("streams", {
+        "by_workers": {str(n): s for n, s in by_workers.items()},
         "config": {"sessions": SESSIONS, "window": WINDOW, "duration": duration,
                    "warmup": warmup, "runs": len(runs), "data_bytes": len(orjson.dumps(DATA))},
         "runs": runs, "summary": summary, "ratio_to_sqlite": ratio,
