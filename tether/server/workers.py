@@ -181,11 +181,18 @@ class Supervisor:
         config = self.config
         self.node = config.node_id or node_id(config.data_dir)
         self._port_socket = self._hold_port()
-        if sequenced(config):
-            self.store = open_store(config.resolved_store_url(), config.retention)
-            await self.store.start()
-            self.host = StoreHost(self.store)
         try:
+            if sequenced(config):
+                self.store = open_store(config.resolved_store_url(), config.retention)
+                await self.store.start()
+                self.host = StoreHost(self.store)
+            else:
+                # Every worker would fail alike on a store it cannot reach: say it once, here.
+                probe = open_store(config.resolved_store_url(), config.retention)
+                try:
+                    await probe.start()
+                finally:
+                    await probe.close()
             for child in self._children:
                 await self._spawn(child)
             waits = [asyncio.ensure_future(self._started(child)) for child in self._children]

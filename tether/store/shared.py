@@ -33,6 +33,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
@@ -234,14 +235,20 @@ class HostConnection(_Framed):
 
     def received(self, messages: list[Any]) -> None:
         store = self.host.store
+        # The SQLite store answers at commit with a plain call: no future per append.
+        append_callback = getattr(store, "append_callback", None)
         for message in messages:
             kind = message[0]
             try:
                 if kind == _APPEND:
                     _, rid, session, type_, data, sub, client, kind_, key = message
-                    future = store.append_future(session, type_, data,
-                                                 Sender(sub, client, kind_), key)
-                    future.add_done_callback(self._appended_callback(rid, type_))
+                    if append_callback is not None:
+                        append_callback(session, type_, data, Sender(sub, client, kind_), key,
+                                        partial(self._appended, rid, type_))
+                    else:
+                        future = store.append_future(session, type_, data,
+                                                     Sender(sub, client, kind_), key)
+                        future.add_done_callback(partial(self._appended_future, rid, type_))
                 elif kind == _LISTEN:
                     session = message[1]
                     if session not in self.sessions:
@@ -290,26 +297,27 @@ class HostConnection(_Framed):
                 else:
                     log.warning("shared store: bad message from a worker: %s", exc)
 
-    def _appended_callback(self, rid: int, type_: str) -> Callable[[asyncio.Future[Appended]],
-                                                                    None]:
-        def done(future: asyncio.Future[Appended]) -> None:
-            if future.cancelled():
-                self.send(_error(rid, StoreError("append cancelled")))
+    def _appended_future(self, rid: int, type_: str, future: asyncio.Future[Appended]
+                         ) -> None:
+        if future.cancelled():
+            self._appended(rid, type_, StoreError("append cancelled"))
+        else:
+            self._appended(rid, type_, future.exception() or future.result())
+
+    def _appended(self, rid: int, type_: str, answer: Appended | BaseException) -> None:
+        try:
+            if not isinstance(answer, Appended):
+                self.send(_error(rid, answer))
                 return
-            exc = future.exception()
-            if exc is not None:
-                self.send(_error(rid, exc))
-                return
-            appended = future.result()
-            event = appended.event
-            if appended.duplicate or event.type == STREAM_END or event.type != type_:
+            event = answer.event
+            if answer.duplicate or event.type == STREAM_END or event.type != type_:
                 # The client cannot rebuild these from its request: send the whole event.
                 self.send(orjson.dumps([_OK, rid, event.epoch, event.seq, event.time,
-                                        appended.duplicate, _event_row(event)]))
+                                        answer.duplicate, _event_row(event)]))
             else:
                 self.send(orjson.dumps([_OK, rid, event.epoch, event.seq, event.time]))
-
-        return done
+        except Exception as exc:  # called from the store's commit: never raise into it
+            log.exception("shared store: cannot answer an append: %s", exc)
 
     def _later(self, rid: int | None, awaitable: Any, encode: Callable[[Any], Any] | None
                ) -> None:

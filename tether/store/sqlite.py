@@ -32,7 +32,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal, cast
 
 import orjson
 
@@ -157,6 +157,24 @@ _BACKSTOP_PAGES = 20_000
 _MAX_CACHED_HEADS = 100_000
 
 _Request = tuple[str, str, Any, Sender, str | None, asyncio.Future[Appended]]
+
+
+class _Answer:
+    """What ``_flush`` needs of a future, calling a function instead (``append_callback``)."""
+
+    __slots__ = ("callback",)
+
+    def __init__(self, callback: Callable[[Appended | Exception], None]) -> None:
+        self.callback = callback
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, result: Appended) -> None:
+        self.callback(result)
+
+    def set_exception(self, exc: Exception) -> None:
+        self.callback(exc)
 
 
 class _Head:
@@ -390,6 +408,23 @@ class SqliteStore(InProcessFanout, InProcessPresence):
         future: asyncio.Future[Appended] = loop.create_future()
         self._pending.append((session, type, data, sender, key, future))
         return future
+
+    def append_callback(self, session: str, type: str, data: Any, sender: Sender,
+                        key: str | None, callback: Callable[[Appended | Exception], None]
+                        ) -> None:
+        """``append_future`` that calls ``callback`` at commit, with the result or the error.
+
+        For the store host of ``tether serve --workers`` (``tether/store/shared.py``), which
+        answers thousands of appends a second for other processes: no future and no loop
+        callback per append. ``callback`` must not raise.
+        """
+        if self._conn is None:
+            raise StoreError("sqlite store is not open")
+        if self._flush_handle is None or self._loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+            self._flush_handle = loop.call_soon(self._flush)
+        answer = cast("asyncio.Future[Appended]", _Answer(callback))  # the slots _flush uses
+        self._pending.append((session, type, data, sender, key, answer))
 
     def _flush(self) -> None:
         """Commit every queued append in one transaction, then answer and notify."""
