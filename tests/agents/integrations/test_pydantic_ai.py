@@ -147,3 +147,34 @@ async def test_memory_across_runs(serve_agent: Any) -> None:
     assert sent[0]["content"] == "please add" and sent[4]["content"] == "thanks"
     assert sent[1]["tool_calls"][0]["id"] == call and sent[2]["content"] == "5"
     assert sent[3]["content"] == answer
+
+
+async def test_checkpoint_holds_the_runs_own_messages(serve_agent: Any) -> None:
+    """A checkpoint holds the run's own messages, not the session's earlier turns (the log
+    has those): after a SIGKILL the run rebuilds its whole history from both."""
+    served = serve_agent(SPEC)
+    session = "fw-memory-resume"
+    peer = await connect(served.port, session)
+    await peer.publish(session, "message", {"text": "please add"})
+    run = (await until_event(peer, "run.created"))["data"]["run"]
+    await until_event(peer, "run.state", run=run, state="completed")
+    await peer.publish(session, "message", {"text": "please deploy"})
+    request = (await until_event(peer, "approval.request", name="deploy"))["data"]
+    await peer.close()
+    served.server.kill()
+    served.server.start()
+    approver = await connect(served.port, session)
+    await approver.publish(session, "approval.decision", {
+        "run": request["run"], "call": request["call"], "decision": "approve"})
+    await until_event(approver, "run.state", run=request["run"], state="completed")
+    await approver.close()
+    events = await read_log(served.port, session)
+    checkpoint = next(e["data"]["state"] for e in events if e["type"] == "run.checkpoint"
+                      and e["data"]["run"] == request["run"])
+    assert checkpoint["base"] == "log"
+    assert checkpoint["messages"][0]["parts"][0]["content"] == "please deploy"
+    sent = served.upstream.requests[-1]["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "tool", "assistant", "user",
+                                         "assistant", "tool"]
+    assert sent[0]["content"] == "please add" and sent[4]["content"] == "please deploy"
+    assert "staging" in sent[6]["content"]

@@ -118,7 +118,8 @@ class _Deferred:
 class _Turn:
     """Where one tether run is in the Pydantic AI agent's work: what a checkpoint holds."""
 
-    messages: list[ModelMessage]
+    messages: list[ModelMessage]  # the whole history: ``earlier``, then the run's own
+    earlier: list[ModelMessage] = field(default_factory=list)  # derived from the log
     prompt: str | None = None  # the user prompt of the next agent.iter, if any
     ids: dict[str, str] = field(default_factory=dict)  # Pydantic AI call id → tether call id
     deferred: list[_Deferred] = field(default_factory=list)
@@ -126,17 +127,25 @@ class _Turn:
     enqueued: dict[str, str] = field(default_factory=dict)  # enqueue id → steer, undelivered
 
     def state(self) -> dict[str, Any]:
-        return {"format": CHECKPOINT_FORMAT,
-                "messages": ModelMessagesTypeAdapter.dump_python(self.messages, mode="json"),
+        # The earlier turns are in the log already: a checkpoint holds the run's own messages
+        # only (its size is the run's, not the session's), unless the agent rewrote the
+        # earlier ones (a history processor), when it holds them all.
+        own, base = self.messages, "none"
+        if self.messages[:len(self.earlier)] == self.earlier:
+            own, base = self.messages[len(self.earlier):], "log"
+        return {"format": CHECKPOINT_FORMAT, "base": base,
+                "messages": ModelMessagesTypeAdapter.dump_python(own, mode="json"),
                 "ids": self.ids, "steers": [*self.enqueued.values(), *self.steers],
                 "deferred": [{"kind": d.kind, "id": d.id, "name": d.name,
                               "arguments": d.arguments} for d in self.deferred]}
 
     @classmethod
-    def restore(cls, state: Any) -> _Turn | None:
+    def restore(cls, state: Any, run: Run) -> _Turn | None:
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             return None
-        return cls(messages=ModelMessagesTypeAdapter.validate_python(state["messages"]),
+        own = ModelMessagesTypeAdapter.validate_python(state["messages"])
+        earlier = earlier_turns(run) if state.get("base") == "log" else []
+        return cls(messages=[*earlier, *own], earlier=earlier,
                    ids=dict(state["ids"]), steers=list(state["steers"]),
                    deferred=[_Deferred(d["kind"], d["id"], d["name"], d["arguments"])
                              for d in state["deferred"]])
@@ -170,9 +179,10 @@ class PydanticAIAgent(Agent):
         await run.restart_step()
 
     async def respond(self, run: Run) -> None:
-        turn = _Turn.restore(run.last_checkpoint())
+        turn = _Turn.restore(run.last_checkpoint(), run)
         if turn is None:  # a new run (or one stopped before its first checkpoint)
-            turn = _Turn(messages=earlier_turns(run), prompt=run.input_text())
+            earlier = earlier_turns(run)
+            turn = _Turn(messages=list(earlier), earlier=earlier, prompt=run.input_text())
         while True:
             results = await self._resolve(run, turn) if turn.deferred else None
             output = await self._iterate(run, turn, results)
