@@ -2,11 +2,12 @@
 native reference, approval and the front-end tool in LangGraph's idiom (``interrupt``)."""
 
 import os
+import warnings
 
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 from langgraph.graph import START, MessagesState, StateGraph
-from langgraph.prebuilt import ToolNode, tools_condition
+from langgraph.prebuilt import ToolNode, create_react_agent, tools_condition
 from langgraph.types import interrupt
 
 from tether.agents.integrations.langgraph import serve
@@ -53,3 +54,15 @@ graph = builder.compile()
 
 agent = serve(graph, name="langgraph", sessions=["fw-*"], client_tools=["ask"],
               coalesce_window=0.005)
+
+# The same tools in LangGraph's prebuilt agent (deprecated in favour of langchain's
+# create_agent, which is not installed here, but still the graph many agents are built with).
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    react = create_react_agent(ChatOpenAI(
+        model="tether-simulated", base_url=os.environ["OPENAI_BASE_URL"],
+        api_key=os.environ.get("OPENAI_API_KEY", "unused"), streaming=True,
+        use_responses_api=False), tools)
+
+react_agent = serve(react, name="react", sessions=["fw-*"], client_tools=["ask"],
+                    coalesce_window=0.005)

@@ -40,6 +40,15 @@ async def test_example(serve_agent: Any, scenario: Any) -> None:
     await scenario(serve_agent(f"{EXAMPLE}:agent"))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", [
+    scenarios.streaming, scenarios.server_tool, scenarios.approval_across_sigkill,
+    scenarios.rejection, scenarios.client_tool, scenarios.steer])
+async def test_prebuilt_react_agent(serve_agent: Any, scenario: Any) -> None:
+    """``create_react_agent``'s graph (a tool call per ``Send``) maps the same way."""
+    await scenario(serve_agent("tests.agents.integrations.langgraph_agent:react_agent"))
+
+
 def user_texts(request: dict[str, Any]) -> list[str]:
     return [str(m["content"]) for m in request["messages"] if m["role"] == "user"]
 
