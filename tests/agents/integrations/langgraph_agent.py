@@ -66,3 +66,39 @@ with warnings.catch_warnings():
 
 react_agent = serve(react, name="react", sessions=["fw-*"], client_tools=["ask"],
                     coalesce_window=0.005)
+
+
+# The approval in the shape of LangChain's HumanInTheLoopMiddleware (its interrupt payload and
+# resume value), here raised by the tool itself.
+@tool("deploy")
+def reviewed_deploy(target: str) -> dict[str, str] | str:
+    """Deploy to a target (needs approval)."""
+    request = {"action_requests": [{"name": "deploy", "args": {"target": target}}],
+               "review_configs": [{"action_name": "deploy",
+                                   "allowed_decisions": ["approve", "edit", "reject"]}]}
+    decision = interrupt(request)["decisions"][0]
+    if decision["type"] == "reject":
+        return str(decision["message"])
+    if decision["type"] == "edit":
+        target = decision["edited_action"]["args"]["target"]
+    return {"deployed": target}
+
+
+hitl_tools = [add, reviewed_deploy, ask]
+hitl_model = ChatOpenAI(model="tether-simulated", base_url=os.environ["OPENAI_BASE_URL"],
+                        api_key=os.environ.get("OPENAI_API_KEY", "unused"), streaming=True,
+                        use_responses_api=False).bind_tools(hitl_tools)
+
+
+async def call_hitl_model(state: MessagesState) -> MessagesState:
+    return {"messages": [await hitl_model.ainvoke(state["messages"])]}
+
+
+hitl = StateGraph(MessagesState)
+hitl.add_node("model", call_hitl_model)
+hitl.add_node("tools", ToolNode(hitl_tools))
+hitl.add_edge(START, "model")
+hitl.add_conditional_edges("model", tools_condition)
+hitl.add_edge("tools", "model")
+hitl_agent = serve(hitl.compile(), name="hitl", sessions=["fw-*"], client_tools=["ask"],
+                   coalesce_window=0.005)

@@ -49,6 +49,36 @@ async def test_prebuilt_react_agent(serve_agent: Any, scenario: Any) -> None:
     await scenario(serve_agent("tests.agents.integrations.langgraph_agent:react_agent"))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", [scenarios.approval_across_sigkill, scenarios.rejection])
+async def test_human_in_the_loop_middleware_shape(serve_agent: Any, scenario: Any) -> None:
+    """An interrupt shaped as LangChain's HumanInTheLoopMiddleware asks (``action_requests``)
+    is answered as it expects (``decisions``)."""
+    await scenario(serve_agent("tests.agents.integrations.langgraph_agent:hitl_agent"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", [SPEC, "tests.agents.integrations.langgraph_agent:hitl_agent"])
+async def test_an_approval_with_edited_arguments(serve_agent: Any, spec: str) -> None:
+    """The approver's edited arguments reach the tool (``arguments`` of the resume value, or
+    an ``edit`` decision), and the recorded call shows them."""
+    served = serve_agent(spec)
+    session = "fw-edit"
+    peer = await scenarios.connect(served.port, session)
+    await peer.publish(session, "message", {"text": "please deploy"})
+    request = (await until_event(peer, "approval.request", name="deploy"))["data"]
+    reply = await peer.publish(session, "approval.decision", {
+        "run": request["run"], "call": request["call"], "decision": "approve",
+        "arguments": {"target": "production"}})
+    assert reply["op"] == "published", reply
+    call = (await until_event(peer, "tool.call", call=request["call"]))["data"]
+    assert call["arguments"] == {"target": "production"}
+    result = (await until_event(peer, "tool.result", call=request["call"]))["data"]
+    assert result["result"] == {"deployed": "production"}
+    await until_event(peer, "run.state", run=request["run"], state="completed")
+    await peer.close()
+
+
 def user_texts(request: dict[str, Any]) -> list[str]:
     return [str(m["content"]) for m in request["messages"] if m["role"] == "user"]
 
