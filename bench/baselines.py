@@ -14,6 +14,10 @@ Modes (aiohttp unless stated, uvloop, compression off):
 ``push``       ``/ws`` writes ``--frames`` pre-encoded frames of ``--size`` bytes on connect.
 ``socketio``   python-socketio ASGI app under uvicorn: event ``join`` enters room ``r``; event
                ``pub`` emits ``delta`` with the same data to room ``r`` and acknowledges.
+``picows-broadcast``, ``picows-relay``
+               ``broadcast`` and ``relay`` (``--ack`` too) on picows instead of aiohttp: a
+               WebSocket stack written in Cython, frames handled in a callback, no task or
+               message object per frame. What a lighter WebSocket layer does with the same job.
 """
 
 from __future__ import annotations
@@ -134,6 +138,73 @@ def push_app(frames: int, size: int) -> web.Application:
     return app
 
 
+def picows_factory(mode: str, ack: bool) -> Any:
+    """The listener factory of ``picows-broadcast`` / ``picows-relay``."""
+    import picows
+
+    text = picows.WSMsgType.TEXT
+    subscribers: dict[str, Any] = {}  # relay: name -> transport; broadcast: id -> transport
+
+    class Sub(picows.WSListener):  # type: ignore[misc]
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def on_ws_connected(self, transport: Any) -> None:
+            subscribers[self.name] = transport
+
+        def on_ws_disconnected(self, transport: Any) -> None:
+            subscribers.pop(self.name, None)
+
+    class Pub(picows.WSListener):  # type: ignore[misc]
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def on_ws_frame(self, transport: Any, frame: Any) -> None:
+            if frame.msg_type != text:
+                return
+            data = frame.get_payload_as_bytes()  # once, the same bytes for every subscriber
+            if mode == "broadcast":
+                for target in tuple(subscribers.values()):
+                    target.send(text, data)
+            else:
+                target = subscribers.get(self.name)
+                if target is not None:
+                    target.send(text, data)
+            if ack:
+                transport.send(text, ACK)
+
+    count = 0
+
+    def factory(request: Any) -> Any:
+        nonlocal count
+        path = request.path.decode() if isinstance(request.path, bytes) else request.path
+        kind, _, name = path.strip("/").partition("/")
+        if mode == "broadcast":
+            count += 1
+            name = str(count)
+        if kind == "sub":
+            return Sub(name)
+        if kind == "pub":
+            return Pub(name)
+        return None
+
+    return factory
+
+
+async def serve_picows(mode: str, port: int, ack: bool) -> None:
+    import picows
+
+    server = await picows.ws_create_server(picows_factory(mode, ack), "127.0.0.1", port,
+                                           reuse_address=True, backlog=4096,
+                                           max_frame_size=1 << 20)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    server.close()
+
+
 async def serve_aiohttp(app: web.Application, port: int) -> None:
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
@@ -180,7 +251,8 @@ def serve_socketio(port: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["broadcast", "relay", "idle", "push", "socketio"])
+    p.add_argument("mode", choices=["broadcast", "relay", "idle", "push", "socketio",
+                                    "picows-broadcast", "picows-relay"])
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--frames", type=int, default=1000)
     p.add_argument("--size", type=int, default=100)
@@ -191,6 +263,11 @@ def main() -> None:
         return
     import uvloop
 
+    if args.mode.startswith("picows-"):
+        mode = args.mode.removeprefix("picows-")
+        # The broadcast baseline acknowledges every message, as the aiohttp one does.
+        uvloop.run(serve_picows(mode, args.port, args.ack or mode == "broadcast"))
+        return
     if args.mode == "push":
         app = push_app(args.frames, args.size)
     elif args.mode == "relay":

@@ -6,8 +6,10 @@ number of publishes in flight (each acknowledgement releases the next one).
 * tether: 100 connections hello + attach to one session; the publisher publishes
   ``stream.append`` deltas (~80 bytes of data) and counts ``published`` replies (sent after the
   SQLite commit). SQLite store in a temp dir.
-* bare aiohttp (baseline, target >= 1.0x): the publisher's ~80-byte frames are written, encoded
+* bare aiohttp (baseline, target >= 3.5x): the publisher's ~80-byte frames are written, encoded
   once, to 100 listening connections, then acknowledged; no store, no envelope.
+* bare picows (baseline, target >= 1.0x): the same on picows (``bench/baselines.py
+  picows-broadcast``), a WebSocket stack in Cython with a callback per frame.
 * python-socketio (baseline, target >= 5x): ASGI app under uvicorn; ``pub`` events are emitted to
   a room of 100 clients, then acknowledged.
 
@@ -97,8 +99,8 @@ async def run_tether(warmup: float, duration: float, profile: str | None = None,
     return result
 
 
-async def run_bare(warmup: float, duration: float) -> dict[str, Any]:
-    with c.bare_server("broadcast") as server:
+async def run_bare(warmup: float, duration: float, mode: str = "broadcast") -> dict[str, Any]:
+    with c.bare_server(mode) as server:
         subs = await c.gather_limited(
             [c.connect(server.port, "/sub", None, c.CountingConn) for _ in range(SUBSCRIBERS)],
             20)
@@ -153,6 +155,7 @@ async def main() -> None:
     for n in counts[1:]:
         systems[f"tether --workers {n}"] = functools.partial(run_tether, workers=n)
     systems["bare aiohttp"] = run_bare
+    systems["bare picows"] = functools.partial(run_bare, mode="picows-broadcast")
     skipped: dict[str, str] = {}
     reason = "disabled by --no-socketio" if args.no_socketio else socketio_available()
     if reason:
@@ -187,7 +190,8 @@ async def main() -> None:
         ratios.update({f"tether --workers {n} / {name}":
                        mine["delivered_per_s"] / s["delivered_per_s"]
                        for name, s in summary.items() if not name.startswith("tether")})
-    targets = {"tether / bare aiohttp": 1.0, "tether / python-socketio": 5.0}
+    targets = {"tether / bare aiohttp": 3.5, "tether / bare picows": 1.0,
+               "tether / python-socketio": 5.0}
     rows = []
     for name, s in summary.items():
         ratio = tether / s["delivered_per_s"]
