@@ -79,6 +79,26 @@ async def test_an_approval_with_edited_arguments(serve_agent: Any, spec: str) ->
     await peer.close()
 
 
+@pytest.mark.slow
+async def test_with_busy_merge_a_message_is_input_of_the_active_run(serve_agent: Any) -> None:
+    """``busy="merge"``: a message sent while a run streams is fed to that run, as a steer."""
+    served = serve_agent("tests.agents.integrations.langgraph_agent:merging")
+    served.upstream.tokens_per_second = 50.0
+    served.upstream.answer_tokens = 60
+    session = "fw-merge"
+    peer = await scenarios.connect(served.port, session)
+    await peer.publish(session, "message", {"text": "hello there"})
+    first = (await until_event(peer, "stream.append"))["data"]
+    await peer.publish(session, "message", {"text": "now add"})
+    call = (await until_event(peer, "tool.call", name="add"))["data"]
+    assert call["run"] == first["run"]
+    await until_event(peer, "run.state", run=first["run"], state="completed")
+    await peer.close()
+    events = await scenarios.read_log(served.port, session)
+    assert [e["type"] for e in events].count("run.created") == 1
+    assert user_texts(served.upstream.requests[-1]) == ["hello there", "now add"]
+
+
 def user_texts(request: dict[str, Any]) -> list[str]:
     return [str(m["content"]) for m in request["messages"] if m["role"] == "user"]
 

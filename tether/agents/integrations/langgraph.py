@@ -542,12 +542,11 @@ class _Driver:
         upto = after
         merge = self.agent.busy == BusyPolicy.MERGE
         for seq, type_, data, sender in run.events:
-            if seq <= after or not isinstance(data, dict):
+            if seq <= after:
                 continue
-            if ((type_ == "run.steer" and data.get("run") == run.id)
-                    or (merge and type_ == "message" and sender.kind != "agent"
-                        and seq > start)):
-                texts.append(str(data.get("text", "")))
+            steer = type_ == "run.steer" and isinstance(data, dict) and data.get("run") == run.id
+            if steer or (merge and type_ == "message" and sender.kind != "agent"):
+                texts.append(str(data.get("text", "")) if isinstance(data, dict) else str(data))
                 ids.append(f"{run.id}:{seq}")
                 upto = seq
         return texts, ids, upto
