@@ -43,21 +43,34 @@ DATA = {"stream": "m1", "text": "hello world, this is one token delta of a model
 SENDER = Sender("bench", "c-1", "agent")
 
 
+TICKS: list[float] = []  # seconds per tick (append to commit), this process
+
+
 async def ticks(store: SessionStore, sessions: list[str], seconds: float) -> int:
     """Append one event per session per tick until ``seconds`` pass; events committed."""
     done = 0
+    TICKS.clear()
     deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
+    while (start := time.perf_counter()) < deadline:
         futures = [store.append_future(s, "stream.append", DATA, SENDER) for s in sessions]
         await asyncio.gather(*futures)
+        TICKS.append(time.perf_counter() - start)
         done += len(futures)
     return done
 
 
-def report(name: str, events: int, elapsed: float, cpu: dict[str, float]) -> None:
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q / 100))] if ordered else 0.0
+
+
+def report(name: str, events: int, elapsed: float, cpu: dict[str, float],
+           tick_times: list[float]) -> None:
     per_s = events / elapsed
     cpus = ", ".join(f"{who} {seconds / events * 1e6:.1f} µs" for who, seconds in cpu.items())
-    print(f"{name:<10} {per_s:>10,.0f} events/s   CPU per event: {cpus}", flush=True)
+    print(f"{name:<10} {per_s:>10,.0f} events/s   commit p50 "
+          f"{percentile(tick_times, 50) * 1e3:5.2f} ms p99 {percentile(tick_times, 99) * 1e3:6.2f}"
+          f" ms   CPU per event: {cpus}", flush=True)
 
 
 def inproc(folder: Path, seconds: float) -> None:
@@ -67,7 +80,8 @@ def inproc(folder: Path, seconds: float) -> None:
         await ticks(store, [f"s{i}" for i in range(SESSIONS)], 0.5)  # warm up
         t0, c0 = time.perf_counter(), time.process_time()
         events = await ticks(store, [f"s{i}" for i in range(SESSIONS)], seconds)
-        report("inproc", events, time.perf_counter() - t0, {"process": time.process_time() - c0})
+        report("inproc", events, time.perf_counter() - t0, {"process": time.process_time() - c0},
+               TICKS)
         await store.close()
 
     asyncio.run(run())
@@ -98,13 +112,15 @@ def shared(folder: Path, seconds: float, writers: int) -> None:
     cpu = asyncio.run(run())
     events = 0
     elapsed = 0.0
+    tick_times: list[float] = []
     for i, proc in enumerate(procs):
         out, _ = proc.communicate()
-        n, took, used = orjson.loads(out)
+        n, took, used, times = orjson.loads(out)
         events += n
         elapsed = max(elapsed, took)
         cpu[f"writer{i}"] = used
-    report(f"shared {writers}", events, elapsed, cpu)
+        tick_times += times
+    report(f"shared {writers}", events, elapsed, cpu, tick_times)
 
 
 def writer(fd: int, index: int, writers: int, seconds: float) -> None:
@@ -117,7 +133,7 @@ def writer(fd: int, index: int, writers: int, seconds: float) -> None:
         events = await ticks(store, mine, seconds)
         took, used = time.perf_counter() - t0, time.process_time() - c0
         await store.close()
-        sys.stdout.write(orjson.dumps([events, took, used]).decode())
+        sys.stdout.write(orjson.dumps([events, took, used, TICKS]).decode())
 
     asyncio.run(run())
 
@@ -140,9 +156,10 @@ def file_writer(path: str, index: int, writers: int, seconds: float) -> None:
     events = 0
     t0, c0 = time.perf_counter(), time.process_time()
     deadline = t0 + seconds
-    while time.perf_counter() < deadline:
+    times: list[float] = []
+    while (start := time.perf_counter()) < deadline:
         now = int(time.time() * 1000)
-        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("BEGIN IMMEDIATE")  # waits for the other writers: SQLite's busy handler
         marks = ",".join("?" * len(mine))
         heads = dict(conn.execute(f"SELECT id, last_seq FROM sessions WHERE id IN ({marks})",
                                   mine).fetchall())
@@ -152,9 +169,10 @@ def file_writer(path: str, index: int, writers: int, seconds: float) -> None:
         conn.executemany("UPDATE sessions SET last_seq = ? WHERE id = ?",
                          [(heads[sid] + 1, sid) for sid in mine])
         conn.execute("COMMIT")
+        times.append(time.perf_counter() - start)
         events += len(rows)
     sys.stdout.write(orjson.dumps([events, time.perf_counter() - t0,
-                                   time.process_time() - c0]).decode())
+                                   time.process_time() - c0, times]).decode())
 
 
 def shared_file(folder: Path, seconds: float, writers: int) -> None:
@@ -167,14 +185,15 @@ def shared_file(folder: Path, seconds: float, writers: int) -> None:
     procs = [subprocess.Popen([sys.executable, __file__, "file-writer", str(path), str(i),
                                str(writers), str(seconds)], stdout=subprocess.PIPE)
              for i in range(writers)]
-    events, elapsed, cpu = 0, 0.0, {}
+    events, elapsed, cpu, tick_times = 0, 0.0, {}, []
     for i, proc in enumerate(procs):
         out, _ = proc.communicate()
-        n, took, used = orjson.loads(out)
+        n, took, used, times = orjson.loads(out)
         events += n
         elapsed = max(elapsed, took)
         cpu[f"writer{i}"] = used
-    report(f"file {writers}", events, elapsed, cpu)
+        tick_times += times
+    report(f"file {writers}", events, elapsed, cpu, tick_times)
 
 
 def main() -> None:
