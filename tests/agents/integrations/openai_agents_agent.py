@@ -6,7 +6,8 @@ import os
 from agents import Agent, OpenAIChatCompletionsModel, function_tool
 from openai import AsyncOpenAI
 
-from tether.agents.integrations.openai_agents import client_function_tool
+from tether.agents import client_tool as tether_client_tool
+from tether.agents.integrations.openai_agents import client_function_tool, serve
 
 
 @function_tool
@@ -33,3 +34,10 @@ model = OpenAIChatCompletionsModel(
                               api_key=os.environ.get("OPENAI_API_KEY", "unused")))
 agent = Agent(name="helper", instructions="You help with arithmetic and deployments.",
               model=model, tools=[add, deploy, ask])
+
+# The same agent with ``ask`` given as a tether client_tool spec instead (serve(client_tools=)).
+with_specs = serve(Agent(name="helper", model=model, tools=[add, deploy]), sessions=["fw-*"],
+                   name="helper", client_tools=[tether_client_tool(
+                       "ask", "Ask the user a question", {
+                           "type": "object", "properties": {"q": {"type": "string"}},
+                           "required": ["q"]})])

@@ -143,3 +143,89 @@ async def test_steer_is_a_follow_up_turn(serve_agent: Any) -> None:
     assert shape(memory(events, "fw-steer")) == ["user", "assistant", "user", "call:add",
                                                  "function_call_output", "assistant"]
     assert memory(events, "fw-steer")[2]["content"] == "now add"
+
+
+async def test_client_tool_given_as_a_tether_spec(serve_agent: Any) -> None:
+    """serve(client_tools=[client_tool(...)]) offers a tether spec to the SDK agent."""
+    await scenarios.client_tool(serve_agent(
+        "tests.agents.integrations.openai_agents_agent:with_specs"))
+
+
+async def test_client_tool_waits_across_sigkill(serve_agent: Any) -> None:
+    """A front-end call waits in the log through a SIGKILL; the answer given to the
+    restarted server reaches the model, and the model was asked for the call once."""
+    served: Served = serve_agent(SPEC)
+    session = "fw-client-kill"
+    peer = await connect(served.port, session, tools=["ask"])
+    await peer.publish(session, "message", {"text": "please ask"})
+    call = (await until_event(peer, "tool.call", name="ask"))["data"]
+    await until_event(peer, "run.state", state="awaiting_tool")
+    await peer.close()
+    served.server.kill()
+    served.server.start()
+    peer = await connect(served.port, session, tools=["ask"])
+    reply = await peer.publish(session, "tool.result", {
+        "run": call["run"], "call": call["call"], "result": "teal"})
+    assert reply["op"] == "published", reply
+    await until_event(peer, "run.state", run=call["run"], state="completed")
+    await peer.close()
+    assert len(served.upstream.requests) == 2
+    tool_messages = [m for m in served.upstream.requests[-1]["messages"] if m["role"] == "tool"]
+    assert tool_messages[-1]["content"] == "teal"
+    events = await read_log(served.port, session)
+    scenarios.assert_clean(events)
+    assert shape(memory(events, session)) == ["user", "call:ask", "function_call_output",
+                                              "assistant"]
+
+
+async def test_edited_arguments_are_not_run(serve_agent: Any) -> None:
+    """The SDK cannot run a call with other arguments than the model's: an approval that
+    edits them is recorded as a refusal, and the tool does not run."""
+    served: Served = serve_agent(SPEC)
+    session = "fw-edit"
+    peer = await connect(served.port, session)
+    await peer.publish(session, "message", {"text": "please deploy"})
+    request = (await until_event(peer, "approval.request", name="deploy"))["data"]
+    reply = await peer.publish(session, "approval.decision", {
+        "run": request["run"], "call": request["call"], "decision": "approve",
+        "arguments": {"target": "production"}})
+    assert reply["op"] == "published", reply
+    result = (await until_event(peer, "tool.result", call=request["call"]))["data"]
+    assert "edited arguments" in result["error"] and "result" not in result
+    await until_event(peer, "run.state", run=request["run"], state="completed")
+    await peer.close()
+    events = await read_log(served.port, session)
+    assert not any(e["type"] == "tool.call" and e["data"]["call"] == request["call"]
+                   for e in events)
+    tool_messages = [m for m in served.upstream.requests[-1]["messages"] if m["role"] == "tool"]
+    assert "not run" in tool_messages[-1]["content"]
+
+
+async def test_steer_before_an_approval_survives_sigkill(serve_agent: Any) -> None:
+    """A steer sent while the model prepares a call that needs approval is kept with the
+    checkpoint: after the SIGKILL and the approval, it is the next turn's input."""
+    served: Served = serve_agent(SPEC)
+    session = "fw-steer-approve"
+    served.upstream.ttft = 0.3  # the model takes a moment: the steer usually comes first
+    peer = await connect(served.port, session)
+    await peer.publish(session, "message", {"text": "please deploy"})
+    created = (await until_event(peer, "run.created"))["data"]
+    reply = await peer.publish(session, "run.steer", {"run": created["run"], "text": "now add"})
+    assert reply["op"] == "published", reply
+    request = (await until_event(peer, "approval.request", name="deploy"))["data"]
+    await until_event(peer, "run.state", state="awaiting_approval")
+    await peer.close()
+    served.server.kill()
+    served.upstream.ttft = 0.0
+    served.server.start()
+    peer = await connect(served.port, session)
+    await peer.publish(session, "approval.decision", {
+        "run": request["run"], "call": request["call"], "decision": "approve"})
+    await until_event(peer, "tool.call", name="add", run=request["run"])
+    await until_event(peer, "run.state", run=request["run"], state="completed")
+    await peer.close()
+    events = await read_log(served.port, session)
+    scenarios.assert_clean(events)
+    assert shape(memory(events, session)) == [
+        "user", "call:deploy", "function_call_output", "assistant",
+        "user", "call:add", "function_call_output", "assistant"]

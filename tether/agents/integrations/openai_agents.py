@@ -117,11 +117,15 @@ class TetherSession:
         self._lock = asyncio.Lock()
 
     def prime(self, events: Iterable[tuple[int, str, Any, Sender]]) -> None:
-        """Fold events already read (a run's log), so the next read starts after them."""
+        """Fold events already read (a run's log, in seq order), so the next read starts after
+        them. Only their gapless prefix counts: an event delivered late is read again."""
         for seq, type_, data, _ in events:
-            if seq > self._after:
-                self._fold(seq, type_, data)
-                self._after = seq
+            if seq <= self._after:
+                continue
+            if self._after and seq != self._after + 1:
+                return
+            self._fold(seq, type_, data)
+            self._after = seq
 
     def _fold(self, seq: int, type_: str, data: Any) -> None:
         if type_ != MEMORY or not isinstance(data, dict) or data.get("memory") != self.session_id:
@@ -301,7 +305,6 @@ class OpenAIAgentsAgent(TetherAgent):
         super().__init__(name, sessions=sessions, busy=busy, coalesce_window=coalesce_window,
                          coalesce_bytes=coalesce_bytes)
         self.agent = agent
-        self.instructions = ""  # the SDK agent has its own
         self.run_config = run_config
         self.max_turns = max_turns
         self.context = context
@@ -330,6 +333,9 @@ class _Driver:
         self.answers: dict[str, dict[str, Any]] = {}  # front-end answers by SDK call id
         self.text: TextStream | None = None
         self.context: Any = None
+        # Steers taken from the log but not yet given to the SDK: a checkpoint keeps them,
+        # since after it Run.take_steers only returns newer ones.
+        self.steers: list[str] = []
         self._text_cm: contextlib.AbstractAsyncContextManager[TextStream] | None = None
 
     def tid(self, sdk_call: str) -> str:
@@ -347,6 +353,8 @@ class _Driver:
         # A step a restart cut off runs again from the checkpoint: drop what it had written.
         await self.memory.rewind(run.id, at)
         pending: Any
+        if isinstance(saved, dict) and isinstance(saved.get("steers"), list):
+            self.steers = [str(text) for text in saved["steers"]]
         if isinstance(saved, dict) and isinstance(saved.get("state"), dict):
             self.calls = dict(saved.get("calls") or {})
             state = await RunState.from_json(self.adapter.agent, saved["state"],
@@ -364,11 +372,13 @@ class _Driver:
                 state = result.to_state()
                 for item in interruptions:
                     self.tid(str(item.call_id))
-                await run.checkpoint({"state": state.to_json(), "calls": self.calls})
+                self.steers += run.take_steers()
+                await run.checkpoint({"state": state.to_json(), "calls": self.calls,
+                                      "steers": self.steers})
                 await self.decide(state)
                 pending = state
                 continue
-            steers = run.take_steers()
+            steers, self.steers = self.steers + run.take_steers(), []
             if not steers:
                 return
             # The next turn's input is in the checkpoint, so a restart runs that turn.
@@ -516,6 +526,10 @@ def serve(obj: agents.Agent[Any], *, sessions: Sequence[str] = ("*",), name: str
     """
     import agents as sdk
 
+    if BusyPolicy(busy) == BusyPolicy.MERGE:
+        raise ValueError("busy='merge' needs input mid-turn, which the OpenAI Agents SDK "
+                         "does not take: use 'queue' or 'interrupt' (a steer is a follow-up "
+                         "turn)")
     if not tracing:
         sdk.set_tracing_disabled(True)
     if client_tools:
