@@ -168,6 +168,7 @@ async def catchup(http: aiohttp.ClientSession, system: System) -> dict[str, floa
             assert resp.status in (200, 204), resp.status
     total = 0
     items = 0
+    cpu0 = system.cpu()
     start = time.perf_counter()
     for _ in range(CATCHUP_READS):
         offset = "-1"
@@ -182,8 +183,10 @@ async def catchup(http: aiohttp.ClientSession, system: System) -> dict[str, floa
                 if resp.headers.get("Stream-Up-To-Date") == "true":
                     break
     elapsed = time.perf_counter() - start
+    cpu = system.cpu() - cpu0
     assert items == CATCHUP_MESSAGES * CATCHUP_READS, items
-    return {"mb_per_s": total / elapsed / 1e6, "bytes": total}
+    return {"mb_per_s": total / elapsed / 1e6, "bytes": total,
+            "mb_per_cpu_s": total / cpu / 1e6 if cpu else float("nan")}
 
 
 async def live_tail(http: aiohttp.ClientSession, system: System, samples: int
@@ -239,7 +242,9 @@ ROWS: list[tuple[str, Callable[[dict[str, Any]], float]]] = [
     ("appends/s", lambda r: r["appends"]["per_s"]),
     ("appends/s, idempotent producer", lambda r: r["producer_appends"]["per_s"]),
     ("appends per server CPU-second", lambda r: r["appends"]["per_cpu_s"]),
+    ("producer appends per server CPU-second", lambda r: r["producer_appends"]["per_cpu_s"]),
     ("catch-up read MB/s", lambda r: r["catchup"]["mb_per_s"]),
+    ("catch-up MB per server CPU-second", lambda r: r["catchup"]["mb_per_cpu_s"]),
     ("live-tail latency p50 ms", lambda r: r["tail"]["p50_ms"]),
     ("live-tail latency p99 ms", lambda r: r["tail"]["p99_ms"]),
 ]

@@ -157,3 +157,15 @@ def test_serve_refuses_anonymous_on_a_public_address(tmp_path: Path) -> None:
                            "--anonymous", "*=subscribe"], capture_output=True, timeout=60,
                           check=False)
     assert done.returncode != 0 and b"--anonymous-public" in done.stderr
+
+
+async def test_a_writer_needs_publish_only(ds: tuple[Server, str],
+                                           http: aiohttp.ClientSession) -> None:
+    _, base = ds
+    writer = {"Authorization": f"Bearer {token(caps=['publish'])}",
+              "Content-Type": "application/json"}
+    assert (await http.put(f"{base}/w", headers=writer)).status == 201
+    resp = await http.post(f"{base}/w", headers={
+        **writer, "Producer-Id": "p", "Producer-Epoch": "0", "Producer-Seq": "0"}, data=b"1")
+    assert resp.status == 200
+    assert (await http.get(f"{base}/w", headers=writer)).status == 403  # reading is not

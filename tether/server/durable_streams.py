@@ -274,21 +274,29 @@ class Streams:
 
     async def state(self, session: str) -> Meta | None:
         """The stream at ``session`` as its log says, deleted or not; None: none or expired."""
-        meta = (await self.fold(session)).meta
+        return await self._live(session, await self.fold(session))
+
+    async def _live(self, session: str, entry: _Entry) -> Meta | None:
+        meta = entry.meta
         if meta is not None and not meta.deleted and await self._expired(session, meta):
             return None
         return meta
 
-    async def meta(self, caller: Caller, session: str) -> Meta | None:
+    async def meta(self, session: str) -> Meta | None:
         """The live stream at ``session`` (deleted ones raise :class:`Gone`), or None."""
-        caller.require(session, "subscribe")
-        meta = await self.state(session)
+        return (await self.current(session))[0]
+
+    async def current(self, session: str
+                      ) -> tuple[Meta | None, dict[str, tuple[int, int]]]:
+        """:meth:`meta` and the stream's producers (id → (epoch, last seq)), from one fold.
+
+        The caller's right to the request was checked already (a writer needs ``publish``,
+        not ``subscribe``): the state is read with the transport's own caller."""
+        entry = await self.fold(session)
+        meta = await self._live(session, entry)
         if meta is not None and meta.deleted:
             raise Gone("the stream was deleted; forks of it still read its data")
-        return meta
-
-    async def producers(self, session: str) -> dict[str, tuple[int, int]]:
-        return (await self.fold(session)).producers
+        return meta, entry.producers
 
     async def _read_log(self, session: str, after: int, limit: int
                         ) -> tuple[list[Event], int]:
@@ -648,7 +656,7 @@ async def post_stream(request: web.Request) -> web.Response:
     # One writer per stream in this process; the state is read from the log under the lock.
     async with streams.lock(session):
         try:
-            meta = await streams.meta(caller, session)
+            meta, producers = await streams.current(session)
         except Gone as exc:
             return _gone(exc)
         if meta is None:
@@ -665,7 +673,7 @@ async def post_stream(request: web.Request) -> web.Response:
         if meta.closed:
             headers["Stream-Closed"] = "true"
         if producer is not None:
-            refusal = _check_producer(await streams.producers(session), *producer)
+            refusal = _check_producer(producers, *producer)
             if refusal is not None:
                 refusal.headers.update(headers)
                 return refusal
@@ -750,7 +758,7 @@ async def delete_stream(request: web.Request) -> web.Response:
     streams = _streams(request)
     async with streams.lock(session):
         try:
-            meta = await streams.meta(caller, session)
+            meta = await streams.meta(session)
         except Gone as exc:
             return _gone(exc)
         if meta is None:
@@ -765,10 +773,10 @@ async def delete_stream(request: web.Request) -> web.Response:
 
 async def head_stream(request: web.Request) -> web.Response:
     session = _session(request)
-    caller = _caller(request, session, "subscribe")
+    _caller(request, session, "subscribe")  # the right to look; HEAD writes nothing
     streams = _streams(request)
     try:
-        meta = await streams.meta(caller, session)
+        meta = await streams.meta(session)
     except Gone:
         return web.Response(status=410, headers=SECURITY_HEADERS)
     if meta is None:
@@ -817,7 +825,7 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
     caller = _caller(request, session, "subscribe")
     streams = _streams(request)
     try:
-        meta = await streams.meta(caller, session)
+        meta = await streams.meta(session)
     except Gone as exc:
         return _gone(exc)
     if meta is None:
@@ -867,7 +875,7 @@ async def _long_poll(request: web.Request, caller: Caller, session: str, meta: M
         while True:
             # Closure is looked at before reading, so the read covers what preceded it.
             try:
-                current = await streams.meta(caller, session)
+                current = await streams.meta(session)
                 if current is None:
                     return _problem(404, "no such stream")
                 page = await streams.read(current, after)
@@ -986,7 +994,7 @@ async def _sse(request: web.Request, caller: Caller, session: str, meta: Meta,
             while not live.ended.is_set():
                 # Closure is looked at before reading, so the read covers what preceded it.
                 try:
-                    current = await streams.meta(caller, session)
+                    current = await streams.meta(session)
                     if current is None:
                         break
                     page = await streams.read(current, after)
