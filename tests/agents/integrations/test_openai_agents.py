@@ -229,3 +229,23 @@ async def test_steer_before_an_approval_survives_sigkill(serve_agent: Any) -> No
     assert shape(memory(events, session)) == [
         "user", "call:deploy", "function_call_output", "assistant",
         "user", "call:add", "function_call_output", "assistant"]
+
+
+async def test_a_call_left_unanswered_is_closed_for_the_next_run(serve_agent: Any) -> None:
+    """A run cancelled while it waits for an approval leaves a call without output in the
+    memory; the next run answers it first, so the model gets each call with its answer."""
+    served: Served = serve_agent(SPEC)
+    session = "fw-unanswered"
+    peer = await connect(served.port, session)
+    await peer.publish(session, "message", {"text": "please deploy"})
+    request = (await until_event(peer, "approval.request", name="deploy"))["data"]
+    await peer.publish(session, "run.cancel", {"run": request["run"]})
+    await until_event(peer, "run.state", run=request["run"], state="cancelled")
+    await peer.publish(session, "message", {"text": "hello again"})
+    while (second := await until_event(peer, "run.created"))["data"]["run"] == request["run"]:
+        pass
+    await until_event(peer, "run.state", run=second["data"]["run"], state="completed")
+    await peer.close()
+    sent = served.upstream.requests[-1]["messages"]
+    assert [m["role"] for m in sent] == ["system", "user", "assistant", "tool", "user"]
+    assert "Not run" in sent[3]["content"]

@@ -74,6 +74,18 @@ async def test_rewind_drops_a_cut_off_step(store: SessionStore) -> None:
     assert await memory.get_items() == [user("first run")]
 
 
+async def test_close_calls_answers_calls_without_output(store: SessionStore) -> None:
+    memory = TetherSession(store, "chat-6", run="run_c")
+    call: Any = {"type": "function_call", "call_id": "c1", "name": "deploy", "arguments": "{}"}
+    done: Any = {"type": "function_call", "call_id": "c0", "name": "add", "arguments": "{}"}
+    await memory.add_items([user("go"), done, {"type": "function_call_output", "call_id": "c0",
+                                               "output": "5"}, call])
+    assert await memory.close_calls("not run") == 1
+    assert (await memory.get_items())[-1] == {"type": "function_call_output", "call_id": "c1",
+                                              "output": "not run"}
+    assert await memory.close_calls("not run") == 0
+
+
 @pytest.fixture
 async def model() -> AsyncIterator[tuple[OpenAIChatCompletionsModel, SimulatedUpstream]]:
     up = SimulatedUpstream(seed=3, answer_tokens=8, arguments={"add": {"a": 2, "b": 3}})

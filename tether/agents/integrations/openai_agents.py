@@ -206,6 +206,27 @@ class TetherSession:
                 await self._write({"pop": count, "run": run})
         return count
 
+    async def close_calls(self, why: str) -> int:
+        """Answer the function calls that have no output (a run cancelled while it waited for
+        an approval or a client left them): a model is never sent a call without its answer.
+        Returns how many."""
+        async with self._lock:
+            await self._sync()
+            answered = {item.get("call_id") for _, _, item in self._items
+                        if isinstance(item, dict) and item.get("type") == "function_call_output"}
+            open_calls = [item["call_id"] for _, _, item in self._items
+                          if isinstance(item, dict) and item.get("type") == "function_call"
+                          and isinstance(item.get("call_id"), str)
+                          and item["call_id"] not in answered]
+            if open_calls:
+                data: dict[str, Any] = {"add": [{"type": "function_call_output",
+                                                 "call_id": call, "output": why}
+                                                for call in open_calls]}
+                if self.run is not None:
+                    data["run"] = self.run
+                await self._write(data)
+        return len(open_calls)
+
 
 # --- front-end tools ------------------------------------------------------------------------
 
@@ -364,6 +385,7 @@ class _Driver:
         elif isinstance(saved, dict) and isinstance(saved.get("input"), list):
             pending = self._user_input(saved["input"])
         else:
+            await self.memory.close_calls("Not run: the run that asked for it ended first.")
             pending = run.input_text()
         while True:
             result = await self.turn(pending)
