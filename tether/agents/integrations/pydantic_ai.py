@@ -70,6 +70,7 @@ from pydantic_ai.messages import (
     ToolReturnPart,
     UserPromptPart,
 )
+from pydantic_ai.run import AgentRun
 from pydantic_ai.toolsets import AbstractToolset
 
 from tether.agents.agent import Agent, BusyPolicy
@@ -289,7 +290,7 @@ class PydanticAIAgent(Agent):
             turn.messages = agent_run.result.all_messages()
             return agent_run.result.output
 
-    def _enqueue_steers(self, run: Run, turn: _Turn, agent_run: Any) -> None:
+    def _enqueue_steers(self, run: Run, turn: _Turn, agent_run: AgentRun[Any, Any]) -> None:
         turn.steers += run.take_steers()
         for text in turn.steers:
             enqueue_id = agent_run.enqueue(text)
@@ -297,7 +298,7 @@ class PydanticAIAgent(Agent):
                 turn.enqueued[enqueue_id] = text
         turn.steers = []
 
-    async def _called(self, run: Run, turn: _Turn, agent_run: Any,
+    async def _called(self, run: Run, turn: _Turn, agent_run: AgentRun[Any, Any],
                       event: FunctionToolCallEvent, resolved: set[str],
                       denied: set[str]) -> None:
         part = event.part
@@ -306,6 +307,8 @@ class PydanticAIAgent(Agent):
             if fw_id not in denied and event.args_valid is not None:  # approved: runs now
                 await run.record_tool_call(turn.ids[fw_id], part.tool_name, _arguments(part))
             return
+        # The run's tool manager knows each tool's kind (the one place Pydantic AI exposes it
+        # during a run): a deferred kind is not run in this step.
         tool = agent_run.ctx.deps.tool_manager.get_tool_def(part.tool_name)
         if tool is not None and tool.kind in _DEFERRED_KINDS:
             return  # recorded as the approval or the front-end call it becomes
