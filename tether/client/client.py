@@ -71,7 +71,7 @@ from tether.client.protocol import (
     backoff_delay,
 )
 from tether.protocol.codec import JSON, MSGPACK, Codec, DecodeError
-from tether.protocol.codes import CloseCode, should_reconnect
+from tether.protocol.codes import CloseCode, retry_after_from_reason, should_reconnect
 from tether.protocol.frames import CLIENT_KINDS
 
 log = logging.getLogger("tether.client")
@@ -745,6 +745,12 @@ class Client:
                     break
                 self._set_state(ConnectionState.RECONNECTING)
                 delay = backoff_delay(attempt, self.backoff_base, self.backoff_cap, self._rng)
+                if code == CloseCode.TRY_AGAIN_LATER:
+                    # The server is shedding load and said when to come back: its delay (with
+                    # up to 20 % jitter) replaces the backoff, which would bring us back sooner.
+                    after = retry_after_from_reason(reason)
+                    if after is not None:
+                        delay = after * self._rng.uniform(1.0, 1.2)
                 attempt += 1
                 log.info("tether: reconnecting in %.2fs (%s)", delay, reason)
                 with contextlib.suppress(TimeoutError):

@@ -17,6 +17,7 @@ class CloseCode(enum.IntEnum):
     SHUTDOWN = 4000
     SLOW_CONSUMER = 4001
     TOO_MANY_CONNECTIONS = 4002
+    TRY_AGAIN_LATER = 4003  # load shedding: the reason says "retry_after=SECONDS"
     # 4500–4999: permanent, do not reconnect without changing something.
     UNAUTHORIZED = 4500
     TOKEN_EXPIRED = 4501
@@ -38,6 +39,8 @@ CLOSE_CODE_MEANINGS: dict[CloseCode, str] = {
     CloseCode.SLOW_CONSUMER: "writing to the client failed or stalled; reconnect and resume",
     CloseCode.TOO_MANY_CONNECTIONS: "the token's subject holds too many connections; reconnect "
                                     "later (with backoff)",
+    CloseCode.TRY_AGAIN_LATER: "the server is shedding load; reconnect after the delay in the "
+                               "close reason (retry_after=SECONDS)",
     CloseCode.UNAUTHORIZED: "missing, malformed, forged or wrong-secret token",
     CloseCode.TOKEN_EXPIRED: "the token expired; get a new one before reconnecting",
     CloseCode.HELLO_TIMEOUT: "no hello within the hello timeout after the upgrade",
@@ -58,6 +61,22 @@ def should_reconnect(code: int | None) -> bool:
     if 4500 <= code <= 4999:
         return False
     return code not in (1002, 1003, 1007, 1008, 1009, 1010)
+
+
+# The longest wait a try_again_later close may ask for: past it, a client's backoff is as good.
+MAX_RETRY_AFTER = 60.0
+
+
+def retry_after_from_reason(reason: str) -> float | None:
+    """The delay of a ``try_again_later`` close reason (``retry_after=SECONDS``), if valid."""
+    for part in reason.replace(",", " ").split():
+        if part.startswith("retry_after="):
+            try:
+                value = float(part[len("retry_after="):])
+            except ValueError:
+                return None
+            return value if 0.0 <= value <= MAX_RETRY_AFTER else None
+    return None
 
 
 class ErrorCode(enum.StrEnum):

@@ -75,6 +75,10 @@ class ServerConfig:
     compression_window_bits: int = 10
     compression_mem_level: int = 1
     compression_threshold: int = 64
+    # New WebSockets admitted per second per process (0: no limit); beyond it a socket is
+    # closed with 4003 try_again_later and a retry_after (tether/server/admission.py).
+    max_connect_rate: float = 0.0
+    max_connect_burst: int = 0  # bucket depth; 0: one second of the rate
     node_id: str = field(default_factory=lambda: os.environ.get("TETHER_NODE", ""))
     retention: Retention = field(default_factory=Retention)
     log_level: str = "info"

@@ -40,6 +40,7 @@ from tether.protocol.frames import (
     published_frame,
     welcome_frame,
 )
+from tether.server.admission import Admission
 from tether.server.auth import Authenticator, AuthError
 from tether.server.config import ServerConfig
 from tether.server.deflate import websocket_response
@@ -473,6 +474,8 @@ class WebSocketEndpoint:
         self.config = config
         self.metrics = metrics
         self.connections: set[Connection] = set()
+        self.admission = (Admission(config.max_connect_rate, config.max_connect_burst)
+                          if config.max_connect_rate > 0 else None)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         config = self.config
@@ -501,6 +504,13 @@ class WebSocketEndpoint:
             await ws.close(code=CloseCode.UNSUPPORTED_CODEC,
                            message=b"offer tether.v1.json or tether.v1.msgpack")
             return ws
+        if self.admission is not None:
+            delay = self.admission.retry_after()
+            if delay:  # shed before hello: the token check and attach are the costly part
+                self.metrics.closes.labels(str(int(CloseCode.TRY_AGAIN_LATER))).inc()
+                await ws.close(code=CloseCode.TRY_AGAIN_LATER,
+                               message=f"retry_after={delay:.2f}".encode())
+                return ws
         conn = Connection(self.service, self.auth, config, self.metrics, ws, codec,
                           request.remote or "")
         self.connections.add(conn)

@@ -18,6 +18,8 @@ export const ConnectionState: Readonly<{
 export const CloseCode: Readonly<{
   SHUTDOWN: 4000;
   SLOW_CONSUMER: 4001;
+  TOO_MANY_CONNECTIONS: 4002;
+  TRY_AGAIN_LATER: 4003;
   UNAUTHORIZED: 4500;
   TOKEN_EXPIRED: 4501;
   HELLO_TIMEOUT: 4502;
@@ -27,6 +29,8 @@ export const CloseCode: Readonly<{
 
 /** Whether a client should reconnect after a close with `code` (null: the socket dropped). */
 export function shouldReconnect(code: number | null | undefined): boolean;
+/** The delay, in ms, of a TRY_AGAIN_LATER close reason ("retry_after=SECONDS"), or null. */
+export function retryAfterFromReason(reason: string | null | undefined): number | null;
 /** Exponential backoff with full jitter: uniform(0, min(cap, base * 2**attempt)). */
 export function backoffDelay(attempt: number, base: number, cap: number, random?: () => number): number;
 /** Parse "{epoch}:{seq}"; throws a TypeError when malformed. */

@@ -32,6 +32,8 @@ export const ConnectionState = Object.freeze({
 export const CloseCode = Object.freeze({
   SHUTDOWN: 4000,
   SLOW_CONSUMER: 4001,
+  TOO_MANY_CONNECTIONS: 4002,
+  TRY_AGAIN_LATER: 4003, // load shedding: the reason says "retry_after=SECONDS"
   UNAUTHORIZED: 4500,
   TOKEN_EXPIRED: 4501,
   HELLO_TIMEOUT: 4502,
@@ -51,6 +53,14 @@ export function shouldReconnect(code) {
   if (code === null || code === undefined) return true;
   if (code >= 4500 && code <= 4999) return false;
   return ![1002, 1003, 1007, 1008, 1009, 1010].includes(code);
+}
+
+/** The delay, in ms, of a TRY_AGAIN_LATER close reason ("retry_after=SECONDS"), or null. */
+export function retryAfterFromReason(reason) {
+  const match = /(?:^|[\s,])retry_after=([0-9]+(?:\.[0-9]+)?)(?:$|[\s,])/.exec(reason ?? "");
+  if (!match) return null;
+  const seconds = Number(match[1]);
+  return seconds <= 60 ? seconds * 1000 : null;
 }
 
 /** Exponential backoff with full jitter: uniform(0, min(cap, base * 2**attempt)). */
@@ -1304,7 +1314,12 @@ export class Client {
           error = new ConnectionFailed(code, `gave up after ${attempt + 1} attempts: ${reason}`);
           break;
         }
-        const delay = this._offline() ? 0 : backoffDelay(attempt, this.backoffBase, this.backoffCap, this._random);
+        // A server shedding load says when to come back: its delay (plus up to 20 % jitter)
+        // replaces the backoff, which would bring the whole crowd back sooner.
+        const after = code === CloseCode.TRY_AGAIN_LATER ? retryAfterFromReason(reason) : null;
+        const delay = this._offline() ? 0
+          : after !== null ? after * (1 + 0.2 * this._random())
+            : backoffDelay(attempt, this.backoffBase, this.backoffCap, this._random);
         attempt += 1;
         this._setState(ConnectionState.RECONNECTING, {
           attempt, delay, retryAt: Date.now() + delay, reason, code, offline: this._offline(),
