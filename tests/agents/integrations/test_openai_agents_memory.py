@@ -117,3 +117,31 @@ async def test_the_sdk_remembers_through_it(
     sent = model[1].requests[-1]["messages"]
     assert [m["role"] for m in sent] == ["user", "assistant", "tool", "assistant", "user"]
     assert sent[2]["content"] == "5" and sent[3]["content"] == first.final_output
+
+
+def test_tether_imports_the_module_without_the_sdk() -> None:
+    """The SDK is an optional dependency: only serving an agent imports it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['agents'] = None; "
+            "import tether.agents.integrations.openai_agents")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_serve_refuses_what_cannot_map() -> None:
+    from tether.agents import client_tool, tool
+    from tether.agents.integrations.openai_agents import function_tool_of
+    from tether.agents.integrations.openai_agents import serve as serve_agent
+
+    with pytest.raises(ValueError, match="mid-turn"):
+        serve_agent(Agent(name="a"), busy="merge")
+
+    @tool
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    with pytest.raises(ValueError, match="server tool"):
+        function_tool_of(add)
+    ask = function_tool_of(client_tool("ask", "Ask", {"type": "object", "properties": {}}))
+    assert ask.name == "ask" and ask.needs_approval is True
