@@ -42,7 +42,7 @@ def check(data: bytes | str) -> None:
         assert fast == reference(data), data
 
 
-@settings(max_examples=400)
+@settings(max_examples=1000)
 @given(st.dictionaries(st.sampled_from(["op", "id", "session", "type", "data", "key",
                                         "transient", "x"]), field_values, max_size=7),
        st.booleans())
@@ -85,6 +85,8 @@ def test_fast_path_takes_the_usual_publish() -> None:
 
 @pytest.mark.parametrize("data", [
     b"", b"[]", b"null", b'{"op":"ping"}', b'{"op":"publish"}', b"\xff",
+    b'{"session":"s","type":"t"}', b'{"op":null,"session":"s","type":"t"}',
+    b'{"op":"\\u0000","session":"s","type":"t"}',
     b'{"op":"publish","session":"s","type":"t"} x', b'\xef\xbb\xbf{"op":"publish"}',
 ])
 def test_fast_path_declines_what_is_not_a_valid_publish(data: bytes) -> None:

@@ -207,7 +207,12 @@ class _WirePublish(msgspec.Struct, kw_only=True, frozen=True, gc=False, tag_fiel
     transient: bool = False
 
 
-_decode_publish = msgspec.json.Decoder(_WirePublish).decode
+class _WireNone(msgspec.Struct, frozen=True, tag_field="op", tag="\x00"):
+    """Never sent; decoding into a union makes the ``op`` tag required (a lone tagged Struct
+    would take a frame without ``op`` as a publish)."""
+
+
+_decode_publish = msgspec.json.Decoder(_WirePublish | _WireNone).decode
 
 
 def fast_publish(data: bytes | str) -> Publish | None:
@@ -217,6 +222,8 @@ def fast_publish(data: bytes | str) -> Publish | None:
     """
     try:
         wire = _decode_publish(data)
+        if not isinstance(wire, _WirePublish):
+            return None
         value = orjson.loads(memoryview(wire.data)) if wire.data is not _NULL else None
     except Exception:  # msgspec and orjson errors, RecursionError on absurd nesting
         return None
