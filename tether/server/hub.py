@@ -24,7 +24,6 @@ import enum
 import logging
 import struct
 import time
-from collections import deque
 from typing import Protocol
 
 import orjson
@@ -129,27 +128,66 @@ class Sink(Protocol):
         ...
 
 
+class _Flusher:
+    """One loop callback per iteration for every outbox that queued frames in it.
+
+    A fan-out burst or a group commit touches many outboxes in one iteration; each writes
+    once at the end of it, and the loop runs one callback for all of them, not one each.
+    """
+
+    __slots__ = ("loop", "pending", "scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pending: list[Outbox] = []
+        self.scheduled = False
+
+    def add(self, outbox: Outbox) -> None:
+        self.pending.append(outbox)
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self.run)
+
+    def run(self) -> None:
+        self.scheduled = False
+        pending, self.pending = self.pending, []
+        for outbox in pending:
+            outbox._flush()
+
+
+_flusher: _Flusher | None = None
+
+
+def _flusher_for(loop: asyncio.AbstractEventLoop) -> _Flusher:
+    global _flusher
+    if _flusher is None or _flusher.loop is not loop:
+        _flusher = _Flusher(loop)  # one loop per process; a new one (tests) gets its own
+    return _flusher
+
+
 class Outbox:
     """One peer's outbound queue, bounded in bytes.
 
-    What is queued in one loop iteration goes out in one transport write from a ``call_soon``
-    callback (a fan-out burst costs each peer one syscall, not one per frame). When the sink
-    cannot write synchronously — its transport is paused by TCP backpressure, or frames must
-    be compressed one by one — a writer task drains the queue, awaiting the transport. Idle
+    What is queued in one loop iteration goes out in one transport write at the end of the
+    iteration (a fan-out burst or a group commit costs each peer one syscall, not one per
+    frame; :class:`_Flusher` runs them all from one callback). When the sink cannot write
+    synchronously — its transport is paused by TCP backpressure, or frames must be
+    compressed one by one — a writer task drains the queue, awaiting the transport. Idle
     peers hold no task and no queue.
     """
 
-    __slots__ = ("_drain_waiters", "_loop", "_scheduled", "_writer", "closed", "limit",
-                 "metrics", "queue", "sink", "size")
+    __slots__ = ("_drain_waiters", "_flusher", "_loop", "_scheduled", "_writer", "closed",
+                 "limit", "metrics", "queue", "sink", "size")
 
     def __init__(self, sink: Sink, limit: int, metrics: Metrics) -> None:
         self.sink = sink
         self.limit = limit
         self.metrics = metrics
-        self.queue: deque[bytes] | None = None
+        self.queue: list[bytes] | None = None
         self.size = 0
         self.closed = False
         self._loop = asyncio.get_running_loop()
+        self._flusher = _flusher_for(self._loop)
         self._scheduled = False
         self._writer: asyncio.Task[None] | None = None
         self._drain_waiters: list[asyncio.Future[None]] = []
@@ -163,16 +201,12 @@ class Outbox:
             return
         queue = self.queue
         if queue is None:
-            # Nothing waiting: write this frame now, a loop iteration sooner. What follows in
-            # the same iteration (a fan-out burst) is queued and written together.
-            if self._writer is None and not self._scheduled and self._write_now(data):
-                return
-            queue = self.queue = deque()
+            queue = self.queue = []
         queue.append(data)
         self.size += len(data)
         if self._writer is None and not self._scheduled:
             self._scheduled = True
-            self._loop.call_soon(self._flush)
+            self._flusher.add(self)
 
     def _write_frames(self, frames: list[bytes], size: int) -> bool:
         """Hand ``frames`` to the sink synchronously; False if it cannot take them now.
@@ -192,20 +226,12 @@ class Outbox:
         hot.bytes_out += size
         return True
 
-    def _write_now(self, data: bytes) -> bool:
-        if not self._write_frames([data], len(data)):
-            return False
-        # Make the next frames of this iteration wait for one batched write.
-        self._scheduled = True
-        self._loop.call_soon(self._flush)
-        return True
-
     def _flush(self) -> None:
         self._scheduled = False
         queue = self.queue
         if self._writer is not None or self.closed or not queue:
             return
-        if self._write_frames(list(queue), self.size):
+        if self._write_frames(queue, self.size):
             self.queue = None
             self.size = 0
             if self._drain_waiters:
@@ -219,24 +245,22 @@ class Outbox:
         sink = self.sink
         try:
             while queue:
-                if len(queue) > 1:
-                    # Everything queued goes out in one write (up to a bound).
-                    frames: list[bytes] = []
-                    size = 0
-                    while queue and size < _BATCH_BYTES:
-                        data = queue.popleft()
-                        frames.append(data)
-                        size += len(data)
-                    self.size -= size
+                # Everything queued goes out in one write (up to a bound).
+                count = size = 0
+                for data in queue:
+                    count += 1
+                    size += len(data)
+                    if size >= _BATCH_BYTES:
+                        break
+                frames = queue[:count]
+                del queue[:count]
+                self.size -= size
+                if count > 1:
                     await sink.send_many(frames)
-                    hot.frames_out += len(frames)
-                    hot.bytes_out += size
                 else:
-                    data = queue.popleft()
-                    self.size -= len(data)
-                    await sink.send(data)
-                    hot.frames_out += 1
-                    hot.bytes_out += len(data)
+                    await sink.send(frames[0])
+                hot.frames_out += count
+                hot.bytes_out += size
                 if self._drain_waiters and self.size <= self.limit // 2:
                     self._wake()
         except Exception as exc:  # the peer went away mid-write
