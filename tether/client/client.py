@@ -826,7 +826,14 @@ class Client:
         ws = conn.ws
         loop = asyncio.get_running_loop()
         while True:
-            msg = await ws.receive()
+            try:
+                msg = await ws.receive()
+            except (aiohttp.ClientError, ConnectionError) as exc:
+                # aiohttp answers a ping inside receive(); when the socket is closing under it
+                # (a server killed mid-storm) the pong's write raises here. That is a dropped
+                # connection like any other: reconnect, never stop the client.
+                log.info("tether: websocket failed: %r", exc)
+                return ws.close_code, f"receive failed: {exc!r}"
             if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
                 if conn.heartbeat is not None:
                     conn.heartbeat.received(loop.time())
