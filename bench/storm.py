@@ -139,7 +139,6 @@ async def follower_proc(url: str, sessions: list[str], tok: str) -> None:
             "resumed": sum(1 for f in followers if f.back_after is not None
                            and f.session.resumed),
             "events": sum(f.events for f in followers),
-            "per_session": {f.session_name: f.next for f in followers},
             "gaps": sum(f.gaps for f in followers), "dups": sum(f.dups for f in followers),
             "snapshots": sum(f.snapshots for f in followers),
             "failed": sum(1 for t in tasks if t.done() and t.exception() is not None),
@@ -198,7 +197,8 @@ async def publisher_proc(url: str, sessions: list[str], rate: float, tok: str) -
 class Server:
     """``tether serve`` on a fixed port and data directory, in its own process group."""
 
-    def __init__(self, port: int, data: Path, workers: int) -> None:
+    def __init__(self, port: int, data: Path, workers: int, connect_rate: float) -> None:
+        self.connect_rate = connect_rate
         self.port = port
         self.data = data
         self.workers = workers
@@ -208,7 +208,8 @@ class Server:
     def start(self) -> float:
         t0 = time.perf_counter()
         env = {**c.child_env(), **c.TETHER_LOAD_ENV,
-               "TETHER_MAX_SESSIONS_PER_CONNECTION": "1000"}
+               "TETHER_MAX_SESSIONS_PER_CONNECTION": "1000",
+               "TETHER_MAX_CONNECT_RATE": str(self.connect_rate)}
         cmd = [sys.executable, "-m", "tether", "serve", "--port", str(self.port), "--data",
                str(self.data), "--secret", c.SECRET, "--log-level", "warning",
                "--workers", str(self.workers)]
@@ -267,7 +268,6 @@ def stats(procs: list[Child]) -> dict[str, Any]:
         "clients", "attached", "lost", "resumed", "events", "gaps", "dups", "snapshots",
         "failed")}
     out["back"] = sorted(b for x in parts for b in x["back"])
-    out["per_session"] = [x["per_session"] for x in parts]
     return out
 
 
@@ -277,7 +277,7 @@ def run(args: Any) -> dict[str, Any]:
     tok = c.token(caps=["subscribe", "publish", "presence"])
     names = [f"storm-{i}" for i in range(args.sessions)]
     tmp = tempfile.TemporaryDirectory(prefix="bench-storm-")
-    server = Server(c.free_port(), Path(tmp.name) / "data", args.workers)
+    server = Server(c.free_port(), Path(tmp.name) / "data", args.workers, args.connect_rate)
     server.start()
     url = f"ws://127.0.0.1:{server.port}"
     procs: list[Child] = []
@@ -334,6 +334,7 @@ def run(args: Any) -> dict[str, Any]:
             bins[int(b / 0.5)] = bins.get(int(b / 0.5), 0) + 1
         return {
             "clients": args.clients, "sessions": args.sessions, "workers": args.workers,
+            "connect_rate": args.connect_rate,
             "rate": args.rate, "initial_attach_seconds": attach_seconds,
             "initial_attach_per_s": args.clients / attach_seconds,
             "ready": ready, "restart_seconds": restart_seconds,
@@ -365,6 +366,8 @@ def main() -> None:
     p.add_argument("--procs", type=int, default=4, help="client processes")
     p.add_argument("--workers", type=int, default=1, help="tether serve --workers N")
     p.add_argument("--rate", type=float, default=200.0, help="publishes/s, all sessions")
+    p.add_argument("--connect-rate", type=float, default=0.0,
+                   help="the server's max_connect_rate per worker (0: no shedding)")
     p.add_argument("--before", type=float, default=3.0, help="seconds flowing before the kill")
     p.add_argument("--after", type=float, default=3.0, help="seconds flowing after all resumed")
     p.add_argument("--timeout", type=float, default=120.0)
