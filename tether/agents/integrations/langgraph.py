@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -491,8 +492,9 @@ class _Driver:
         self.thread: RunnableConfig = {"configurable": {"thread_id": run.session}}
         state = run.last_checkpoint()
         calls = state.get("calls") if isinstance(state, dict) else None
-        # Framework call ids (tool_call_id, "i:" + interrupt id) → tether call ids, kept in
-        # run.checkpoint so a restart finds the ids it announced.
+        # Interrupts ("i:" + interrupt id) → the tether call id each was asked under (and the
+        # tool calls they belong to), kept in run.checkpoint so a restart asks again under the
+        # same id: which interrupt of a tool call came first cannot be derived.
         self.calls: dict[str, str] = dict(calls) if isinstance(calls, dict) else {}
         self.text: TextStream | None = None
         self.text_cm: contextlib.AbstractAsyncContextManager[TextStream] | None = None
@@ -598,9 +600,8 @@ class _Driver:
             if isinstance(message, AIMessage):
                 self.asked.update({c["id"]: c for c in message.tool_calls if c["id"]})
             elif isinstance(message, ToolMessage):
-                call_id = self.calls.get(message.tool_call_id)
-                if call_id is None:  # a plain server tool: an id of its own
-                    call_id = self.calls[message.tool_call_id] = new_call_id()
+                call_id = self.calls.get(message.tool_call_id) or self.derived(
+                    message.tool_call_id)
                 if _logged(self.run, "tool.result", call_id):
                     continue  # a refusal, or a front-end tool's answer: recorded already
                 asked = self.asked.get(message.tool_call_id) or {}
@@ -721,10 +722,8 @@ class _Driver:
         if mine is not None:
             return mine
         if tool_call is not None:
-            tool_id = self.calls.get(tool_call)
-            used = {v for k, v in self.calls.items() if k.startswith("i:")}
-            if tool_id is None or tool_id not in used:
-                call = tool_id or new_call_id()
+            call = self.calls.get(tool_call) or self.derived(tool_call)
+            if call not in {v for k, v in self.calls.items() if k.startswith("i:")}:
                 self.calls[tool_call] = call
                 self.calls["i:" + key] = call
                 await self.run.checkpoint({"calls": self.calls})
@@ -732,6 +731,13 @@ class _Driver:
         call = self.calls["i:" + key] = new_call_id()
         await self.run.checkpoint({"calls": self.calls})
         return call
+
+    def derived(self, tool_call: str) -> str:
+        """The tether id of a model's tool call: derived from the run id (96 random bits) so
+        that a restart finds it again without storing it, and unguessable, which the model's
+        own id need not be."""
+        digest = hashlib.blake2b(f"{self.run.id}\0{tool_call}".encode(), digest_size=8)
+        return "call_" + digest.hexdigest()
 
 
 def serve(obj: Any, *, sessions: Sequence[str] = ("*",), name: str | None = None,
