@@ -169,3 +169,23 @@ async def test_a_writer_needs_publish_only(ds: tuple[Server, str],
         **writer, "Producer-Id": "p", "Producer-Epoch": "0", "Producer-Seq": "0"}, data=b"1")
     assert resp.status == 200
     assert (await http.get(f"{base}/w", headers=writer)).status == 403  # reading is not
+
+
+def test_a_second_creation_of_a_live_stream_does_not_hide_the_first() -> None:
+    from tether.protocol.events import SYSTEM, Event
+
+    now = int(time.time() * 1000)
+
+    def record(seq: int, type: str, data: object) -> Event:
+        return Event("s", "e", seq, type, data, SYSTEM, now)
+
+    config = {"content_type": "text/plain", "ttl": None, "expires_at": None}
+    meta, producers = durable_streams._fold("s", None, {}, record(1, "ds.create", config))
+    meta, producers = durable_streams._fold("s", meta, producers,
+                                            record(2, "ds.bytes", {"b64": "YQ=="}))
+    # Another worker saw no stream at the same moment and created it too.
+    meta, producers = durable_streams._fold("s", meta, producers, record(3, "ds.create", config))
+    assert meta is not None and meta.created_seq == 1  # the data at seq 2 stays in the stream
+    meta, producers = durable_streams._fold("s", meta, producers, record(4, "ds.delete", None))
+    meta, producers = durable_streams._fold("s", meta, producers, record(5, "ds.create", config))
+    assert meta is not None and meta.created_seq == 5  # after a delete: a new stream

@@ -143,10 +143,11 @@ class Meta:
     def source(self) -> str | None:
         return self.fork[0] if self.fork is not None else None
 
-    def expired(self, touched: float = 0.0) -> bool:
+    def expired(self, touched: float = 0.0, now: float | None = None) -> bool:
         """Whether the TTL (renewed by reads and writes: a sliding window) or the absolute
-        expiry time has passed. ``touched`` is the last read seen by this node."""
-        now = time.time()
+        expiry time has passed (by ``now``, default the present). ``touched`` is the last read
+        seen by this process."""
+        now = time.time() if now is None else now
         if self.ttl is not None:
             renewed = max(self.created_ms, self.written_ms) / 1000
             if now >= max(renewed, touched) + self.ttl:
@@ -329,6 +330,11 @@ def _fold(session: str, meta: Meta | None, producers: dict[str, tuple[int, int]]
           event: Event) -> tuple[Meta | None, dict[str, tuple[int, int]]]:
     """The stream's state after one more record of its log."""
     data = event.data if isinstance(event.data, dict) else {}
+    if event.type == CREATE and meta is not None and not meta.deleted \
+            and not meta.expired(now=event.time / 1000):
+        # Two processes created the stream at once (each saw none): the first one stands, and
+        # what the second appended follows it, so neither creator's data is hidden.
+        return meta, producers
     if event.type == CREATE:
         fork = data.get("fork")
         chain: tuple[Segment, ...] = forks.root(session, event.seq)
@@ -424,15 +430,24 @@ def _parse_json_messages(raw: bytes, allow_empty: bool) -> list[Any]:
     return [value]
 
 
-async def _commit(service: SessionService, caller: Caller, session: str,
-                  items: list[tuple[str, Any]], streams: Streams | None = None) -> int:
-    """Publish the records in order; the seq of the last one (0 when there are none)."""
+async def _publish(service: SessionService, caller: Caller, session: str,
+                   items: list[tuple[str, Any]], streams: Streams | None = None
+                   ) -> list[Event]:
+    """Publish the records in order, queued in one loop tick (SQLite commits them in one
+    transaction, Redis in one script call); the committed events."""
     futures = [service.publish(caller, session, kind, data, server_written=True)
                for kind, data in items]
-    results = await asyncio.gather(*futures)
+    events = [r.event for r in await asyncio.gather(*futures) if not r.duplicate]
     if streams is not None:
-        streams.committed(session, [r.event for r in results if not r.duplicate])
-    return max((r.event.seq for r in results), default=0)
+        streams.committed(session, events)
+    return events
+
+
+async def _commit(service: SessionService, caller: Caller, session: str,
+                  items: list[tuple[str, Any]], streams: Streams | None = None) -> int:
+    """:func:`_publish`; the seq of the last record (0 when there are none)."""
+    events = await _publish(service, caller, session, items, streams)
+    return max((e.seq for e in events), default=0)
 
 
 def _records(content_type: str, raw: bytes, initial: bool,
@@ -453,13 +468,6 @@ def _records(content_type: str, raw: bytes, initial: bool,
         if kind == BYTES:
             items[-1] = (kind, {**data, "stream_seq": stream_seq})
     return items
-
-
-async def _append(request: web.Request, caller: Caller, session: str, content_type: str,
-                  raw: bytes, initial: bool) -> int:
-    """Commit the body as events; the seq of the last one (0 when nothing was written)."""
-    return await _commit(request.app[SESSIONS], caller, session,
-                         _records(content_type, raw, initial))
 
 
 def _own(meta: Meta, seq: int) -> int:
@@ -595,18 +603,20 @@ async def put_stream(request: web.Request) -> web.Response:
             record["fork"] = {"from": fork.source, "offset": fork.offset, "sub": fork.sub,
                               "at": at, "segments": [s.to_json() for s in
                                                      forks.inherited(source.chain, at)]}
-        appended = await service.publish(caller, session, CREATE, record, server_written=True)
-        meta, _ = _fold(session, None, {}, appended.event)
-        assert meta is not None
-        if fork is not None and source is not None:
-            await _refer(streams, fork.source, session, FORK)
-        last = await _commit(service, caller, session, prefix)
-        last = max(last, await _append(request, caller, session, content_type, raw,
-                                       initial=True))
+        # The stream's records go in one tick: its creation, what a fork starts with, the
+        # initial body, the close.
+        items = [(CREATE, record), *prefix, *_records(content_type, raw, initial=True)]
         if _closing(request):
-            last = await _commit(service, caller, session, [(CLOSE, None)])
-            meta = dataclasses.replace(meta, closed=True)
-    response = _ok(201, meta, _own(meta, max(last, meta.created_seq)))
+            items.append((CLOSE, None))
+        events = await _publish(service, caller, session, items)
+        meta = None
+        for event in events:
+            meta, _ = _fold(session, meta, {}, event)
+        if meta is None:  # only a concurrent delete between the records could do this
+            return _problem(409, "the stream was deleted while it was created")
+        if fork is not None:
+            await _refer(streams, fork.source, session, FORK)
+    response = _ok(201, meta, _own(meta, max(events[-1].seq, meta.created_seq)))
     response.headers["Location"] = location
     return response
 
