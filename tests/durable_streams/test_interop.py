@@ -109,3 +109,37 @@ def test_node_and_python_clients_interoperate_across_a_restart(
         handle.append({"from": "python", "n": 6})
     live.join(60)
     assert tail["items"][:2] == [{"from": "python", "n": 5}, {"from": "python", "n": 6}]
+
+
+def test_a_producer_retry_racing_its_original_across_workers_appends_once(
+        tmp_path: Path) -> None:
+    """Identical producer requests on separate connections, spread by the kernel over two
+    workers: each (producer, epoch, seq) is appended once, whichever worker answers."""
+    import asyncio
+
+    import aiohttp
+
+    server = ServerProcess(tmp_path / "data", extra=["--agent", "none", "--workers", "2"])
+    server.start()
+    url = f"http://127.0.0.1:{server.port}/v1/stream/race"
+    headers = {**HEADERS, "Content-Type": "application/json"}
+
+    async def run() -> list[Any]:
+        async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True)) as http:
+            assert (await http.put(url, headers=headers)).status == 201
+            for seq in range(20):
+                producer = {"Producer-Id": "p", "Producer-Epoch": "0",
+                            "Producer-Seq": str(seq)}
+                statuses = await asyncio.gather(*(
+                    http.post(url, data=json.dumps({"n": seq}),
+                              headers={**headers, **producer}) for _ in range(6)))
+                codes = sorted(r.status for r in statuses)
+                assert codes == [200] + [204] * 5, codes  # one appended, five deduplicated
+            async with http.get(url, headers=HEADERS) as resp:
+                return list(await resp.json())
+
+    try:
+        assert asyncio.run(run()) == [{"n": n} for n in range(20)]
+    finally:
+        server.stop()

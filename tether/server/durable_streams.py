@@ -18,6 +18,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import hashlib
 import os
 import re
 import time
@@ -431,12 +432,16 @@ def _parse_json_messages(raw: bytes, allow_empty: bool) -> list[Any]:
 
 
 async def _publish(service: SessionService, caller: Caller, session: str,
-                   items: list[tuple[str, Any]], streams: Streams | None = None
-                   ) -> list[Event]:
+                   items: list[tuple[str, Any]], streams: Streams | None = None,
+                   key: str | None = None) -> list[Event]:
     """Publish the records in order, queued in one loop tick (SQLite commits them in one
-    transaction, Redis in one script call); the committed events."""
-    futures = [service.publish(caller, session, kind, data, server_written=True)
-               for kind, data in items]
+    transaction, Redis in one script call); the committed events. With ``key``, record ``i``
+    carries the store's idempotency key ``{key}:{i}``: the same records published again
+    (by any process, within the store's idempotency window) are not appended twice and come
+    back empty."""
+    futures = [service.publish(caller, session, kind, data,
+                               None if key is None else f"{key}:{i}", server_written=True)
+               for i, (kind, data) in enumerate(items)]
     events = [r.event for r in await asyncio.gather(*futures) if not r.duplicate]
     if streams is not None:
         streams.committed(session, events)
@@ -444,9 +449,10 @@ async def _publish(service: SessionService, caller: Caller, session: str,
 
 
 async def _commit(service: SessionService, caller: Caller, session: str,
-                  items: list[tuple[str, Any]], streams: Streams | None = None) -> int:
+                  items: list[tuple[str, Any]], streams: Streams | None = None,
+                  key: str | None = None) -> int:
     """:func:`_publish`; the seq of the last record (0 when there are none)."""
-    events = await _publish(service, caller, session, items, streams)
+    events = await _publish(service, caller, session, items, streams, key)
     return max((e.seq for e in events), default=0)
 
 
@@ -713,7 +719,18 @@ async def post_stream(request: web.Request) -> web.Response:
         if closing:
             items.append((CLOSE, None))
             headers["Stream-Closed"] = "true"
-        last = await _commit(request.app[SESSIONS], caller, session, items, streams)
+        # A producer's records carry idempotency keys: the check above runs per process, so
+        # the same (producer, epoch, seq) sent to two workers or nodes at once (a retry racing
+        # its original) is deduplicated by the store itself.
+        key = None if producer is None else "ds:" + hashlib.sha256(
+            f"{meta.created_seq}\0{producer[0]}\0{producer[1]}\0{producer[2]}".encode()
+        ).hexdigest()[:32]  # a Producer-Id is any header value: bounded, and in one charset
+        last = await _commit(request.app[SESSIONS], caller, session, items, streams, key)
+        if key is not None and items and not last:
+            assert producer is not None
+            return web.Response(status=204, headers={  # another process appended it first
+                **SECURITY_HEADERS, "Producer-Epoch": str(producer[1]),
+                "Producer-Seq": str(producer[2])})
         tail = _own(meta, last) if last else await streams.tail(session, meta)
     return web.Response(status=status, headers={**headers,
                                                 "Stream-Next-Offset": offset_of(tail)})
