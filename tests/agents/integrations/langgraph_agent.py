@@ -104,3 +104,12 @@ hitl.add_conditional_edges("model", tools_condition)
 hitl.add_edge("tools", "model")
 hitl_agent = serve(hitl.compile(), name="hitl", sessions=["fw-*"], client_tools=["ask"],
                    coalesce_window=0.005)
+
+
+# The agent as a subgraph of an outer graph: its tokens, tool calls and interrupts come from
+# inside the subgraph.
+outer = StateGraph(MessagesState)
+outer.add_node("assistant", builder.compile())
+outer.add_edge(START, "assistant")
+nested_agent = serve(outer.compile(), name="nested", sessions=["fw-*"], client_tools=["ask"],
+                     coalesce_window=0.005)

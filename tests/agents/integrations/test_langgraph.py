@@ -58,7 +58,8 @@ async def test_human_in_the_loop_middleware_shape(serve_agent: Any, scenario: An
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("spec", [SPEC, "tests.agents.integrations.langgraph_agent:hitl_agent"])
+@pytest.mark.parametrize("spec", [SPEC, "tests.agents.integrations.langgraph_agent:hitl_agent",
+                                  "tests.agents.integrations.langgraph_agent:nested_agent"])
 async def test_an_approval_with_edited_arguments(serve_agent: Any, spec: str) -> None:
     """The approver's edited arguments reach the tool (``arguments`` of the resume value, or
     an ``edit`` decision), and the recorded call shows them."""
@@ -97,6 +98,15 @@ async def test_with_busy_merge_a_message_is_input_of_the_active_run(serve_agent:
     events = await scenarios.read_log(served.port, session)
     assert [e["type"] for e in events].count("run.created") == 1
     assert user_texts(served.upstream.requests[-1]) == ["hello there", "now add"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", [
+    scenarios.streaming, scenarios.server_tool, scenarios.approval_across_sigkill,
+    scenarios.client_tool, scenarios.cancel])
+async def test_an_agent_inside_a_subgraph(serve_agent: Any, scenario: Any) -> None:
+    """The same agent as a subgraph node of an outer graph maps the same way."""
+    await scenario(serve_agent("tests.agents.integrations.langgraph_agent:nested_agent"))
 
 
 def user_texts(request: dict[str, Any]) -> list[str]:

@@ -3,7 +3,8 @@
 ``serve(graph, sessions=[...])`` wraps a compiled graph (``StateGraph(...).compile()``,
 ``create_react_agent(...)``: any ``Pregel``) in a tether :class:`~tether.agents.agent.Agent`.
 Each run of a session is one or more invocations of the graph on the thread named after the
-session (``thread_id`` = the session id), streamed with ``stream_mode=["messages", "updates"]``:
+session (``thread_id`` = the session id), streamed with ``stream_mode=["messages", "updates"]``
+and its subgraphs:
 
 * the model's tokens (``AIMessageChunk`` text) go out through ``run.stream_text()``, one stream
   per model message; the tool calls of the model's messages and the ``ToolMessage`` answers are
@@ -415,6 +416,15 @@ def _unanswered(values: Any) -> list[dict[str, Any]]:
             for c in m.tool_calls if c.get("id") not in answered]
 
 
+def _pending(snap: StateSnapshot) -> list[dict[str, Any]]:
+    """The unanswered tool calls of a state and of the subgraphs its tasks are in."""
+    found = _unanswered(snap.values)
+    for task in snap.tasks:
+        if isinstance(task.state, StateSnapshot):
+            found += [c for c in _pending(task.state) if c not in found]
+    return found
+
+
 def _logged(run: Run, type_: str, call: str) -> dict[str, Any]:
     """The data of the run's ``type_`` event for ``call`` in the log, or {}."""
     for _, t, data, _ in run.events:
@@ -505,8 +515,8 @@ class _Driver:
     async def drive(self) -> None:
         last: str | None = None
         while True:
-            snap = await self.graph.aget_state(self.thread)
-            self.asked.update({c["id"]: c for c in _unanswered(snap.values) if c.get("id")})
+            snap = await self.graph.aget_state(self.thread, subgraphs=True)
+            self.asked.update({c["id"]: c for c in _pending(snap) if c.get("id")})
             meta: dict[str, Any] = dict(snap.metadata or {})
             mine = meta.get(RUN_KEY) == self.run.id
             fed = int(meta.get(INPUT_KEY) or 0) if mine else 0
@@ -556,8 +566,10 @@ class _Driver:
     # --- one invocation ---
 
     async def stream(self, source: Any, config: RunnableConfig) -> None:
-        async for mode, chunk in self.graph.astream(source, config,
-                                                    stream_mode=["messages", "updates"]):
+        # subgraphs=True: a subgraph's model streams its tokens (otherwise LangGraph gives its
+        # message whole at the end) and its tool calls are recorded too.
+        async for _, mode, chunk in self.graph.astream(source, config, subgraphs=True,
+                                                       stream_mode=["messages", "updates"]):
             if mode == "messages" and isinstance(chunk, tuple):
                 await self.token(chunk[0])  # (message, metadata)
             elif mode == "updates" and isinstance(chunk, dict):
@@ -654,7 +666,7 @@ class _Driver:
         """LangChain's HumanInTheLoopMiddleware shape: ``{"action_requests": [{"name",
         "args"}, ...]}`` resumed with ``{"decisions": [...]}``, one per action."""
         decisions: list[dict[str, Any]] = []
-        pending = _unanswered(snap.values)
+        pending = _pending(snap)
         for index, action in enumerate(actions):
             action = action if isinstance(action, dict) else {}
             name = str(action.get("name", "action"))
@@ -698,7 +710,7 @@ class _Driver:
             name = value.get("name") if isinstance(value.get("name"), str) else None
             arguments = value.get("arguments", value.get("args"))
             tool_call = value.get("tool_call_id")
-        pending = _unanswered(snap.values)
+        pending = _pending(snap)
         if not isinstance(tool_call, str) or all(c.get("id") != tool_call for c in pending):
             # The first unanswered call of that name (and arguments) not yet asked about.
             used = {v for k, v in self.calls.items() if k.startswith("i:")}
