@@ -116,6 +116,29 @@ async def test_concurrent_appends_are_committed_in_few_batches(tmp_path: Path) -
         await store.close()
 
 
+async def test_max_batch_commits_the_rest_in_order_and_close_commits_all(tmp_path: Path
+                                                                         ) -> None:
+    """The sequencer of --workers bounds its transactions: what is over the bound is committed
+    in the next loop iterations, in queue order, and close() commits everything queued."""
+    batches: list[int] = []
+    seen: list[Event] = []
+    store = SqliteStore(str(tmp_path / "data"), on_batch=batches.append, max_batch=16)
+    await store.start()
+    store.listen("s0", seen.append)
+    results = await asyncio.gather(
+        *(store.append(f"s{i % 3}", "message", {"i": i}, ALICE) for i in range(100)))
+    assert batches[:6] == [16] * 6 and sum(batches) == 100
+    for s in range(3):
+        assert [r.event.data["i"] for r in results if r.event.session == f"s{s}"] == \
+            list(range(s, 100, 3))
+        assert [r.event.seq for r in results if r.event.session == f"s{s}"] == \
+            list(range(1, len(range(s, 100, 3)) + 1))
+    assert [e.seq for e in seen] == list(range(1, 35))
+    queued = [store.append_future("s9", "message", i, ALICE) for i in range(40)]
+    await store.close()
+    assert [f.result().event.seq for f in queued] == list(range(1, 41))
+
+
 async def test_one_batch_sees_its_own_stream_events(store: SqliteStore) -> None:
     results = await asyncio.gather(
         store.append("s1", STREAM_APPEND, {"stream": "m", "text": "a"}, ALICE),

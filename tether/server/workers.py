@@ -183,7 +183,7 @@ class Supervisor:
         self._port_socket = self._hold_port()
         try:
             if sequenced(config):
-                self.store = open_store(config.resolved_store_url(), config.retention)
+                self.store = _sequencer_store(config)
                 await self.store.start()
                 self.host = StoreHost(self.store)
             else:
@@ -330,6 +330,22 @@ class Supervisor:
         if self._port_socket is not None:
             self._port_socket.close()
             self._port_socket = None
+
+
+# The sequencer commits at most this many appends per transaction, and sends the answers
+# before it commits more: the workers work on one batch's answers while the next commits,
+# instead of the whole server moving in one convoy (docs/architecture.md, "Workers").
+SEQUENCER_BATCH = int(os.environ.get("TETHER_SEQUENCER_BATCH", "256"))
+
+
+def _sequencer_store(config: ServerConfig) -> Store:
+    url = config.resolved_store_url()
+    if url.startswith("sqlite:"):
+        from tether.store.sqlite import SqliteStore
+
+        return SqliteStore(url.removeprefix("sqlite://"), config.retention,
+                           max_batch=SEQUENCER_BATCH or None)
+    return open_store(url, config.retention)
 
 
 def describe(config: ServerConfig, workers: int) -> str:

@@ -232,12 +232,15 @@ class SqliteStore(InProcessFanout, InProcessPresence):
                  on_batch: Callable[[int], None] | None = None,
                  synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
                  busy_timeout: float = 5.0,
-                 cache_mib: int = 64) -> None:
+                 cache_mib: int = 64, max_batch: int | None = None) -> None:
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError("synchronous must be 'NORMAL' or 'FULL'")
         self.path = Path(path)
         self.retention = retention or Retention()
         self._on_batch = on_batch
+        # None: one transaction for everything queued in a loop iteration. The store host of
+        # --workers sets a bound, so its workers get answers while it commits the rest.
+        self._max_batch = max_batch
         self._synchronous = synchronous
         self._busy_timeout = busy_timeout
         self._cache_mib = cache_mib
@@ -325,8 +328,11 @@ class SqliteStore(InProcessFanout, InProcessPresence):
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        if self._pending:
+        while self._pending:
             self._flush()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         conn, self._conn = self._conn, None
         if self._checkpointer is not None:
             self._checkpointer.stop()
@@ -427,11 +433,21 @@ class SqliteStore(InProcessFanout, InProcessPresence):
         self._pending.append((session, type, data, sender, key, answer))
 
     def _flush(self) -> None:
-        """Commit every queued append in one transaction, then answer and notify."""
+        """Commit the queued appends (at most ``max_batch``), answer and notify; a rest is
+        committed in the next loop iteration, after what this one answered was sent."""
         self._flush_handle = None
-        batch, self._pending = self._pending, []
-        if not batch:
-            return
+        pending, limit = self._pending, self._max_batch
+        if limit is not None and len(pending) > limit:
+            batch, self._pending = pending[:limit], pending[limit:]
+        else:
+            batch, self._pending = pending, []
+        if batch:
+            self._commit(batch)
+        if self._pending and self._flush_handle is None and self._loop is not None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _commit(self, batch: list[_Request]) -> None:
+        """Commit ``batch`` in one transaction, then answer and notify."""
         if self._on_batch is not None:
             try:
                 self._on_batch(len(batch))
