@@ -145,3 +145,21 @@ def test_serve_refuses_what_cannot_map() -> None:
         function_tool_of(add)
     ask = function_tool_of(client_tool("ask", "Ask", {"type": "object", "properties": {}}))
     assert ask.name == "ask" and ask.needs_approval is True
+
+
+def test_a_client_function_tool_stays_one_when_copied() -> None:
+    """The SDK may copy tools (dataclasses.replace): the front-end mark is the invoker."""
+    import dataclasses
+
+    from tether.agents.integrations.openai_agents import ClientAnswer, client_function_tool
+
+    @client_function_tool(timeout=30.0)
+    def ask(q: str) -> str:
+        """Ask the user a question."""
+        raise NotImplementedError
+
+    assert ask.name == "ask" and ask.description == "Ask the user a question."
+    assert ask.params_json_schema["required"] == ["q"] and ask.needs_approval is True
+    copied = dataclasses.replace(ask, description="Ask")
+    assert isinstance(copied.on_invoke_tool, ClientAnswer)
+    assert copied.on_invoke_tool.timeout == 30.0

@@ -42,7 +42,6 @@ import asyncio
 import contextlib
 import contextvars
 import copy
-import dataclasses
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, cast, overload
 
@@ -63,8 +62,6 @@ if TYPE_CHECKING:
 
 MEMORY = "tether.items"  # the event type of the SDK's session items (server-written only)
 _PAGE = 1000
-# On a client function tool: its timeout in seconds (None: no expiry). Marks the tool.
-_CLIENT_MARK = "_tether_client_timeout"
 # The answers of the front-end tools of the run being driven: SDK call id → tool.result data.
 # The SDK runs tools in tasks it creates inside the run's task, so they see this context.
 _ANSWERS: contextvars.ContextVar[dict[str, dict[str, Any]]] = contextvars.ContextVar(
@@ -231,25 +228,40 @@ class TetherSession:
 # --- front-end tools ------------------------------------------------------------------------
 
 
-async def _answer(context: ToolContext[Any], arguments: str) -> Any:
-    """A front-end tool's invocation: the answer a client gave (the run got it durably before
-    letting the SDK run the tool)."""
-    answered = _ANSWERS.get(None)
-    data = answered.get(context.tool_call_id) if answered is not None else None
-    if data is None:
-        return orjson.dumps({"error": f"{context.tool_name} runs in a tether client, and "
-                                      "no client answered"}).decode()
-    if "result" in data:
-        return data["result"]
-    return orjson.dumps({"error": data.get("error")}).decode()
+class ClientAnswer:
+    """The invocation of a front-end tool: the answer a client gave (the run got it durably
+    before letting the SDK run the tool). It also marks the tool as a front-end one, in a way
+    that survives the SDK copying the tool, and holds its ``timeout`` (seconds; None: none)."""
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout
+
+    async def __call__(self, context: ToolContext[Any], arguments: str) -> Any:
+        answered = _ANSWERS.get(None)
+        data = answered.get(context.tool_call_id) if answered is not None else None
+        if data is None:
+            return orjson.dumps({"error": f"{context.tool_name} runs in a tether client, and "
+                                          "no client answered"}).decode()
+        if "result" in data:
+            return data["result"]
+        return orjson.dumps({"error": data.get("error")}).decode()
 
 
-def _client(tool: agents.FunctionTool, timeout: float | None) -> agents.FunctionTool:
+def _client(name: str, description: str, schema: dict[str, Any], timeout: float | None, *,
+            strict: bool) -> agents.FunctionTool:
+    from agents import FunctionTool
+
     # needs_approval makes the SDK stop before the call, with a state it can serialise: the
     # adapter then asks the clients (durably) and lets the SDK "run" the tool with the answer.
-    tool = dataclasses.replace(tool, on_invoke_tool=_answer, needs_approval=True)
-    setattr(tool, _CLIENT_MARK, timeout)
-    return tool
+    return FunctionTool(name=name, description=description, params_json_schema=schema,
+                        on_invoke_tool=ClientAnswer(timeout), strict_json_schema=strict,
+                        needs_approval=True)
+
+
+def _client_timeout(tool: Any) -> tuple[bool, float | None]:
+    """Whether ``tool`` is a front-end tool, and its timeout."""
+    answer = getattr(tool, "on_invoke_tool", None)
+    return (True, answer.timeout) if isinstance(answer, ClientAnswer) else (False, None)
 
 
 @overload
@@ -280,22 +292,18 @@ def client_function_tool(function: Callable[..., Any] | None = None, /, *,
 
     def make(fn: Callable[..., Any]) -> FunctionTool:
         schema = function_schema(fn, name_override=name, description_override=description)
-        return _client(FunctionTool(name=schema.name, description=schema.description or "",
-                                    params_json_schema=schema.params_json_schema,
-                                    on_invoke_tool=_answer), timeout)
+        return _client(schema.name, schema.description or "", schema.params_json_schema,
+                       timeout, strict=True)
 
     return make(function) if function is not None else make
 
 
 def function_tool_of(spec: Tool) -> agents.FunctionTool:
     """A tether ``client_tool`` spec as an SDK function tool answered by a client."""
-    from agents import FunctionTool
-
     if not spec.client_side:
         raise ValueError(f"{spec.name!r} is a server tool: give the SDK agent a @function_tool")
-    return _client(FunctionTool(name=spec.name, description=spec.description,
-                                params_json_schema=spec.parameters, on_invoke_tool=_answer,
-                                strict_json_schema=False), spec.timeout)
+    # A tether spec's schema need not meet the SDK's strict mode (every property required).
+    return _client(spec.name, spec.description, spec.parameters, spec.timeout, strict=False)
 
 
 def _tool_named(agent: Any, name: str) -> Any:
@@ -475,7 +483,7 @@ class _Driver:
                 return  # not a function call (hosted tools do not reach Chat Completions)
             tool = _tool_named(item.agent, name)
             arguments = _arguments(getattr(raw, "arguments", None))
-            if tool is not None and hasattr(tool, _CLIENT_MARK):
+            if _client_timeout(tool)[0]:
                 self.client_calls.add(sdk_call)  # recorded when the clients are asked
             elif tool is not None and getattr(tool, "needs_approval", False) is not False:
                 self.held[sdk_call] = (name, arguments)  # recorded once approved (or run)
@@ -506,10 +514,10 @@ class _Driver:
             tid = self.tid(sdk_call)
             arguments = _arguments(item.arguments)
             tool = _tool_named(item.agent, name)
-            if tool is not None and hasattr(tool, _CLIENT_MARK):
+            client, timeout = _client_timeout(tool)
+            if client:
                 self.client_calls.add(sdk_call)
-                answer = await run.client_tool(tid, name, arguments,
-                                               expires_in=getattr(tool, _CLIENT_MARK))
+                answer = await run.client_tool(tid, name, arguments, expires_in=timeout)
                 self.answers[sdk_call] = dict(answer.data)
                 state.approve(item)
                 continue
