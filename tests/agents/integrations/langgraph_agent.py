@@ -56,6 +56,8 @@ agent = serve(graph, name="langgraph", sessions=["fw-*"], client_tools=["ask"],
               coalesce_window=0.005)
 merging = serve(graph, name="merging", sessions=["fw-*"], client_tools=["ask"], busy="merge",
                 coalesce_window=0.005)
+hasty = serve(graph, name="hasty", sessions=["fw-*"], client_tools=["ask"],
+              approval_timeout=0.5, coalesce_window=0.005)
 
 # The same tools in LangGraph's prebuilt agent (deprecated in favour of langchain's
 # create_agent, which is not installed here, but still the graph many agents are built with).

@@ -109,6 +109,46 @@ async def test_an_agent_inside_a_subgraph(serve_agent: Any, scenario: Any) -> No
     await scenario(serve_agent("tests.agents.integrations.langgraph_agent:nested_agent"))
 
 
+@pytest.mark.slow
+async def test_an_expired_approval_is_a_refusal(serve_agent: Any) -> None:
+    """``approval_timeout``: nobody decides in time, the decision is ``expired``, the tool
+    does not run and the model is told."""
+    served = serve_agent("tests.agents.integrations.langgraph_agent:hasty")
+    session = "fw-expire"
+    peer = await scenarios.connect(served.port, session)
+    await peer.publish(session, "message", {"text": "please deploy"})
+    request = (await until_event(peer, "approval.request", name="deploy"))["data"]
+    assert request["expires_at"] is not None
+    decision = (await until_event(peer, "approval.decision", call=request["call"]))["data"]
+    assert decision["decision"] == "expired"
+    result = (await until_event(peer, "tool.result", call=request["call"]))["data"]
+    assert result["error"].startswith("expired")
+    await until_event(peer, "run.state", run=request["run"], state="completed")
+    await peer.close()
+    tool = [m for m in served.upstream.requests[-1]["messages"] if m["role"] == "tool"]
+    assert "not deployed: expired" in tool[-1]["content"]
+
+
+@pytest.mark.slow
+async def test_a_front_end_tools_error_reaches_the_model(serve_agent: Any) -> None:
+    served = serve_agent(SPEC)
+    session = "fw-client-error"
+    peer = await scenarios.connect(served.port, session, tools=["ask"])
+    await peer.publish(session, "message", {"text": "please ask"})
+    call = (await until_event(peer, "tool.call", name="ask"))["data"]
+    reply = await peer.publish(session, "tool.result", {
+        "run": call["run"], "call": call["call"], "error": "the user closed the dialog"})
+    assert reply["op"] == "published", reply
+    await until_event(peer, "run.state", run=call["run"], state="completed")
+    await peer.close()
+    events = await scenarios.read_log(served.port, session)
+    scenarios.assert_clean(events)
+    assert [e["data"].get("error") for e in events if e["type"] == "tool.result"] == [
+        "the user closed the dialog"]
+    tool = [m for m in served.upstream.requests[-1]["messages"] if m["role"] == "tool"]
+    assert "the user closed the dialog" in tool[-1]["content"]
+
+
 def user_texts(request: dict[str, Any]) -> list[str]:
     return [str(m["content"]) for m in request["messages"] if m["role"] == "user"]
 
