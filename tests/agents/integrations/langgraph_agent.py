@@ -58,6 +58,9 @@ merging = serve(graph, name="merging", sessions=["fw-*"], client_tools=["ask"], 
                 coalesce_window=0.005)
 hasty = serve(graph, name="hasty", sessions=["fw-*"], client_tools=["ask"],
               approval_timeout=0.5, coalesce_window=0.005)
+# A static breakpoint is not an approval: the run carries on past it.
+paused = serve(builder.compile(interrupt_before=["tools"]), name="paused", sessions=["fw-*"],
+               client_tools=["ask"], coalesce_window=0.005)
 
 # The same tools in LangGraph's prebuilt agent (deprecated in favour of langchain's
 # create_agent, which is not installed here, but still the graph many agents are built with).

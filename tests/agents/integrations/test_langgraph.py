@@ -149,6 +149,13 @@ async def test_a_front_end_tools_error_reaches_the_model(serve_agent: Any) -> No
     assert "the user closed the dialog" in tool[-1]["content"]
 
 
+@pytest.mark.slow
+async def test_a_static_breakpoint_is_passed(serve_agent: Any) -> None:
+    """``interrupt_before=["tools"]`` (LangGraph's debugging breakpoint) does not stop a
+    served run: it carries on and calls the tool."""
+    await scenarios.server_tool(serve_agent("tests.agents.integrations.langgraph_agent:paused"))
+
+
 def user_texts(request: dict[str, Any]) -> list[str]:
     return [str(m["content"]) for m in request["messages"] if m["role"] == "user"]
 
