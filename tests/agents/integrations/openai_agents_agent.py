@@ -41,3 +41,7 @@ with_specs = serve(Agent(name="helper", model=model, tools=[add, deploy]), sessi
                        "ask", "Ask the user a question", {
                            "type": "object", "properties": {"q": {"type": "string"}},
                            "required": ["q"]})])
+
+# The same agent whose approvals expire after a second.
+expiring = serve(Agent(name="helper", model=model, tools=[add, deploy]), sessions=["fw-*"],
+                 name="helper", approval_timeout=1.0)

@@ -249,3 +249,22 @@ async def test_a_call_left_unanswered_is_closed_for_the_next_run(serve_agent: An
     sent = served.upstream.requests[-1]["messages"]
     assert [m["role"] for m in sent] == ["system", "user", "assistant", "tool", "user"]
     assert "Not run" in sent[3]["content"]
+
+
+async def test_an_expired_approval_is_a_refusal(serve_agent: Any) -> None:
+    """serve(approval_timeout=...): nobody decides in time, tether records the expiry, the
+    SDK is told the call was not run, and the run completes."""
+    served: Served = serve_agent("tests.agents.integrations.openai_agents_agent:expiring")
+    session = "fw-expire"
+    peer = await connect(served.port, session)
+    await peer.publish(session, "message", {"text": "please deploy"})
+    request = (await until_event(peer, "approval.request", name="deploy"))["data"]
+    assert request["expires_at"]
+    decision = (await until_event(peer, "approval.decision", call=request["call"]))["data"]
+    assert decision["decision"] == "expired"
+    result = (await until_event(peer, "tool.result", call=request["call"]))["data"]
+    assert result["error"] == "expired by tether"
+    await until_event(peer, "run.state", run=request["run"], state="completed")
+    await peer.close()
+    tool_messages = [m for m in served.upstream.requests[-1]["messages"] if m["role"] == "tool"]
+    assert "expired by tether" in tool_messages[-1]["content"]
