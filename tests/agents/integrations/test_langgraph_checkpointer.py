@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import pytest
@@ -134,12 +135,29 @@ async def test_an_unreadable_event_is_skipped_and_counted(store: SessionStore) -
                                                  "task": "t", "writes": [[0, "a", "%%"]]},
                        sender)
     await store.append("lg-thread", EVENT_TYPE, {"kind": "nonsense"}, sender)
+    await store.append("lg-thread", EVENT_TYPE, {
+        "kind": "writes", "ns": "", "id": cid, "task": "u",
+        "writes": [[0, "a", ["msgpack", base64.b64encode(b"not zlib").decode(), "zlib"]]]},
+        sender)
     reader = TetherCheckpointer(store)
     found = await reader.aget_tuple(THREAD)
     assert found is not None and found.checkpoint["id"] == cid
-    assert reader.unreadable == 2
+    assert reader.unreadable == 3
     assert contents(found.checkpoint["channel_values"]) == contents(
         latest.checkpoint["channel_values"])
+
+
+async def test_large_values_are_compressed_and_read_back(store: SessionStore) -> None:
+    saver = TetherCheckpointer(store)
+    graph = builder(False).compile(checkpointer=saver)
+    text = "a long message that repeats " * 400
+    await graph.ainvoke({"messages": [HumanMessage(text)]}, THREAD)
+    events = await store.read("lg-thread", 0, 100)
+    stored = [e.data["checkpoint"] for e in events if e.data["kind"] == "checkpoint"]
+    assert stored[-1][2] == "zlib" and len(stored[-1][1]) < len(text) / 4
+    state = await TetherCheckpointer(store).aget_tuple(THREAD)
+    assert state is not None
+    assert state.checkpoint["channel_values"]["messages"][0].content == text
 
 
 async def test_sync_calls_say_the_saver_is_async(store: SessionStore) -> None:

@@ -32,6 +32,7 @@ import base64
 import contextlib
 import hashlib
 import logging
+import zlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -81,15 +82,30 @@ INPUT_KEY = "tether_input"  # checkpoint metadata: the seq of the newest input f
 # --- the checkpointer ---------------------------------------------------------------------------
 
 
+COMPRESS_ABOVE = 512  # bytes: a checkpoint repeats the whole conversation, and text packs well
+
+
 def _encode(typed: tuple[str, bytes]) -> list[str]:
-    return [typed[0], base64.b64encode(typed[1]).decode()]
+    """``[type, base64]``, or ``[type, base64, "zlib"]`` for a payload worth compressing."""
+    kind, data = typed
+    if len(data) > COMPRESS_ABOVE:
+        return [kind, base64.b64encode(zlib.compress(data, 6)).decode(), "zlib"]
+    return [kind, base64.b64encode(data).decode()]
 
 
 def _decode(value: Any) -> tuple[str, bytes]:
-    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str)
-                                                                 for v in value)):
-        raise ValueError("not a [type, base64] pair")
-    return value[0], base64.b64decode(value[1], validate=True)
+    if not (isinstance(value, list) and len(value) in (2, 3)
+            and all(isinstance(v, str) for v in value)):
+        raise ValueError("not a [type, base64(, zlib)] list")
+    data = base64.b64decode(value[1], validate=True)
+    if len(value) == 3:
+        if value[2] != "zlib":
+            raise ValueError(f"unknown compression {value[2]!r}")
+        try:
+            data = zlib.decompress(data)
+        except zlib.error as exc:
+            raise ValueError(f"corrupt zlib data: {exc}") from exc
+    return value[0], data
 
 
 @dataclass
@@ -119,11 +135,13 @@ class TetherCheckpointer(BaseCheckpointSaver[int]):
     Each ``aput`` appends one ``tether.langgraph`` event holding the whole checkpoint (so
     retention trimming old events never breaks a newer checkpoint), each ``aput_writes`` one
     event holding the task's writes; both serialised with the graph's serializer (msgpack,
-    base64 in the event). Reads fold the log incrementally — each call reads only what was
-    appended since the previous one, so checkpoints written by another node are seen too —
-    and keep an index in memory (threads least recently used first out, bodies read back from
-    the log when not cached). ``adelete_thread`` appends a marker after which the thread starts
-    empty: the log itself is append-only.
+    zlib-compressed above 512 bytes, base64 in the event). Like LangGraph's own savers, which
+    store a changed channel's whole value, a thread writes its growing state at every step.
+    Reads fold the log incrementally — each call reads only what was appended since the
+    previous one, so checkpoints written by another node are seen too — and keep an index in
+    memory (threads least recently used first out, bodies read back from the log when not
+    cached). ``adelete_thread`` appends a marker after which the thread starts empty: the log
+    itself is append-only.
 
     Async only (``ainvoke``, ``astream``, ``aget_state``): the store is.
     """
