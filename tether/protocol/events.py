@@ -53,8 +53,25 @@ def valid_session_id(session: object) -> bool:
     return isinstance(session, str) and _SESSION_RE.fullmatch(session) is not None
 
 
+# Types and stream ids already found valid: a pure function of the string, asked for every
+# published event with the same few values. Bounded: cleared when full.
+_VALID_TYPES: set[str] = set()
+_VALID_STREAMS: set[str] = set()
+_MAX_REMEMBERED = 4096
+
+
 def check_event_type(event_type: object) -> None:
     """Raise :class:`RequestError` unless ``event_type`` may be published."""
+    if event_type in _VALID_TYPES:
+        return
+    _check_event_type(event_type)
+    assert isinstance(event_type, str)
+    if len(_VALID_TYPES) >= _MAX_REMEMBERED:
+        _VALID_TYPES.clear()
+    _VALID_TYPES.add(event_type)
+
+
+def _check_event_type(event_type: object) -> None:
     if not isinstance(event_type, str) or not _TYPE_RE.fullmatch(event_type):
         raise RequestError(ErrorCode.INVALID,
                            "event type must match [A-Za-z][A-Za-z0-9_.:-]{0,63}")
@@ -69,8 +86,12 @@ def check_stream_data(event_type: str, data: Any) -> str | None:
     if not isinstance(data, dict):
         return f"{event_type} data must be an object"
     stream = data.get("stream")
-    if not isinstance(stream, str) or not _STREAM_ID_RE.fullmatch(stream):
-        return f"{event_type} data.stream must be a stream id ([A-Za-z0-9_.:-]{{1,64}})"
+    if stream not in _VALID_STREAMS:
+        if not isinstance(stream, str) or not _STREAM_ID_RE.fullmatch(stream):
+            return f"{event_type} data.stream must be a stream id ([A-Za-z0-9_.:-]{{1,64}})"
+        if len(_VALID_STREAMS) >= _MAX_REMEMBERED:
+            _VALID_STREAMS.clear()
+        _VALID_STREAMS.add(stream)
     if event_type == STREAM_APPEND and not isinstance(data.get("text"), str):
         return "stream.append data.text must be a string"
     if event_type == STREAM_END and "text" in data:

@@ -269,7 +269,8 @@ def attached_frame(rid: RequestId, session: str, cursor: Cursor, resumed: bool,
 
 def published_frame(rid: RequestId, event: Event, duplicate: bool) -> dict[str, Any]:
     return {"op": "published", "id": rid, "session": event.session, "seq": event.seq,
-            "cursor": None if event.transient else str(event.cursor), "duplicate": duplicate}
+            "cursor": None if event.transient else f"{event.epoch}:{event.seq}",
+            "duplicate": duplicate}
 
 
 def error_frame(rid: RequestId, code: ErrorCode, message: str, *, temporary: bool = False,

@@ -289,6 +289,12 @@ def _deeper_than(value: Any, limit: int) -> bool:
     limit to hit on hostile input)."""
     if not isinstance(value, dict | list):
         return False
+    children = value.values() if isinstance(value, dict) else value
+    for child in children:
+        if isinstance(child, dict | list):
+            break
+    else:
+        return limit < 1  # flat, the common case: no stack to build
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
