@@ -84,12 +84,16 @@ class Worker:
 
     @classmethod
     def from_env(cls) -> Worker | None:
-        raw = os.environ.get(WORKER_ENV)
+        raw = os.environ.pop(WORKER_ENV, None)  # not for the worker's own subprocesses
         if not raw:
             return None
         values = orjson.loads(raw)
-        return cls(int(values["index"]), str(values["node"]), int(values["life_fd"]),
-                   int(values["store_fd"]), int(values["parent"]))
+        worker = cls(int(values["index"]), str(values["node"]), int(values["life_fd"]),
+                     int(values["store_fd"]), int(values["parent"]))
+        for fd in (worker.life_fd, worker.store_fd):
+            if fd >= 0:
+                os.set_inheritable(fd, False)
+        return worker
 
     def configure(self, config: ServerConfig) -> None:
         config.node_id = self.node
