@@ -143,8 +143,27 @@ async def test_an_unreadable_event_is_skipped_and_counted(store: SessionStore) -
     found = await reader.aget_tuple(THREAD)
     assert found is not None and found.checkpoint["id"] == cid
     assert reader.unreadable == 3
+    await reader.aget_tuple(THREAD)
+    assert reader.unreadable == 3  # counted once
     assert contents(found.checkpoint["channel_values"]) == contents(
         latest.checkpoint["channel_values"])
+
+
+async def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(
+        store: SessionStore) -> None:
+    saver = TetherCheckpointer(store)
+    graph = builder(False).compile(checkpointer=saver)
+    await graph.ainvoke({"messages": [HumanMessage("one")]}, THREAD)
+    good = await saver.aget_tuple(THREAD)
+    assert good is not None
+    await store.append("lg-thread", EVENT_TYPE, {
+        "kind": "checkpoint", "ns": "", "id": good.checkpoint["id"] + "z", "parent": None,
+        "checkpoint": ["msgpack", "!!"], "metadata": ["msgpack", "!!"]},
+        Sender("tether", "langgraph", "agent"))
+    reader = TetherCheckpointer(store)
+    found = await reader.aget_tuple(THREAD)
+    assert found is not None and found.checkpoint["id"] == good.checkpoint["id"]
+    assert reader.unreadable == 1
 
 
 async def test_large_values_are_compressed_and_read_back(store: SessionStore) -> None:

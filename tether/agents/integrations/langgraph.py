@@ -75,6 +75,7 @@ log = logging.getLogger("tether.langgraph")
 
 EVENT_TYPE = "tether.langgraph"  # a server-only type (SERVER_TYPES): no client can forge one
 PAGE = 1000
+FALLBACK = 16  # checkpoints tried, newest first, when the newest cannot be read
 RUN_KEY = "tether_run"  # checkpoint metadata: the run that wrote it
 INPUT_KEY = "tether_input"  # checkpoint metadata: the seq of the newest input fed to the graph
 
@@ -155,6 +156,7 @@ class TetherCheckpointer(BaseCheckpointSaver[int]):
         self.max_threads = max_threads
         self.max_bodies = max_bodies
         self.unreadable = 0  # events of ours that could not be decoded (logged, skipped)
+        self._bad: set[tuple[str, int]] = set()  # (thread, seq) counted already
         self._threads: OrderedDict[str, _Thread] = OrderedDict()
 
     # --- folding the log ---
@@ -173,13 +175,14 @@ class TetherCheckpointer(BaseCheckpointSaver[int]):
             while thread.seq < head.last_seq:
                 page = await self.store.read(thread_id, thread.seq, PAGE)
                 for event in page:
-                    self._fold(thread, event.seq, event.type, event.data)
+                    self._fold(thread_id, thread, event.seq, event.type, event.data)
                     thread.seq = event.seq
                 if len(page) < PAGE:
                     break
         return thread
 
-    def _fold(self, thread: _Thread, seq: int, type_: str, data: Any) -> None:
+    def _fold(self, thread_id: str, thread: _Thread, seq: int, type_: str, data: Any
+              ) -> None:
         if type_ != EVENT_TYPE or not isinstance(data, dict):
             return
         kind, ns, cid = data.get("kind"), data.get("ns", ""), data.get("id")
@@ -189,7 +192,7 @@ class TetherCheckpointer(BaseCheckpointSaver[int]):
             thread.bodies.clear()
             return
         if not isinstance(ns, str) or not isinstance(cid, str):
-            self._unreadable(seq, "no ns or id")
+            self._unreadable(thread_id, seq, "no ns or id")
             return
         if kind == "checkpoint":
             parent = data.get("parent")
@@ -198,7 +201,7 @@ class TetherCheckpointer(BaseCheckpointSaver[int]):
         elif kind == "writes":
             thread.writes.setdefault((ns, cid), []).append(seq)
         else:
-            self._unreadable(seq, f"unknown kind {kind!r}")
+            self._unreadable(thread_id, seq, f"unknown kind {kind!r}")
             return
         self._cache(thread, seq, data)
 
@@ -207,9 +210,12 @@ class TetherCheckpointer(BaseCheckpointSaver[int]):
         while len(thread.bodies) > self.max_bodies:
             thread.bodies.popitem(last=False)
 
-    def _unreadable(self, seq: int, why: str) -> None:
+    def _unreadable(self, thread_id: str, seq: int, why: str) -> None:
+        if (thread_id, seq) in self._bad:
+            return  # counted and logged when first read
+        self._bad.add((thread_id, seq))
         self.unreadable += 1
-        log.warning("langgraph checkpoint event %d skipped: %s", seq, why)
+        log.warning("langgraph checkpoint event %d of %r skipped: %s", seq, thread_id, why)
 
     async def _body(self, thread_id: str, thread: _Thread, seq: int) -> dict[str, Any] | None:
         data = thread.bodies.get(seq)
@@ -239,8 +245,8 @@ class TetherCheckpointer(BaseCheckpointSaver[int]):
                         continue
                     found[key] = (task, str(channel), self.serde.loads_typed(_decode(value)),
                                   path)
-            except (ValueError, TypeError) as exc:
-                self._unreadable(seq, str(exc))
+            except Exception as exc:  # whatever the serializer raises on bad bytes
+                self._unreadable(thread_id, seq, f"{type(exc).__name__}: {exc}")
         ordered = sorted(found, key=lambda k: writes_sort_key(found[k][3], *k))
         return [found[k][:3] for k in ordered]
 
@@ -255,8 +261,8 @@ class TetherCheckpointer(BaseCheckpointSaver[int]):
         try:
             checkpoint: Checkpoint = self.serde.loads_typed(_decode(data.get("checkpoint")))
             metadata: CheckpointMetadata = self.serde.loads_typed(_decode(data.get("metadata")))
-        except (ValueError, TypeError) as exc:
-            self._unreadable(saved.seq, str(exc))
+        except Exception as exc:  # whatever the serializer raises on bad bytes
+            self._unreadable(thread_id, saved.seq, f"{type(exc).__name__}: {exc}")
             return None
         conf = {"thread_id": thread_id, "checkpoint_ns": ns}
         return CheckpointTuple(
@@ -275,10 +281,16 @@ class TetherCheckpointer(BaseCheckpointSaver[int]):
         thread_id = str(conf["thread_id"])
         ns = str(conf.get("checkpoint_ns", ""))
         thread = await self._thread(thread_id)
-        cid = get_checkpoint_id(config) or max(thread.saved.get(ns, {}), default=None)
-        if cid is None:
-            return None
-        return await self._tuple(thread_id, thread, ns, cid)
+        cid = get_checkpoint_id(config)
+        if cid is not None:
+            return await self._tuple(thread_id, thread, ns, cid)
+        # The newest checkpoint that reads: one that does not (a corrupt event) must not make
+        # the thread look empty and its conversation lost.
+        for newest in sorted(thread.saved.get(ns, {}), reverse=True)[:FALLBACK]:
+            found = await self._tuple(thread_id, thread, ns, newest)
+            if found is not None:
+                return found
+        return None
 
     async def alist(self, config: RunnableConfig | None, *,
                     filter: dict[str, Any] | None = None,
@@ -366,7 +378,8 @@ class TetherCheckpointer(BaseCheckpointSaver[int]):
         if thread is not None and thread.epoch == appended.event.epoch:
             async with thread.lock:
                 if thread.seq == appended.event.seq - 1:  # caught up: fold it now
-                    self._fold(thread, appended.event.seq, EVENT_TYPE, appended.event.data)
+                    self._fold(thread_id, thread, appended.event.seq, EVENT_TYPE,
+                               appended.event.data)
                     thread.seq = appended.event.seq
 
     # The store is asynchronous: the synchronous interface says so instead of blocking.
