@@ -63,6 +63,8 @@ _CLOSED, _STORE, _OTHER = 0, 1, 2
 # A frame larger than this is a broken peer, not a message (the largest request is one event,
 # bounded by the server's max frame size; the largest reply is one page of a catch-up read).
 MAX_FRAME = 1 << 30
+# What one side holds for a peer that does not read before it gives up on the connection.
+MAX_BUFFERED = 256 << 20
 # How long close() waits for replies to what was already sent.
 CLOSE_WAIT = 10.0
 
@@ -115,7 +117,7 @@ class _Framed(asyncio.Protocol):
     def fail(self, reason: str) -> None:
         log.error("shared store connection: %s; closing it", reason)
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()  # close() would wait to send what the peer does not read
 
     def send(self, message: bytes) -> None:
         self._out.append(message)
@@ -125,8 +127,13 @@ class _Framed(asyncio.Protocol):
     def flush(self) -> None:
         self._flush_handle = None
         out, self._out = self._out, []
-        if out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(_frame(out))
+        transport = self.transport
+        if out and transport is not None and not transport.is_closing():
+            transport.write(_frame(out))
+            if transport.get_write_buffer_size() > MAX_BUFFERED:
+                # The peer stopped reading (a stalled worker): bound our memory. A worker that
+                # loses its host stops, its clients resume elsewhere, and it is restarted.
+                self.fail(f"the peer has not read {MAX_BUFFERED >> 20} MiB")
 
 
 # -- the host (in the sequencer process) -------------------------------------------------------
