@@ -393,6 +393,15 @@ class Server:
         assert self.proc is not None
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
+        # Workers die a moment after the supervisor: until the whole group is gone one of them
+        # may still answer on the port, and the restart would look instant.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.01)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
