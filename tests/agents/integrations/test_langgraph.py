@@ -9,7 +9,10 @@ from typing import Any
 import pytest
 
 from tests.agents.integrations import scenarios
-from tests.agents.test_runs import until_event
+from tests.agents.test_runs import APPROVER, until_event
+from tests.helpers import ServerProcess, token
+from tests.server.test_workers import peers_on_each_worker
+from tether.agents.upstream import SimulatedUpstream
 
 SPEC = "tests.agents.integrations.langgraph_agent:agent"
 EXAMPLE = Path(__file__).parents[3] / "examples" / "agents" / "langgraph_agent.py"
@@ -227,3 +230,41 @@ async def test_a_call_left_unanswered_by_a_cancel_is_closed_for_the_next_run(
     answered = [m["tool_call_id"] for m in last if m["role"] == "tool"]
     assert calls and calls == answered
     assert "not run" in next(m["content"] for m in last if m["role"] == "tool")
+
+
+@pytest.mark.slow
+async def test_a_waiting_run_survives_its_workers_death(
+        tmp_path: Path, upstream: tuple[SimulatedUpstream, str]) -> None:
+    """Two workers share the store: the worker driving a graph that waits for an approval is
+    SIGKILLed, the approval comes through the other, and the run resumes from the graph's
+    checkpoint (read from the shared log by whichever worker claims it) and completes, once."""
+    server = ServerProcess(tmp_path / "data", workers=2, extra=["--agent", SPEC, "--sessions",
+                                                                "fw-*"],
+                           env={"TETHER_LEASE_SECONDS": "1", "OPENAI_BASE_URL": upstream[1],
+                                "OPENAI_API_KEY": "sk-test"})
+    (tmp_path / "data").mkdir()
+    server.start()
+    try:
+        peers = await peers_on_each_worker(server, token(caps=APPROVER))
+        session = "fw-workers"
+        for peer in peers.values():
+            assert (await peer.attach(session))["op"] == "attached"
+        (driver_pid, driver), (_, other) = peers.items()
+        await driver.publish(session, "message", {"text": "please deploy"})  # runs there
+        request = (await until_event(other, "approval.request", name="deploy"))["data"]
+        await until_event(other, "run.state", state="awaiting_approval")
+        await driver.close()
+        server.kill_worker(driver_pid)
+        reply = await other.publish(session, "approval.decision", {
+            "run": request["run"], "call": request["call"], "decision": "approve"})
+        assert reply["op"] == "published", reply
+        result = (await until_event(other, "tool.result", call=request["call"]))["data"]
+        assert result["result"] == {"deployed": "staging"}
+        await until_event(other, "run.state", run=request["run"], state="completed")
+        await other.close()
+        events = await scenarios.read_log(server.port, session)
+        scenarios.assert_clean(events)
+        assert scenarios.states(events, request["run"]) == [
+            "running", "awaiting_approval", "running", "completed"]
+    finally:
+        server.stop()
