@@ -19,7 +19,7 @@ has that option; RSS and CPU are summed over the tree):
 4. delivery latency: this process publishes ``--rate`` events/s for ``--publish-seconds`` to the
    sessions of 1 % of the connections; each subscriber records publish-to-receipt time.
 
-``--bytes`` instead measures the wire bytes of a token stream (1,400 ``stream.append`` events
+``--bytes`` instead measures the wire bytes of a token stream (7,000 ``stream.append`` events
 of 1–3 tokens) to one subscriber that offers deflate, for: compression off, aiohttp's own deflate
 (``bench/experiments/aiohttp_deflate.py``) and tether's (tuned window and memory level).
 
@@ -472,7 +472,7 @@ def run(kind: str, args: Any, deflate: bool, wrapper: str | None = None) -> dict
 
 # --- wire bytes of a token stream ----------------------------------------------------------------
 
-def token_texts(n: int = 1400) -> list[str]:
+def token_texts(n: int = 7000) -> list[str]:
     text = (c.ROOT / "README.md").read_text() + (c.ROOT / "docs" / "architecture.md").read_text()
     tokens = re.findall(r"\s*\S+", text)
     rng = random.Random(1)
@@ -520,9 +520,12 @@ def bytes_run(args: Any) -> dict[str, Any]:
     for name, deflate, wrapper in variants:
         proc = server("tether", 1, args.heartbeat, deflate, wrapper)
         with proc:
+            cpu0 = proc.cpu_seconds()
             rows[name] = asyncio.run(stream_bytes(proc.port, texts))
-        print(f"{name}: {rows[name]['bytes']:,} bytes for {rows[name]['events']} events",
-              flush=True)
+            # Server CPU per event for the whole exchange (publish, commit, deliver, compress).
+            rows[name]["server_us_per_event"] = (proc.cpu_seconds() - cpu0) / len(texts) * 1e6
+        print(f"{name}: {rows[name]['bytes']:,} bytes for {rows[name]['events']} events, "
+              f"{rows[name]['server_us_per_event']:.0f} us server CPU per event", flush=True)
     off = rows["off"]["bytes"]
     saving = {k: 1 - v["bytes"] / off for k, v in rows.items()}
     kept = saving["tether deflate"] / saving["aiohttp deflate"]
@@ -571,8 +574,9 @@ def main() -> None:
         args.connections, args.rest, args.publish_seconds = 2000, 5.0, 3.0
     if args.bytes:
         out = bytes_run(args)
-        print(c.table(["server", "bytes", "saving"],
-                      [[k, v["bytes"], f"{out['saving'][k]:.1%}"] for k, v in out["rows"].items()]))
+        print(c.table(["server", "bytes", "saving", "server us/event"],
+                      [[k, v["bytes"], f"{out['saving'][k]:.1%}", v["server_us_per_event"]]
+                       for k, v in out["rows"].items()]))
         met = out["kept"] >= 0.5
         print(f"tether deflate keeps {out['kept']:.0%} of aiohttp deflate's saving "
               f"(goal >= 50%): {'MET' if met else 'MISSED'}")
