@@ -250,6 +250,9 @@ class Connection:
                     pending = on_data(msg.data)
                     if pending is not None:
                         await pending
+                    # While it waits for the next frame, an idle connection keeps neither this
+                    # frame nor the finished request's coroutine (~0.5 KiB per connection).
+                    del msg, pending
                 elif msg.type == WSMsgType.ERROR:
                     # aiohttp closed the socket already: oversized frame (1009) or bad framing.
                     too_large = getattr(msg.data, "code", None) == 1009 or ws.close_code == 1009
