@@ -62,7 +62,7 @@ class RawWS(asyncio.Protocol):
     """One client WebSocket: upgrade, ping/pong, optional deflate both ways, JSON requests."""
 
     __slots__ = ("_buf", "_compress_bits", "_handshake", "_inflater", "_take", "bytes_in",
-                 "deflate", "events", "latencies", "on_reply", "transport")
+                 "close", "deflate", "events", "latencies", "on_reply", "transport")
 
     def __init__(self, latencies: list[float]) -> None:
         self.transport: asyncio.Transport | None = None
@@ -76,6 +76,7 @@ class RawWS(asyncio.Protocol):
         self.bytes_in = 0
         self.events = 0
         self.latencies = latencies
+        self.close = ""  # the server's close code and reason, when it sent one
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
@@ -83,7 +84,7 @@ class RawWS(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         for fut in (self._handshake, self.on_reply):
             if fut is not None and not fut.done():
-                fut.set_exception(ConnectionError("lost"))
+                fut.set_exception(ConnectionError(f"lost {self.close or exc or ''}".strip()))
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
@@ -130,7 +131,11 @@ class RawWS(asyncio.Protocol):
         if opcode == 0x9:  # ping
             self._send(0xA, payload, compress=False)
             return
-        if opcode == 0x8 or opcode not in (0x1, 0x2):
+        if opcode == 0x8:
+            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 0
+            self.close = f"close {code} {payload[2:].decode(errors='replace')}"
+            return
+        if opcode not in (0x1, 0x2):
             return
         if b0 & 0x40:  # RSV1: compressed
             if self._inflater is None or not self._take:
@@ -203,14 +208,23 @@ async def worker(port: int, count: int, mode: str, deflate: bool, prefix: str, s
     loop = asyncio.get_running_loop()
     tok = os.environ.get("BENCH_TOKEN", "")
     latencies: list[float] = []
+    failures: dict[str, int] = {}
+
+    async def attempt(i: int) -> RawWS | None:
+        try:
+            return await open_one(port, source, mode, deflate, f"{prefix}-{i}", tok, latencies)
+        except (OSError, TimeoutError, RuntimeError) as exc:  # counted, reported, not fatal
+            why = str(exc)[:80] or type(exc).__name__
+            failures[why] = failures.get(why, 0) + 1
+            return None
+
     start = time.perf_counter()
-    conns = await c.gather_limited(
-        [open_one(port, source, mode, deflate, f"{prefix}-{i}", tok, latencies)
-         for i in range(count)], concurrency)
+    opened = await c.gather_limited([attempt(i) for i in range(count)], concurrency)
+    conns = [conn for conn in opened if conn is not None]
     elapsed = time.perf_counter() - start
     negotiated = sum(1 for conn in conns if conn.deflate)
-    print(orjson.dumps({"open": len(conns), "seconds": elapsed, "deflate": negotiated}).decode(),
-          flush=True)
+    print(orjson.dumps({"open": len(conns), "seconds": elapsed, "deflate": negotiated,
+                        "failures": failures}).decode(), flush=True)
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     while True:
@@ -234,14 +248,15 @@ class Clients:
     """Client worker processes, each from its own source address."""
 
     def __init__(self, port: int, total: int, mode: str, deflate: bool, tag: str, n: int,
-                 tok: str) -> None:
+                 tok: str, concurrency: int = 100) -> None:
         n = max(n, -(-total // PER_CLIENT_MAX))
         self.per = [total // n + (1 if i < total % n else 0) for i in range(n)]
         self.prefixes = [f"{tag}{i}" for i in range(n)]
         self.procs = [subprocess.Popen(
             [sys.executable, "-m", "bench.connections", "--worker", "--port", str(port),
              "--count", str(count), "--mode", mode, "--prefix", prefix,
-             "--source", f"127.0.0.{2 + i}", *(["--deflate"] if deflate else [])],
+             "--source", f"127.0.0.{2 + i}", "--concurrency", str(concurrency),
+             *(["--deflate"] if deflate else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=c.ROOT,
             env={**c.child_env(), "BENCH_TOKEN": tok})
             for i, (count, prefix) in enumerate(zip(self.per, self.prefixes, strict=True))
@@ -427,13 +442,18 @@ def run(kind: str, args: Any, deflate: bool, wrapper: str | None = None) -> dict
         before = settled(proc.pid)
         cpu0 = tree_cpu(proc.pid)
         start = time.perf_counter()
-        clients = Clients(proc.port, count, kind, deflate, "c", args.clients, tok)
+        clients = Clients(proc.port, count, kind, deflate, "c", args.clients, tok,
+                          args.concurrency)
         try:
             opened = clients.read()
             seconds = time.perf_counter() - start
             attach_cpu = tree_cpu(proc.pid) - cpu0
             total = sum(r["open"] for r in opened)
             negotiated = sum(r["deflate"] for r in opened)
+            failures: dict[str, int] = {}
+            for r in opened:
+                for why, n in r.get("failures", {}).items():
+                    failures[why] = failures.get(why, 0) + n
             after = settled(proc.pid)
             # At rest: every connection idle, pings only.
             cpu1, t1 = tree_cpu(proc.pid), time.perf_counter()
@@ -444,6 +464,7 @@ def run(kind: str, args: Any, deflate: bool, wrapper: str | None = None) -> dict
             result: dict[str, Any] = {
                 "server": kind, "deflate": deflate, "wrapper": wrapper, "connections": total,
                 "deflate_negotiated": negotiated, "workers": args.workers,
+                "failed": sum(failures.values()), "failures": failures,
                 "client_processes": len(clients.procs),
                 "rss_before_mib": before / KIB / KIB, "rss_after_mib": after / KIB / KIB,
                 "kib_per_conn": (after - before) / KIB / total,
@@ -544,6 +565,8 @@ def main() -> None:
     p.add_argument("--publish-seconds", type=float, default=10.0)
     p.add_argument("--deflate", action="store_true", help="clients offer permessage-deflate")
     p.add_argument("--servers", default="tether,bare")
+    p.add_argument("--concurrency", type=int, default=100,
+                   help="connections being opened at once per client process")
     p.add_argument("--aiohttp-deflate", action="store_true",
                    help="also run tether with aiohttp's own deflate (the 'before')")
     p.add_argument("--bytes", action="store_true", help="token-stream wire bytes instead")
@@ -559,7 +582,7 @@ def main() -> None:
         c.raise_nofile()
         c.install_uvloop()
         asyncio.run(worker(args.port, args.count, args.mode, args.deflate, args.prefix,
-                           args.source, 100))
+                           args.source, args.concurrency))
         return
     if args.bare_server:
         from aiohttp import web
