@@ -434,8 +434,8 @@ def _parse_json_messages(raw: bytes, allow_empty: bool) -> list[Any]:
 async def _publish(service: SessionService, caller: Caller, session: str,
                    items: list[tuple[str, Any]], streams: Streams | None = None,
                    key: str | None = None) -> list[Event]:
-    """Publish the records in order, queued in one loop tick (SQLite commits them in one
-    transaction, Redis in one script call); the committed events. With ``key``, record ``i``
+    """Publish the records in order, queued in one loop tick (a store's group commit usually
+    takes them together); the committed events. With ``key``, record ``i``
     carries the store's idempotency key ``{key}:{i}``: the same records published again
     (by any process, within the store's idempotency window) are not appended twice and come
     back empty."""
@@ -709,10 +709,9 @@ async def post_stream(request: web.Request) -> web.Response:
         if producer is not None:
             pid, epoch, seq = producer
             # The producer's state follows the batch's records and is queued with them in
-            # one loop tick, which SQLite commits in one transaction and Redis in one script
-            # call; the store protocol does not promise it, so after a crash between the two a
-            # retry could append again (the protocol's "recovery for non-atomic stores": bump
-            # the epoch after a crash).
+            # one loop tick, which the stores usually commit together; nothing promises it,
+            # so after a crash between the two a retry could append again (the protocol's
+            # "recovery for non-atomic stores": bump the epoch after a crash).
             items.append((PRODUCER, {"id": pid, "epoch": epoch, "seq": seq}))
             headers.update({"Producer-Epoch": str(epoch), "Producer-Seq": str(seq)})
             status = 200 if raw else 204  # a close-only request appends no data
