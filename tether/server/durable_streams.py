@@ -243,17 +243,21 @@ class Streams:
                 or entry.upto < head.first_seq - 1:
             entry = _Entry(None, {}, head.epoch, head.first_seq - 1)
         if entry.upto < head.last_seq:
-            after = entry.upto
-            while after < head.last_seq:
+            # Folded into a copy, published when done: a concurrent fold of the same session
+            # (reads take no lock) never sees a state going back to an older record.
+            entry = _Entry(entry.meta, dict(entry.producers), entry.epoch, entry.upto)
+            while entry.upto < head.last_seq:
                 page = await self.service.history(self.server, session,
-                                                  Cursor(head.epoch, after), PAGE)
+                                                  Cursor(head.epoch, entry.upto), PAGE)
                 if not page.events:
                     break
                 for event in page.events:
                     entry.meta, entry.producers = _fold(session, entry.meta, entry.producers,
                                                         event)
-                after = page.events[-1].seq
-            entry.upto = after
+                entry.upto = page.events[-1].seq
+            newer = self._cache.get(session)
+            if newer is not None and newer.epoch == entry.epoch and newer.upto > entry.upto:
+                entry = newer  # another fold (or this process's own commit) got further
         self._cache[session] = entry
         self._cache.move_to_end(session)
         if len(self._cache) > self.MAX_CACHED:
