@@ -56,7 +56,7 @@ log = logging.getLogger("tether.store.shared")
 _APPEND, _READ, _HEAD, _TRIM, _LISTEN, _UNLISTEN, _TRANSIENT = 0, 1, 2, 3, 4, 5, 6
 _SET_PRESENCE, _CLEAR_PRESENCE, _PRESENCE, _NOTE = 7, 8, 9, 10
 # Host → client.
-_OK, _ERR, _EVENT = 0, 1, 2
+_OK, _ERR, _EVENT, _OK_EVENT = 0, 1, 2, 3
 # Error codes of an _ERR reply.
 _CLOSED, _STORE, _OTHER = 0, 1, 2
 
@@ -69,6 +69,20 @@ MAX_BUFFERED = 256 << 20
 CLOSE_WAIT = 10.0
 
 
+class _Senders(dict[tuple[str, str, str], Sender]):
+    """Senders by (sub, client, kind), made once: a frozen dataclass costs a microsecond to
+    build, and a connection's events come from few senders. Bounded: cleared when full."""
+
+    def get_sender(self, sub: str, client: str, kind: str) -> Sender:
+        key = (sub, client, kind)
+        sender = self.get(key)
+        if sender is None:
+            if len(self) >= 4096:
+                self.clear()
+            sender = self[key] = Sender(sub, client, kind)
+        return sender
+
+
 def _frame(messages: list[bytes]) -> bytes:
     body = b"[" + b",".join(messages) + b"]"
     return len(body).to_bytes(4, "big") + body
@@ -79,6 +93,7 @@ class _Framed(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        self.senders = _Senders()
         self._buffer = bytearray()
         self._out: list[bytes] = []
         self._flush_handle: asyncio.Handle | None = None
@@ -121,6 +136,10 @@ class _Framed(asyncio.Protocol):
 
     def send(self, message: bytes) -> None:
         self._out.append(message)
+        if self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self.flush)
+
+    def schedule_flush(self) -> None:
         if self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self.flush)
 
@@ -195,12 +214,19 @@ class StoreHost:
         dumps = orjson.dumps
 
         def on_event(event: Event) -> None:
-            # Encoded once for every worker that listens.
-            sender = event.sender
-            message = dumps([_EVENT, event.session, event.epoch, event.seq, event.type,
-                             event.data, sender.sub, sender.client, sender.kind, event.time,
-                             event.transient])
+            # Encoded once for every worker that listens; the worker that appended it gets it
+            # with its answer instead (_OK_EVENT), here, so that it keeps the commit order.
+            message: bytes | None = None
             for conn in conns:
+                answering = conn.answering
+                if answering and id(event) in answering:
+                    conn.answer_with_event(*answering.pop(id(event)))
+                    continue
+                if message is None:
+                    sender = event.sender
+                    message = dumps([_EVENT, event.session, event.epoch, event.seq, event.type,
+                                     event.data, sender.sub, sender.client, sender.kind,
+                                     event.time, event.transient])
                 conn.send(message)
 
         return on_event
@@ -235,26 +261,45 @@ class HostConnection(_Framed):
         self.sessions: set[str] = set()
         self.pending: set[asyncio.Future[Any]] = set()
         self.info: Any = None  # what the worker said of itself (its note)
+        # Appends committed for a worker that listens to their session, by id(event): answered
+        # when the store's dispatch of the same commit reaches them, in commit order (flush
+        # answers any that dispatch did not reach).
+        self.answering: dict[int, tuple[int, Event]] = {}
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.host.closed(self)
 
+    def flush(self) -> None:
+        if self.answering:
+            for rid, event in self.answering.values():
+                self.send(orjson.dumps([_OK, rid, event.epoch, event.seq, event.time, False,
+                                        _event_row(event)]))
+            self.answering.clear()
+        super().flush()
+
+    def answer_with_event(self, rid: int, event: Event) -> None:
+        sender = event.sender
+        self.send(orjson.dumps([_OK_EVENT, rid, event.session, event.epoch, event.seq,
+                                event.type, event.data, sender.sub, sender.client, sender.kind,
+                                event.time]))
+
     def received(self, messages: list[Any]) -> None:
         store = self.host.store
         # The SQLite store answers at commit with a plain call: no future per append.
         append_callback = getattr(store, "append_callback", None)
+        sender_of = self.senders.get_sender
         for message in messages:
             kind = message[0]
             try:
                 if kind == _APPEND:
                     _, rid, session, type_, data, sub, client, kind_, key = message
                     if append_callback is not None:
-                        append_callback(session, type_, data, Sender(sub, client, kind_), key,
-                                        partial(self._appended, rid, type_))
+                        append_callback(session, type_, data, sender_of(sub, client, kind_), key,
+                                        partial(self._appended, rid, type_, True))
                     else:
                         future = store.append_future(session, type_, data,
-                                                     Sender(sub, client, kind_), key)
+                                                     sender_of(sub, client, kind_), key)
                         future.add_done_callback(partial(self._appended_future, rid, type_))
                 elif kind == _LISTEN:
                     session = message[1]
@@ -277,7 +322,7 @@ class HostConnection(_Framed):
                                 lambda head: [head.epoch, head.last_seq, head.first_seq])
                 elif kind == _TRANSIENT:
                     _, session, epoch, seq, type_, data, sub, client, kind_, time = message
-                    event = Event(session, epoch, seq, type_, data, Sender(sub, client, kind_),
+                    event = Event(session, epoch, seq, type_, data, sender_of(sub, client, kind_),
                                   time, transient=True)
                     self._later(None, store.publish_transient(event), None)
                 elif kind == _TRIM:
@@ -307,17 +352,24 @@ class HostConnection(_Framed):
     def _appended_future(self, rid: int, type_: str, future: asyncio.Future[Appended]
                          ) -> None:
         if future.cancelled():
-            self._appended(rid, type_, StoreError("append cancelled"))
+            self._appended(rid, type_, False, StoreError("append cancelled"))
         else:
-            self._appended(rid, type_, future.exception() or future.result())
+            self._appended(rid, type_, False, future.exception() or future.result())
 
-    def _appended(self, rid: int, type_: str, answer: Appended | BaseException) -> None:
+    def _appended(self, rid: int, type_: str, before_dispatch: bool,
+                  answer: Appended | BaseException) -> None:
+        """Answer an append. ``before_dispatch``: called at commit, before the store hands the
+        event to listeners (``append_callback``), so a worker that listens to the session can
+        have the event with its answer, once, instead of an answer and a push."""
         try:
             if not isinstance(answer, Appended):
                 self.send(_error(rid, answer))
                 return
             event = answer.event
-            if answer.duplicate or event.type == STREAM_END or event.type != type_:
+            if before_dispatch and not answer.duplicate and event.session in self.sessions:
+                self.answering[id(event)] = (rid, event)  # see on_event
+                self.schedule_flush()
+            elif answer.duplicate or event.type == STREAM_END or event.type != type_:
                 # The client cannot rebuild these from its request: send the whole event.
                 self.send(orjson.dumps([_OK, rid, event.epoch, event.seq, event.time,
                                         answer.duplicate, _event_row(event)]))
@@ -397,13 +449,23 @@ class _ClientConnection(_Framed):
         store = self.store
         waiting = store._waiting
         dispatch = store._listeners.dispatch
+        sender_of = self.senders.get_sender
         for message in messages:
             kind = message[0]
             if kind == _EVENT:
                 (_, session, epoch, seq, type_, data, sub, client, kind_, time,
                  transient) = message
-                dispatch(Event(session, epoch, seq, type_, data, Sender(sub, client, kind_),
+                dispatch(Event(session, epoch, seq, type_, data, sender_of(sub, client, kind_),
                                time, transient))
+                continue
+            if kind == _OK_EVENT:  # the answer to an append, and its push to our listeners
+                (_, rid, session, epoch, seq, type_, data, sub, client, kind_, time) = message
+                event = Event(session, epoch, seq, type_, data, sender_of(sub, client, kind_),
+                              time)
+                entry = waiting.pop(rid, None)
+                if entry is not None and not entry[0].done():
+                    entry[0].set_result(Appended(event, False))
+                dispatch(event)
                 continue
             entry = waiting.pop(message[1], None)
             if entry is None:
