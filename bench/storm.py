@@ -80,8 +80,8 @@ class Follower:
 class RawFollower:
     """A light client speaking the protocol by hand with the SDKs' reconnect policy.
 
-    Python SDK clients cost the client processes ~3–5 ms of CPU per reconnect, more than the
-    server's attach: on a small machine 10,000 of them measure the clients. This one reuses
+    Python SDK clients cost the client processes more CPU per reconnect than the server's
+    attach: on a small machine 10,000 of them measure the clients. This one reuses
     the raw WebSocket of ``bench.connections`` and the SDK's own policy, resume and numbering
     check: ``backoff_delay`` (full jitter, 0.5 s base, 30 s cap), ``retry_after`` of a
     ``4003`` close, re-attach from the cursor of the last event received.
@@ -103,6 +103,7 @@ class RawFollower:
         self.lost_at: float | None = None  # when the last connection was lost
         self.back_at: float | None = None  # when it was attached again after that
         self.stopping = False
+        self.failures: dict[str, int] = {}  # why attempts failed (shared by a process)
 
     def back_after(self, mark: float | None) -> float | None:
         """Seconds from the kill to this client's re-attach, if it lost the kill's socket."""
@@ -151,8 +152,9 @@ class RawFollower:
                 if self.lost_at is not None:
                     self.back_at = time.time()
                 code, reason = await conn.ended
-            except (OSError, ConnectionError, TimeoutError, RuntimeError, KeyError):
-                pass
+            except (OSError, ConnectionError, TimeoutError, RuntimeError, KeyError) as exc:
+                why = f"{type(exc).__name__}: {str(exc)[:40]}"
+                self.failures[why] = self.failures.get(why, 0) + 1
             if self.attached:
                 # The loss may be seen before the orchestrator's "mark" arrives: keep the time.
                 self.lost_at = time.time()
@@ -212,6 +214,9 @@ async def raw_follower_proc(port: int, sessions: list[str], tok: str) -> None:
     loop = asyncio.get_running_loop()
     rng = random.Random()
     followers = [RawFollower(port, s, tok, rng) for s in sessions]
+    failures: dict[str, int] = {}
+    for f in followers:
+        f.failures = failures
     mark: list[float | None] = [None]
     tasks = [loop.create_task(f.run()) for f in followers]
     t0 = time.perf_counter()
@@ -241,6 +246,7 @@ async def raw_follower_proc(port: int, sessions: list[str], tok: str) -> None:
             "gaps": sum(f.gaps for f in followers), "dups": sum(f.dups for f in followers),
             "snapshots": sum(f.snapshots for f in followers),
             "failed": sum(1 for t in tasks if t.done()),
+            "failures": failures,
         }).decode(), flush=True)
     for f in followers:
         f.stopping = True
@@ -448,6 +454,10 @@ def stats(procs: list[Child]) -> dict[str, Any]:
         "clients", "attached", "lost", "resumed", "events", "gaps", "dups", "snapshots",
         "failed")}
     out["back"] = sorted(b for x in parts for b in x["back"])
+    out["failures"] = {}
+    for x in parts:
+        for why, n in x.get("failures", {}).items():
+            out["failures"][why] = out["failures"].get(why, 0) + n
     return out
 
 
@@ -530,6 +540,7 @@ def run(args: Any) -> dict[str, Any]:
             "lost_events": expected - final["events"] - final["gaps"],
             "gaps": final["gaps"], "dups": final["dups"], "snapshots": final["snapshots"],
             "failed_followers": final["failed"], "back_final": len(back),
+            "failed_attempts": final["failures"],
         }
     finally:
         if publisher is not None:
