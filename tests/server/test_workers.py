@@ -4,7 +4,8 @@ Peers are placed on a chosen worker by connecting until the kernel's SO_REUSEPOR
 one there (the test reads which worker serves a connection from its socket). Across workers:
 one gapless order for concurrent publishers, live fan-out to subscribers of the other worker,
 presence, a run claimed once and picked up by the other worker when its own dies, a dead
-worker restarted, and SIGTERM stopping every process with every commit kept.
+worker restarted, SIGTERM stopping every process with every commit kept, and the port refused
+to a second server.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ async def history(port: int, session: str) -> list[dict[str, Any]]:
         return events
 
 
-async def test_workers_share_one_log_fan_out_and_presence(tmp_path: Path) -> None:
+async def test_workers_share_one_log_fan_out_and_presence_and_the_port(tmp_path: Path
+                                                                        ) -> None:
     server = ServerProcess(tmp_path / "data", workers=2).start()
     try:
         subs = list((await peers_on_each_worker(server)).values())
@@ -96,6 +98,15 @@ async def test_workers_share_one_log_fan_out_and_presence(tmp_path: Path) -> Non
             await peer.close()
         assert [e["seq"] for e in await history(server.port, "shared")] == \
             list(range(1, total + 1))
+
+        # Workers bind with SO_REUSEPORT, which any process of the same user could join: the
+        # supervisor proves the port free first, so a second server fails instead of sharing.
+        done = await asyncio.to_thread(subprocess.run, [
+            sys.executable, "-m", "tether", "serve", "--port", str(server.port), "--data",
+            str(tmp_path / "other"), "--secret", SECRET, "--workers", "2"],
+            capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1
+        assert "cannot listen on" in done.stderr and "in use" in done.stderr, done.stderr
     finally:
         server.stop()
 
@@ -170,16 +181,3 @@ async def test_sigterm_stops_every_process_and_keeps_every_commit(tmp_path: Path
         again.stop()
 
 
-async def test_a_second_server_on_the_port_is_refused(tmp_path: Path) -> None:
-    """Workers bind with SO_REUSEPORT, which any process of the same user could join: the
-    supervisor proves the port free first, so a second server fails instead of sharing it."""
-    server = ServerProcess(tmp_path / "one", workers=2).start()
-    try:
-        done = await asyncio.to_thread(subprocess.run, [
-            sys.executable, "-m", "tether", "serve", "--port", str(server.port), "--data",
-            str(tmp_path / "two"), "--secret", SECRET, "--workers", "2"],
-            capture_output=True, text=True, timeout=60)
-        assert done.returncode == 1
-        assert "cannot listen on" in done.stderr and "in use" in done.stderr, done.stderr
-    finally:
-        server.stop()
