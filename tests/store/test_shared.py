@@ -27,10 +27,14 @@ async def host(tmp_path: Path) -> AsyncIterator[StoreHost]:
     await backend.close()
 
 
-async def client(host: StoreHost, **kwargs: object) -> SharedStore:
+async def client(host: StoreHost, listen: dict[str, list[Event]] | None = None,
+                 **kwargs: object) -> SharedStore:
+    """A started client; ``listen``: listeners added before start (session → events)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     await host.serve(theirs)
     store = SharedStore(ours, **kwargs)  # type: ignore[arg-type]
+    for session, events in (listen or {}).items():
+        store.listen(session, events.append)
     await store.start()
     return store
 
@@ -61,6 +65,15 @@ async def test_every_listening_client_hears_each_commit_once(host: StoreHost) ->
     assert len(heard_b) == 20
     await a.close()
     await b.close()
+
+
+async def test_listeners_added_before_start_hear_commits(host: StoreHost) -> None:
+    early: list[Event] = []
+    store = await client(host, {"s": early})
+    await store.append("s", "message", 1, ALICE)
+    assert [e.data for e in await store.read("s", 0, 10)] == [1]  # the push came first
+    assert [e.data for e in early] == [1]
+    await store.close()
 
 
 async def test_a_lost_host_fails_pending_calls_and_tells_the_worker(host: StoreHost) -> None:

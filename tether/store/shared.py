@@ -519,6 +519,8 @@ class SharedStore:
         _, self._conn = await loop.create_unix_connection(lambda: _ClientConnection(store),
                                                           sock=self._sock)
         self._sock = None
+        for session in self._listeners.sessions():  # listeners added before start
+            self._send(orjson.dumps([_LISTEN, session]))
 
     async def close(self) -> None:
         conn = self._conn
