@@ -23,8 +23,10 @@ Why the log's guarantees hold:
 Wire format, both ways: frames of a 4-byte big-endian length and a JSON array of messages,
 each message a JSON array whose first item is its kind. Everything a loop iteration sends goes
 out as one frame, so a burst of appends costs one ``write()`` and one ``orjson.loads`` on each
-side (group commit's batching, carried over the socket). Requests carry an id; replies and
-pushes are listed in :data:`_OK`, :data:`_ERR` and :data:`_EVENT`.
+side (group commit's batching, carried over the socket). Requests carry an id; the host sends
+back ``_OK`` / ``_ERR`` answers, ``_EVENT`` pushes of committed or transient events to listening
+workers, and ``_OK_EVENT``, the answer to an append of a session the worker listens to, which
+is also that event's push (sent where the push would be, so the commit order holds).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ log = logging.getLogger("tether.store.shared")
 
 # Client → host.
 _APPEND, _READ, _HEAD, _TRIM, _LISTEN, _UNLISTEN, _TRANSIENT = 0, 1, 2, 3, 4, 5, 6
-_SET_PRESENCE, _CLEAR_PRESENCE, _PRESENCE, _NOTE = 7, 8, 9, 10
+_SET_PRESENCE, _CLEAR_PRESENCE, _PRESENCE = 7, 8, 9
 # Host → client.
 _OK, _ERR, _EVENT, _OK_EVENT = 0, 1, 2, 3
 # Error codes of an _ERR reply.
@@ -158,18 +160,10 @@ class _Framed(asyncio.Protocol):
 # -- the host (in the sequencer process) -------------------------------------------------------
 
 class StoreHost:
-    """Serves one :class:`~tether.store.base.Store` to :class:`SharedStore` clients.
+    """Serves one :class:`~tether.store.base.Store` to :class:`SharedStore` clients."""
 
-    ``on_note`` hears what a client sends with :meth:`SharedStore.note` (the supervisor uses
-    it for a worker's "ready"); ``on_closed`` hears a client's connection end.
-    """
-
-    def __init__(self, store: Store, *,
-                 on_note: Callable[[HostConnection, Any], None] | None = None,
-                 on_closed: Callable[[HostConnection], None] | None = None) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
-        self.on_note = on_note
-        self.on_closed = on_closed
         self.connections: set[HostConnection] = set()
         # session → the connections whose worker listens to it; one store listener each.
         self._interest: dict[str, set[HostConnection]] = {}
@@ -236,8 +230,6 @@ class StoreHost:
         for session in list(conn.sessions):
             self.unlisten(conn, session)
         conn.sessions.clear()
-        if self.on_closed is not None:
-            self.on_closed(conn)
 
 
 def _error(rid: int, exc: BaseException) -> bytes:
@@ -260,7 +252,6 @@ class HostConnection(_Framed):
         self.host = host
         self.sessions: set[str] = set()
         self.pending: set[asyncio.Future[Any]] = set()
-        self.info: Any = None  # what the worker said of itself (its note)
         # Appends committed for a worker that listens to their session, by id(event): answered
         # when the store's dispatch of the same commit reaches them, in commit order (flush
         # answers any that dispatch did not reach).
@@ -336,15 +327,11 @@ class HostConnection(_Framed):
                 elif kind == _PRESENCE:
                     _, rid, session = message
                     self._later(rid, store.presence(session), None)
-                elif kind == _NOTE:
-                    self.info = message[1]
-                    if self.host.on_note is not None:
-                        self.host.on_note(self, message[1])
                 else:
                     raise ValueError(f"unknown message kind {kind!r}")
             except Exception as exc:
                 rid = message[1] if len(message) > 1 and isinstance(message[1], int) else None
-                if rid is not None and kind not in (_LISTEN, _UNLISTEN, _NOTE, _TRANSIENT):
+                if rid is not None and kind not in (_LISTEN, _UNLISTEN, _TRANSIENT):
                     self.send(_error(rid, exc))
                 else:
                     log.warning("shared store: bad message from a worker: %s", exc)
@@ -534,10 +521,6 @@ class SharedStore:
         if conn.transport is not None:
             conn.transport.close()
         self._conn = None
-
-    def note(self, info: Any) -> None:
-        """Tell the host something about this client (the supervisor's ``on_note``)."""
-        self._send(orjson.dumps([_NOTE, info]))
 
     def _lost(self, exc: Exception | None) -> None:
         self._lost_reason = f"the connection to the store host was lost ({exc or 'closed'})"
