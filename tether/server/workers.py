@@ -264,10 +264,13 @@ class Supervisor:
         try:
             child.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "tether", *self.argv, pass_fds=fds, env=env)
+        except BaseException:
+            os.close(life_read)
+            raise
         finally:
-            os.close(life_write)
+            os.close(life_write)  # the worker's copy is the only one: its exit ends the pipe
             if theirs is not None:
-                theirs.close()
+                theirs.close()  # the host's end sees EOF if the worker never started
         child.started = time.monotonic()
         await loop.connect_read_pipe(lambda: _LifePipe(child), os.fdopen(life_read, "rb", 0))
 
