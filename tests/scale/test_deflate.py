@@ -155,3 +155,17 @@ async def test_oversized_compressed_message_closes_1009(server: Server) -> None:
             while True:
                 await ws.recv()
         assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+
+
+async def test_compression_off_negotiates_nothing(tmp_path: Path) -> None:
+    config = ServerConfig(port=0, secret=SECRET, data_dir=tmp_path, compression=False)
+    server = Server(config, store=MemoryStore())
+    await server.start()
+    try:
+        url = f"ws://127.0.0.1:{server.port}/v1/ws"
+        async with websockets.connect(url, subprotocols=["tether.v1.json"],  # type: ignore[list-item]
+                                      compression="deflate") as ws:
+            assert "Sec-WebSocket-Extensions" not in ws.response.headers
+            await _request(ws, {"op": "hello", "id": 1, "token": token()}, "welcome")
+    finally:
+        await server.stop()
