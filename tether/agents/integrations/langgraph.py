@@ -32,6 +32,7 @@ import base64
 import contextlib
 import hashlib
 import logging
+import time
 import zlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -76,6 +77,7 @@ log = logging.getLogger("tether.langgraph")
 EVENT_TYPE = "tether.langgraph"  # a server-only type (SERVER_TYPES): no client can forge one
 PAGE = 1000
 FALLBACK = 16  # checkpoints tried, newest first, when the newest cannot be read
+DELTA_DEPTH = 16  # checkpoints in a row that store a growing list as what it gained
 RUN_KEY = "tether_run"  # checkpoint metadata: the run that wrote it
 INPUT_KEY = "tether_input"  # checkpoint metadata: the seq of the newest input fed to the graph
 
@@ -118,6 +120,19 @@ class _Saved:
 
 
 @dataclass
+class _Written:
+    """The newest checkpoint this process wrote for a (thread, namespace): what the next one
+    may be stored against."""
+
+    id: str
+    seq: int
+    lists: dict[str, list[Any]]  # its list channels' values
+    depth: int  # checkpoints since the last one stored whole
+    root_seq: int  # the event of that one, and when it was written
+    root_time: float
+
+
+@dataclass
 class _Thread:
     """What the log says of one thread, folded up to ``seq``; bodies are read on demand."""
 
@@ -126,6 +141,7 @@ class _Thread:
     saved: dict[str, dict[str, _Saved]] = field(default_factory=dict)  # ns → id → where
     writes: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # (ns, id) → seqs
     bodies: OrderedDict[int, dict[str, Any]] = field(default_factory=OrderedDict)
+    values: OrderedDict[tuple[str, str, str], list[Any]] = field(default_factory=OrderedDict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -133,11 +149,13 @@ class TetherCheckpointer(BaseCheckpointSaver[int]):
     """A LangGraph checkpointer whose data live in tether's store, in the log of the session
     named by ``thread_id`` — the same log the UIs follow, so there is no second database.
 
-    Each ``aput`` appends one ``tether.langgraph`` event holding the whole checkpoint (so
-    retention trimming old events never breaks a newer checkpoint), each ``aput_writes`` one
-    event holding the task's writes; both serialised with the graph's serializer (msgpack,
-    zlib-compressed above 512 bytes, base64 in the event). Like LangGraph's own savers, which
-    store a changed channel's whole value, a thread writes its growing state at every step.
+    Each ``aput`` appends one ``tether.langgraph`` event holding the checkpoint, each
+    ``aput_writes`` one holding the task's writes; both serialised with the graph's serializer
+    (msgpack, zlib-compressed above 512 bytes, base64 in the event). A list channel that only
+    grew since the parent checkpoint (a conversation's messages) is stored as what it gained,
+    and a checkpoint is stored whole every DELTA_DEPTH, or sooner near the store's retention
+    (see ``_deltas``): a thread's log grows with its conversation, not with the conversation
+    at every step, and never depends on a trimmed event.
     Reads fold the log incrementally — each call reads only what was appended since the
     previous one, so checkpoints written by another node are seen too — and keep an index in
     memory (threads least recently used first out, bodies read back from the log when not
@@ -158,6 +176,7 @@ class TetherCheckpointer(BaseCheckpointSaver[int]):
         self.unreadable = 0  # events of ours that could not be decoded (logged, skipped)
         self._bad: set[tuple[str, int]] = set()  # (thread, seq) counted already
         self._threads: OrderedDict[str, _Thread] = OrderedDict()
+        self._last: OrderedDict[tuple[str, str], _Written] = OrderedDict()  # see _deltas
 
     # --- folding the log ---
 
@@ -190,6 +209,9 @@ class TetherCheckpointer(BaseCheckpointSaver[int]):
             thread.saved.clear()
             thread.writes.clear()
             thread.bodies.clear()
+            thread.values.clear()
+            for key in [k for k in self._last if k[0] == thread_id]:
+                del self._last[key]
             return
         if not isinstance(ns, str) or not isinstance(cid, str):
             self._unreadable(thread_id, seq, "no ns or id")
@@ -261,6 +283,9 @@ class TetherCheckpointer(BaseCheckpointSaver[int]):
         try:
             checkpoint: Checkpoint = self.serde.loads_typed(_decode(data.get("checkpoint")))
             metadata: CheckpointMetadata = self.serde.loads_typed(_decode(data.get("metadata")))
+            for channel in data.get("deltas") or {}:
+                checkpoint["channel_values"][channel] = await self._list(
+                    thread_id, thread, ns, cid, channel)
         except Exception as exc:  # whatever the serializer raises on bad bytes
             self._unreadable(thread_id, saved.seq, f"{type(exc).__name__}: {exc}")
             return None
@@ -273,6 +298,39 @@ class TetherCheckpointer(BaseCheckpointSaver[int]):
                            if saved.parent else None),
             pending_writes=await self._pending_writes(thread_id, thread, ns, cid),
         )
+
+    async def _list(self, thread_id: str, thread: _Thread, ns: str, cid: str, channel: str
+                    ) -> list[Any]:
+        """A list channel's value at a checkpoint stored as what it gained since its parent:
+        the parent's value (recursively, back to one stored whole), extended."""
+        chain: list[list[Any]] = []
+        at: str | None = cid
+        base: list[Any] | None = None
+        while base is None:
+            if at is None or len(chain) > 4 * DELTA_DEPTH:
+                raise ValueError(f"no whole value of {channel!r} before {cid}")
+            cached = thread.values.get((ns, at, channel))
+            if cached is not None:
+                base = cached
+                break
+            saved = thread.saved.get(ns, {}).get(at)
+            data = await self._body(thread_id, thread, saved.seq) if saved else None
+            if saved is None or data is None:
+                raise ValueError(f"the checkpoint {at} that {cid} extends is gone")
+            delta = (data.get("deltas") or {}).get(channel)
+            if delta is None:
+                whole = self.serde.loads_typed(_decode(data.get("checkpoint")))
+                base = list(whole["channel_values"].get(channel) or [])
+                break
+            chain.append(self.serde.loads_typed(_decode(delta)))
+            at = saved.parent
+        value = list(base)
+        for gained in reversed(chain):
+            value += gained
+        thread.values[(ns, cid, channel)] = value
+        while len(thread.values) > 8:
+            thread.values.popitem(last=False)
+        return list(value)
 
     # --- the saver interface ---
 
@@ -328,15 +386,54 @@ class TetherCheckpointer(BaseCheckpointSaver[int]):
                    ) -> RunnableConfig:
         conf = config["configurable"]
         thread_id, ns = str(conf["thread_id"]), str(conf.get("checkpoint_ns", ""))
-        data = {"kind": "checkpoint", "ns": ns, "id": checkpoint["id"],
-                "parent": conf.get("checkpoint_id"),
-                "checkpoint": _encode(self.serde.dumps_typed(checkpoint)),
-                "metadata": _encode(self.serde.dumps_typed(
-                    get_checkpoint_metadata(config, metadata)))}
+        parent = conf.get("checkpoint_id")
+        values = checkpoint["channel_values"]
+        deltas = self._deltas(thread_id, ns, parent, values)
+        stored = {**checkpoint, "channel_values": {k: v for k, v in values.items()
+                                                   if k not in deltas}}
+        data: dict[str, Any] = {
+            "kind": "checkpoint", "ns": ns, "id": checkpoint["id"], "parent": parent,
+            "checkpoint": _encode(self.serde.dumps_typed(stored)),
+            "metadata": _encode(self.serde.dumps_typed(get_checkpoint_metadata(config,
+                                                                               metadata)))}
+        if deltas:
+            data["deltas"] = {k: _encode(self.serde.dumps_typed(v)) for k, v in deltas.items()}
         # Keyed, so a retry of the same put (a reconnect) stores it once.
-        await self._append(thread_id, data, key=f"lg:{ns}:{checkpoint['id']}")
+        event = await self._append(thread_id, data, key=f"lg:{ns}:{checkpoint['id']}")
+        lists = {k: list(v) for k, v in values.items() if isinstance(v, list)}
+        previous = self._last.get((thread_id, ns))
+        if deltas and previous is not None:
+            written = _Written(checkpoint["id"], event.seq, lists, previous.depth + 1,
+                               previous.root_seq, previous.root_time)
+        else:
+            written = _Written(checkpoint["id"], event.seq, lists, 0, event.seq, time.time())
+        self._last[(thread_id, ns)] = written
+        self._last.move_to_end((thread_id, ns))
+        while len(self._last) > self.max_threads:
+            self._last.popitem(last=False)
         return {"configurable": {"thread_id": thread_id, "checkpoint_ns": ns,
                                  "checkpoint_id": checkpoint["id"]}}
+
+    def _deltas(self, thread_id: str, ns: str, parent: Any, values: dict[str, Any]
+                ) -> dict[str, list[Any]]:
+        """The list channels (a conversation's messages) to store as what they gained since
+        the parent checkpoint, when this process wrote that parent: a thread's log then grows
+        with its conversation, not with the conversation at every step. Every DELTA_DEPTH
+        checkpoints, or when the chain's first one is old enough for retention to come near
+        it, a checkpoint is stored whole, so a reader never needs a trimmed event."""
+        previous = self._last.get((thread_id, ns))
+        retention = self.store.retention
+        if (previous is None or previous.id != parent or previous.depth + 1 >= DELTA_DEPTH
+                or previous.seq - previous.root_seq > retention.max_events // 4
+                or time.time() - previous.root_time > retention.max_age / 4):
+            return {}
+        deltas: dict[str, list[Any]] = {}
+        for channel, value in values.items():
+            before = previous.lists.get(channel)
+            if (isinstance(value, list) and before is not None and len(value) >= len(before)
+                    and value[:len(before)] == before):
+                deltas[channel] = value[len(before):]
+        return deltas
 
     async def aput_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]],
                           task_id: str, task_path: str = "") -> None:
@@ -372,7 +469,7 @@ class TetherCheckpointer(BaseCheckpointSaver[int]):
         await self._append(thread_id, {"kind": "delete"})
 
     async def _append(self, thread_id: str, data: dict[str, Any], key: str | None = None
-                      ) -> None:
+                      ) -> Event:
         appended = await self.store.append(thread_id, EVENT_TYPE, data, self.sender, key=key)
         thread = self._threads.get(thread_id)
         if thread is not None and thread.epoch == appended.event.epoch:
@@ -381,6 +478,7 @@ class TetherCheckpointer(BaseCheckpointSaver[int]):
                     self._fold(thread_id, thread, appended.event.seq, EVENT_TYPE,
                                appended.event.data)
                     thread.seq = appended.event.seq
+        return appended.event
 
     # The store is asynchronous: the synchronous interface says so instead of blocking.
 
