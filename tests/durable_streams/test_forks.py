@@ -3,9 +3,11 @@ store (memory, SQLite, a real redis-server)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -189,3 +191,30 @@ def test_a_second_creation_of_a_live_stream_does_not_hide_the_first() -> None:
     meta, producers = durable_streams._fold("s", meta, producers, record(4, "ds.delete", None))
     meta, producers = durable_streams._fold("s", meta, producers, record(5, "ds.create", config))
     assert meta is not None and meta.created_seq == 5  # after a delete: a new stream
+
+
+async def test_a_live_reader_takes_new_events_from_its_watch_not_the_store(
+        ds: tuple[Server, str], http: aiohttp.ClientSession) -> None:
+    srv, base = ds
+    streams = srv.app[durable_streams.STREAMS]
+    reads: list[str] = []
+    read_log = streams._read_log
+
+    async def counting(session: str, after: int, limit: int) -> tuple[list[Any], int]:
+        reads.append(session)
+        return await read_log(session, after, limit)
+
+    streams._read_log = counting  # type: ignore[method-assign]
+    await http.put(f"{base}/live", headers=JSON)
+    resp = await http.get(f"{base}/live", params={"offset": "-1", "live": "sse"}, headers=AUTH)
+    seen = b""
+    while b"upToDate" not in seen:
+        seen += await asyncio.wait_for(resp.content.readany(), 5)
+    before = len(reads)
+    for n in range(3):
+        await http.post(f"{base}/live", headers=JSON, data=orjson.dumps({"n": n}))
+        more = b""
+        while f'"n":{n}'.encode() not in more:
+            more += await asyncio.wait_for(resp.content.readany(), 5)
+    resp.close()
+    assert len(reads) == before  # every append reached the reader without a read of the log

@@ -278,6 +278,31 @@ class Streams:
             entry.meta, entry.producers = _fold(session, entry.meta, entry.producers, event)
             entry.upto = event.seq
 
+    def heard(self, session: str, meta: Meta, after: int, events: list[Event] | None
+              ) -> tuple[Meta, forks.Page] | None:
+        """A live reader's next page taken from the events its watch heard, with no store
+        read: when they directly follow position ``after`` in the stream's own log and the
+        cached state has folded them. Else None: read the log (``events`` after a gap, from
+        another process ahead of this one's fold, or lost by a lossy live channel)."""
+        if not events:
+            return None
+        self.committed(session, events)  # fold them, if they follow the cached state
+        entry = self._cache.get(session)
+        current = None if entry is None else entry.meta
+        own = meta.chain[-1]
+        local = after - own.delta
+        if entry is None or current is None or entry.upto != events[-1].seq \
+                or current.created_seq != meta.created_seq or current.deleted \
+                or after < own.after or events[0].seq != local + 1 \
+                or current.expired(self.touched.get(session, 0.0)):
+            return None
+        for i, event in enumerate(events):
+            if event.seq != local + 1 + i:
+                return None
+        if own.delta:
+            events = [dataclasses.replace(e, seq=e.seq + own.delta) for e in events]
+        return current, forks.Page(events, events[-1].seq, True)
+
     async def state(self, session: str) -> Meta | None:
         """The stream at ``session`` as its log says, deleted or not; None: none or expired."""
         return await self._live(session, await self.fold(session))
@@ -902,15 +927,21 @@ async def _long_poll(request: web.Request, caller: Caller, session: str, meta: M
     deadline = time.monotonic() + LONG_POLL_TIMEOUT
     # A fork waits on its own log: its sources' later appends are not part of it.
     with request.app[SESSIONS].watch(caller, session) as watch:
+        heard: list[Event] | None = None
         while True:
-            # Closure is looked at before reading, so the read covers what preceded it.
-            try:
-                current = await streams.meta(session)
-                if current is None:
-                    return _problem(404, "no such stream")
-                page = await streams.read(current, after)
-            except Gone as exc:
-                return _gone(exc)
+            quick = streams.heard(session, meta, after, heard)
+            if quick is not None:
+                current, page = quick
+            else:
+                # Closure is looked at before reading, so the read covers what preceded it.
+                try:
+                    state = await streams.meta(session)
+                    if state is None:
+                        return _problem(404, "no such stream")
+                    current = state
+                    page = await streams.read(current, after)
+                except Gone as exc:
+                    return _gone(exc)
             events, last = _data(page), page.last
             if events:
                 headers = {**SECURITY_HEADERS, "Content-Type": meta.content_type,
@@ -930,12 +961,14 @@ async def _long_poll(request: web.Request, caller: Caller, session: str, meta: M
                     **SECURITY_HEADERS, "Stream-Next-Offset": offset_of(after),
                     "Stream-Up-To-Date": "true", "Stream-Closed": "true",
                     "Cache-Control": "no-store"})
+            watch.take()  # what was heard so far is covered by this read
             if not await watch.wait(deadline - time.monotonic()) \
                     and time.monotonic() >= deadline:
                 return web.Response(status=204, headers={
                     **SECURITY_HEADERS, "Stream-Next-Offset": offset_of(after),
                     "Stream-Up-To-Date": "true", "Stream-Cursor": cursor,
                     "Cache-Control": "no-store"})
+            heard = watch.take()
 
 
 class _SseLive:
@@ -1021,15 +1054,22 @@ async def _sse(request: web.Request, caller: Caller, session: str, meta: Meta,
         with service.watch(caller, session) as watch:
             await response.prepare(request)
             service.live.add(live)
+            heard: list[Event] | None = None
             while not live.ended.is_set():
-                # Closure is looked at before reading, so the read covers what preceded it.
-                try:
-                    current = await streams.meta(session)
-                    if current is None:
+                quick = streams.heard(session, meta, after, heard)
+                if quick is not None:
+                    current, page = quick
+                else:
+                    # Closure is looked at before reading, so the read covers what preceded.
+                    try:
+                        state = await streams.meta(session)
+                        if state is None:
+                            break
+                        current = state
+                        page = await streams.read(current, after)
+                    except Gone:
                         break
-                    page = await streams.read(current, after)
-                except Gone:
-                    break
+                heard = None
                 events, last, up_to_date = _data(page), page.last, page.up_to_date
                 closed = current.closed and up_to_date
                 if events or first or closed:
@@ -1046,6 +1086,8 @@ async def _sse(request: web.Request, caller: Caller, session: str, meta: Meta,
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
+                if quick is None:
+                    watch.take()  # what was heard so far is covered by the read
                 waiting = asyncio.ensure_future(watch.wait(min(remaining, 15.0)))
                 ended = asyncio.ensure_future(live.ended.wait())
                 done, _ = await asyncio.wait({waiting, ended},
@@ -1055,6 +1097,7 @@ async def _sse(request: web.Request, caller: Caller, session: str, meta: Meta,
                 quiet = not done & {waiting} or not waiting.result()
                 if quiet and not live.ended.is_set() and time.monotonic() < deadline:
                     await response.write(b": keep-alive\n\n")
+                heard = watch.take()
         with contextlib.suppress(ConnectionResetError):
             await response.write_eof()
     except ConnectionResetError:

@@ -696,18 +696,32 @@ class Watch:
 
     On a store whose live channel may lose events (Redis pub/sub), :meth:`wait` also returns
     True every ``recheck`` seconds, so the reader looks at the log again instead of sleeping
-    through a lost notification.
+    through a lost notification. :meth:`take` hands over the committed events heard since the
+    last call, so a reader whose position they directly follow need not read them back.
     """
+
+    MAX_HELD = 1000  # events kept for take(); beyond, the reader reads the log instead
 
     def __init__(self, store: SessionStore, session: str, recheck: float) -> None:
         self._store = store
         self._session = session
         self._recheck = recheck if store.live_is_lossy else None
         self._changed = asyncio.Event()
+        self._held: list[Event] | None = []  # None: more than MAX_HELD came
 
     def _on_event(self, event: Event) -> None:
         if not event.transient:
             self._changed.set()
+            if self._held is not None:
+                self._held.append(event)
+                if len(self._held) > self.MAX_HELD:
+                    self._held = None
+
+    def take(self) -> list[Event] | None:
+        """The committed events heard since the last call, in the order heard; None when
+        too many came to keep (read the log)."""
+        held, self._held = self._held, []
+        return held
 
     def __enter__(self) -> Watch:
         self._store.listen(self._session, self._on_event)
