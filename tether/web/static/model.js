@@ -191,6 +191,7 @@ export function applyEvent(model, event) {
     }
     case "run.snapshot":
     case "run.delta":
+    case "run.checkpoint": // an agent's own state (a framework's run state): not for people
       break;
     default: {
       if (event.type.startsWith("tether.")) break;
