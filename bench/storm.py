@@ -446,6 +446,17 @@ class Child:
             self.proc.kill()
 
 
+def listen_overflows() -> int:
+    """The kernel's count of connections dropped because an accept queue was full: each costs
+    its client a SYN retransmission (1 s, then 3, 7, 15 s later)."""
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for head, values in zip(lines[::2], lines[1::2], strict=False):
+        if head.startswith("TcpExt:"):
+            fields = dict(zip(head.split()[1:], values.split()[1:], strict=False))
+            return int(fields.get("ListenOverflows", 0))
+    return 0
+
+
 def stats(procs: list[Child]) -> dict[str, Any]:
     for p in procs:
         p.say("stats")
@@ -495,6 +506,7 @@ def run(args: Any) -> dict[str, Any]:
         publisher.read()
         time.sleep(args.before)
         before = stats(procs)
+        overflows = listen_overflows()
         server.kill()
         killed = time.time()
         for p in procs:
@@ -509,6 +521,7 @@ def run(args: Any) -> dict[str, Any]:
                   f"{now['clients']:,} back", flush=True)
             if len(now["back"]) >= now["clients"] or time.monotonic() > deadline:
                 break
+        overflows = listen_overflows() - overflows
         time.sleep(args.after)
         publisher.say("stop")
         published: dict[str, int] = publisher.read()["published"]
@@ -541,6 +554,7 @@ def run(args: Any) -> dict[str, Any]:
             "gaps": final["gaps"], "dups": final["dups"], "snapshots": final["snapshots"],
             "failed_followers": final["failed"], "back_final": len(back),
             "failed_attempts": final["failures"],
+            "listen_overflows": overflows,
         }
     finally:
         if publisher is not None:
