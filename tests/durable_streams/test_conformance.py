@@ -88,10 +88,11 @@ def run_suite(suite: Path, base_url: str, report: Path) -> dict[str, list[str]]:
 
 def check(by_status: dict[str, list[str]]) -> None:
     failed = set(by_status.get("failed", []))
-    unexpected = sorted(failed - set(KNOWN_FAILURES))
-    assert not unexpected, f"{len(unexpected)} conformance tests failed: {unexpected}"
     passed = len(by_status.get("passed", []))
     skipped = len(by_status.get("pending", [])) + len(by_status.get("skipped", []))
+    print(f"conformance: {passed} passed, {len(failed)} failed, {skipped} skipped")
+    unexpected = sorted(failed - set(KNOWN_FAILURES))
+    assert not unexpected, f"{len(unexpected)} conformance tests failed: {unexpected}"
     assert passed + skipped + len(failed) == 338, by_status.keys()  # the suite ran whole
     fixed = sorted(set(KNOWN_FAILURES) - failed)
     assert not fixed, f"listed as failing but passed (update KNOWN_FAILURES and docs): {fixed}"
