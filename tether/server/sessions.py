@@ -470,18 +470,20 @@ class SessionService:
         return Appended(event, duplicate=False)
 
     def _committed(self, future: asyncio.Future[Appended], reply: Reply | None = None) -> None:
-        if not future.cancelled():
-            exc = future.exception()
-            if exc is None:
-                self.health.ok()
-                appended = future.result()
-                self.metrics.published_stored.inc()
-                if not appended.duplicate and appended.event.type == "message":
-                    self.background(self.runs.on_committed(appended.event))
-            elif isinstance(exc, StoreError):
-                self.health.failed(str(exc))
-        if reply is not None:
-            reply(future)
+        try:
+            if not future.cancelled():
+                exc = future.exception()
+                if exc is None:
+                    self.health.ok()
+                    appended = future.result()
+                    self.metrics.published_stored.inc()
+                    if not appended.duplicate and appended.event.type == "message":
+                        self.background(self.runs.on_committed(appended.event))
+                elif isinstance(exc, StoreError):
+                    self.health.failed(str(exc))
+        finally:
+            if reply is not None:
+                reply(future)  # whatever the bookkeeping did: the transport counts on it
 
     # --- reading -----------------------------------------------------------------------------
 
