@@ -158,12 +158,17 @@ class ServerProcess:
         if hasattr(self, "log"):
             self.log.close()  # a restart: one log file per process
         self.log = open(self.data.parent / f"server-{self.port}.log", "ab")  # noqa: SIM115
+        self._log_start = self.log.tell()
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=self.log,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
                                      start_new_session=self.workers > 1)
         wait_for_port(self.port, 30)
-        if self.workers > 1:  # the port answers once one worker listens: wait for them all
-            while len(self.worker_pids()) < self.workers or not self._all_listening():
+        if self.workers > 1:  # the port answers once one worker listens; this line, once all do
+            log = self.data.parent / f"server-{self.port}.log"
+            deadline = time.monotonic() + 60
+            while b"tether serving on" not in log.read_bytes()[self._log_start:]:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"tether serve --workers {self.workers} did not start")
                 time.sleep(0.02)
         return self
 
@@ -172,13 +177,6 @@ class ServerProcess:
         import psutil
 
         return [child.pid for child in psutil.Process(self.pid).children()]
-
-    def _all_listening(self) -> bool:
-        import psutil
-
-        listening = {c.pid for c in psutil.net_connections("tcp")
-                     if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == self.port}
-        return set(self.worker_pids()) <= listening
 
     def worker_of(self, local_port: int) -> int:
         """The pid of the worker serving the connection from ``local_port`` on this host."""
