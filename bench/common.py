@@ -256,8 +256,9 @@ def tether_server(store: str | None = None, env: dict[str, str] | None = None,
                   workers: int = 1) -> Proc:
     """``python -m tether serve`` on a free port, SQLite in a temp dir unless ``store``.
 
-    ``workers`` > 1 runs ``--workers N`` unpinned: it is there to use every core (on a 2-core
-    machine it shares the client's core; see docs/benchmarks.md, "--workers").
+    ``workers`` > 1 runs ``--workers N`` on every core: it is there to use them all (on a
+    2-core machine it shares the client's core; see docs/benchmarks.md, "--workers"). Said
+    explicitly, since a child inherits this process's pinning to the client core.
     """
     port = free_port()
     proc = Proc("tether", [], port, {**TETHER_LOAD_ENV, **(env or {})})
@@ -270,7 +271,9 @@ def tether_server(store: str | None = None, env: dict[str, str] | None = None,
     cmd += ["--workers", str(workers)]
     if store:
         cmd += ["--store", store]
-    proc.cmd = pinned(cmd) if workers == 1 else cmd
+    every_core = f"0-{(os.cpu_count() or 1) - 1}"
+    proc.cmd = pinned(cmd) if workers == 1 else ["taskset", "-c", every_core, *cmd] \
+        if can_pin() else cmd
     if workers > 1:
         proc.ready_text = "tether serving on"
     return proc
