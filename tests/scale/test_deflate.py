@@ -12,7 +12,7 @@ from aiohttp import WSMsgType
 from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 
 from tests.helpers import SECRET, Peer, token
-from tether.server import Server, ServerConfig
+from tether.server import Server, ServerConfig, deflate
 from tether.server.deflate import DeflateSettings, negotiate
 from tether.store import MemoryStore
 
@@ -52,6 +52,11 @@ def test_negotiation_accepts(offer: str, header: str) -> None:
 ])
 def test_negotiation_declines(offer: str | None) -> None:
     assert negotiate(offer, SETTINGS) is None
+
+
+def test_the_installed_aiohttp_runs_tethers_deflate() -> None:
+    # If this fails after an aiohttp upgrade, deflate.py's hooks need checking against it.
+    assert deflate.SUPPORTED
 
 
 def test_settings_are_checked() -> None:

@@ -38,6 +38,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 from aiohttp import hdrs, web
 from aiohttp._websocket.models import WS_DEFLATE_TRAILING, WebSocketError, WSCloseCode
 from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
@@ -47,8 +48,11 @@ from aiohttp.helpers import DEFAULT_CHUNK_SIZE
 
 from tether.server.config import ServerConfig
 
-SUPPORTED = all(hasattr(web.WebSocketResponse, name) for name in (
-    "_handshake", "_pre_start", "_post_start", "_reset_heartbeat", "_on_data_received"))
+# The hooks and the reader's constructor are those of aiohttp 3.14 (checked by the tests); any
+# other version falls back to aiohttp's own deflate rather than risk a mismatch at run time.
+SUPPORTED = aiohttp.__version__.startswith("3.14.") and all(
+    hasattr(web.WebSocketResponse, name) for name in (
+        "_handshake", "_pre_start", "_post_start", "_reset_heartbeat", "_on_data_received"))
 
 _OP_CONTINUATION = 0x0
 _OP_TEXT = 0x1
