@@ -26,8 +26,8 @@ malformed parameters) are skipped; no acceptable offer means no compression, nev
 handshake.
 
 The shim overrides three private hooks of :class:`aiohttp.web.WebSocketResponse` (``_handshake``,
-``_pre_start``, ``_post_start``); :data:`SUPPORTED` is false when the installed aiohttp lacks
-them, and the endpoint then falls back to aiohttp's own deflate.
+``_pre_start``, ``_post_start``); :data:`SUPPORTED` is false on an aiohttp other than 3.14 (the
+version they were written against), and the endpoint then falls back to aiohttp's own deflate.
 """
 
 from __future__ import annotations
