@@ -18,6 +18,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import os
 import re
@@ -389,7 +390,8 @@ def _fold(session: str, meta: Meta | None, producers: dict[str, tuple[int, int]]
         if meta.deleted and not live:
             return None, {}
         return dataclasses.replace(meta, forks=live), producers
-    meta = dataclasses.replace(meta, written_ms=event.time)
+    if meta.ttl is not None:  # only a sliding TTL looks at the newest write
+        meta = dataclasses.replace(meta, written_ms=event.time)
     if event.type == CLOSE:
         return dataclasses.replace(meta, closed=True), producers
     if event.type == PRODUCER:
@@ -429,7 +431,11 @@ def _anonymous(app: web.Application, session: str) -> Grant | None:
     config = app[CONFIG]
     if not config.anonymous or not (config.anonymous_public or is_loopback(config.host)):
         return None
-    return anonymous_grant(config.anonymous, session)
+    return _anonymous_grant(config.anonymous, session)
+
+
+# Rules are parsed once per (rules, session), and a grant keeps its memo of checks.
+_anonymous_grant = functools.lru_cache(maxsize=4096)(anonymous_grant)
 
 
 def _caller(request: web.Request, session: str, cap: str) -> Caller:
