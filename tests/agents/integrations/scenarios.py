@@ -204,3 +204,31 @@ async def steer(served: Served, session: str = "fw-steer") -> None:
     users = [m for r in served.upstream.requests for m in r["messages"] if m["role"] == "user"]
     assert any("now add" in str(m["content"]) for m in users)
     assert_clean(await read_log(served.port, session))
+
+
+async def restart_mid_stream(served: Served, session: str = "fw-restart"
+                             ) -> tuple[list[dict[str, Any]], str]:
+    """A SIGKILL while the model streams: the restarted server ends the cut stream as
+    ``restarted``, runs the step again and completes the run. Returns the log and the run,
+    for what a framework checks besides (its memory, what the model was sent)."""
+    served.upstream.tokens_per_second = 50.0
+    served.upstream.answer_tokens = 400
+    peer = await connect(served.port, session)
+    await peer.publish(session, "message", {"text": "hello there"})
+    first = (await until_event(peer, "stream.append"))["data"]
+    await peer.close()
+    served.server.kill()
+    served.upstream.tokens_per_second = 0.0
+    served.upstream.answer_tokens = 12
+    served.server.start()
+    peer = await connect(served.port, session)
+    await until_event(peer, "run.state", run=first["run"], state="completed")
+    await peer.close()
+    events = await read_log(served.port, session)
+    assert_clean(events)
+    ends = [e["data"] for e in events if e["type"] == "stream.end"
+            and e["data"]["run"] == first["run"]]
+    assert [e.get("interrupted") for e in ends] == ["restarted", None]
+    assert ends[-1]["text"] == streamed_text(events, ends[-1]["stream"])
+    assert states(events, first["run"]) == ["running", "running", "completed"]
+    return events, first["run"]

@@ -186,26 +186,7 @@ async def test_a_step_cut_off_by_sigkill_runs_again_from_the_checkpoint(
     ``restarted`` and runs the step again from the graph's checkpoint — the input is not fed
     twice — and the run completes."""
     served = serve_agent(SPEC)
-    served.upstream.tokens_per_second = 50.0
-    served.upstream.answer_tokens = 200
-    session = "fw-restart"
-    peer = await scenarios.connect(served.port, session)
-    await peer.publish(session, "message", {"text": "hello there"})
-    first = (await until_event(peer, "stream.append"))["data"]
-    await peer.close()
-    served.server.kill()
-    served.upstream.answer_tokens = 12
-    served.server.start()
-    peer = await scenarios.connect(served.port, session)
-    await until_event(peer, "run.state", run=first["run"], state="completed")
-    await peer.close()
-    events = await scenarios.read_log(served.port, session)
-    scenarios.assert_clean(events)
-    ends = [e["data"] for e in events if e["type"] == "stream.end"
-            and e["data"]["run"] == first["run"]]
-    assert [e.get("interrupted") for e in ends] == ["restarted", None]
-    assert ends[-1]["text"]
-    assert scenarios.states(events, first["run"]) == ["running", "running", "completed"]
+    await scenarios.restart_mid_stream(served)
     assert user_texts(served.upstream.requests[-1]) == ["hello there"]
 
 

@@ -14,6 +14,7 @@ SPEC = "tests.agents.integrations.native_agent:agent"
 
 @pytest.mark.parametrize("scenario", [
     scenarios.streaming, scenarios.server_tool, scenarios.approval_across_sigkill,
-    scenarios.rejection, scenarios.client_tool, scenarios.cancel, scenarios.steer])
+    scenarios.rejection, scenarios.client_tool, scenarios.cancel, scenarios.steer,
+    scenarios.restart_mid_stream])
 async def test_native(serve_agent: Any, scenario: Any) -> None:
     await scenario(serve_agent(SPEC))

@@ -113,25 +113,8 @@ async def test_memory_across_runs_and_restarts(serve_agent: Any) -> None:
 async def test_restart_mid_answer_runs_the_step_again(serve_agent: Any) -> None:
     """A SIGKILL while the model streams: the cut stream ends ``restarted``, the items the
     step wrote to the memory are dropped, and the step runs again to completion."""
-    served: Served = serve_agent(SPEC)
     session = "fw-restart"
-    served.upstream.tokens_per_second = 50.0
-    served.upstream.answer_tokens = 400
-    peer = await connect(served.port, session)
-    await peer.publish(session, "message", {"text": "hello there"})
-    first = (await until_event(peer, "stream.append"))["data"]
-    await peer.close()
-    served.server.kill()
-    served.upstream.tokens_per_second = 0.0
-    served.upstream.answer_tokens = 12
-    served.server.start()
-    peer = await connect(served.port, session)
-    await until_event(peer, "run.state", run=first["run"], state="completed")
-    await peer.close()
-    events = await read_log(served.port, session)
-    scenarios.assert_clean(events)
-    ends = [e["data"] for e in events if e["type"] == "stream.end"]
-    assert [e.get("interrupted") for e in ends] == ["restarted", None]
+    events, _ = await scenarios.restart_mid_stream(serve_agent(SPEC), session)
     assert shape(memory(events, session)) == ["user", "assistant"]
 
 

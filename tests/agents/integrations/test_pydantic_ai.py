@@ -90,25 +90,7 @@ async def test_cut_off_mid_stream(serve_agent: Any) -> None:
     """A run SIGKILLed while it streams ends that stream as ``restarted`` and answers again
     from the same history."""
     served = serve_agent(SPEC)
-    served.upstream.tokens_per_second = 50.0
-    served.upstream.answer_tokens = 40
-    session = "fw-cut"
-    peer = await connect(served.port, session)
-    await peer.publish(session, "message", {"text": "hello there"})
-    first = (await until_event(peer, "stream.append"))["data"]
-    await peer.close()
-    served.server.kill()
-    served.upstream.tokens_per_second = 0.0
-    served.server.start()
-    peer = await connect(served.port, session)
-    await until_event(peer, "run.state", run=first["run"], state="completed")
-    await peer.close()
-    events = await read_log(served.port, session)
-    scenarios.assert_clean(events)
-    ends = [e["data"] for e in events if e["type"] == "stream.end"]
-    assert [e.get("interrupted") for e in ends] == ["restarted", None]
-    assert ends[1]["text"] == scenarios.streamed_text(events, ends[1]["stream"])
-    assert states(events, first["run"]) == ["running", "running", "completed"]
+    await scenarios.restart_mid_stream(served, "fw-cut")
     assert [m["content"] for m in served.upstream.requests[-1]["messages"]] == ["hello there"]
 
 
