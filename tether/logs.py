@@ -35,3 +35,7 @@ def configure(level: str = "info") -> None:
     root.setLevel(level.upper())
     # aiohttp logs every dropped peer at info; those are counted in metrics instead.
     logging.getLogger("aiohttp").setLevel(logging.WARNING)
+    # The HTTP clients of model SDKs (openai, the agent frameworks) log every request at info:
+    # one line per model call of every run would drown the server's own lines.
+    for noisy in ("httpx", "httpx2", "httpcore", "openai", "openai.agents"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
