@@ -4,7 +4,7 @@ native reference, approval and the front-end tool in LangGraph's idiom (``interr
 import os
 import warnings
 
-from langchain_core.tools import tool
+from langchain_core.tools import BaseTool, tool
 from langchain_openai import ChatOpenAI
 from langgraph.graph import START, MessagesState, StateGraph
 from langgraph.prebuilt import ToolNode, create_react_agent, tools_condition
@@ -34,22 +34,30 @@ def ask(q: str) -> str:
     return str(interrupt({"name": "ask", "arguments": {"q": q}}))
 
 
-tools = [add, deploy, ask]
-model = ChatOpenAI(model="tether-simulated", base_url=os.environ["OPENAI_BASE_URL"],
-                   api_key=os.environ.get("OPENAI_API_KEY", "unused"), streaming=True,
-                   use_responses_api=False).bind_tools(tools)
+def chat_model() -> ChatOpenAI:
+    return ChatOpenAI(model="tether-simulated", base_url=os.environ["OPENAI_BASE_URL"],
+                      api_key=os.environ.get("OPENAI_API_KEY", "unused"), streaming=True,
+                      use_responses_api=False)
 
 
-async def call_model(state: MessagesState) -> MessagesState:
-    return {"messages": [await model.ainvoke(state["messages"])]}
+def model_and_tools(tools: list[BaseTool]) -> StateGraph:
+    """The usual hand-written agent graph: a model node and a ToolNode, in a loop."""
+    model = chat_model().bind_tools(tools)
+
+    async def call_model(state: MessagesState) -> MessagesState:
+        return {"messages": [await model.ainvoke(state["messages"])]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("model", call_model)
+    builder.add_node("tools", ToolNode(tools))
+    builder.add_edge(START, "model")
+    builder.add_conditional_edges("model", tools_condition)
+    builder.add_edge("tools", "model")
+    return builder
 
 
-builder = StateGraph(MessagesState)
-builder.add_node("model", call_model)
-builder.add_node("tools", ToolNode(tools))
-builder.add_edge(START, "model")
-builder.add_conditional_edges("model", tools_condition)
-builder.add_edge("tools", "model")
+tools: list[BaseTool] = [add, deploy, ask]
+builder = model_and_tools(tools)
 graph = builder.compile()
 
 agent = serve(graph, name="langgraph", sessions=["fw-*"], client_tools=["ask"],
@@ -66,10 +74,7 @@ paused = serve(builder.compile(interrupt_before=["tools"]), name="paused", sessi
 # create_agent, which is not installed here, but still the graph many agents are built with).
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    react = create_react_agent(ChatOpenAI(
-        model="tether-simulated", base_url=os.environ["OPENAI_BASE_URL"],
-        api_key=os.environ.get("OPENAI_API_KEY", "unused"), streaming=True,
-        use_responses_api=False), tools)
+    react = create_react_agent(chat_model(), tools)
 
 react_agent = serve(react, name="react", sessions=["fw-*"], client_tools=["ask"],
                     coalesce_window=0.005)
@@ -91,22 +96,7 @@ def reviewed_deploy(target: str) -> dict[str, str] | str:
     return {"deployed": target}
 
 
-hitl_tools = [add, reviewed_deploy, ask]
-hitl_model = ChatOpenAI(model="tether-simulated", base_url=os.environ["OPENAI_BASE_URL"],
-                        api_key=os.environ.get("OPENAI_API_KEY", "unused"), streaming=True,
-                        use_responses_api=False).bind_tools(hitl_tools)
-
-
-async def call_hitl_model(state: MessagesState) -> MessagesState:
-    return {"messages": [await hitl_model.ainvoke(state["messages"])]}
-
-
-hitl = StateGraph(MessagesState)
-hitl.add_node("model", call_hitl_model)
-hitl.add_node("tools", ToolNode(hitl_tools))
-hitl.add_edge(START, "model")
-hitl.add_conditional_edges("model", tools_condition)
-hitl.add_edge("tools", "model")
+hitl = model_and_tools([add, reviewed_deploy, ask])
 hitl_agent = serve(hitl.compile(), name="hitl", sessions=["fw-*"], client_tools=["ask"],
                    coalesce_window=0.005)
 
