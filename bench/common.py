@@ -154,6 +154,121 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def tree_cpu_by_pid(pid: int) -> dict[int, float]:
+    """CPU seconds of process ``pid`` and of each of its descendants, by pid."""
+    found = {pid: cpu_seconds(pid)}
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                with contextlib.suppress(OSError):
+                    found.update(tree_cpu_by_pid(int(child)))
+    return found
+
+
+def _core_ticks() -> list[tuple[int, int]]:
+    """(total, idle + iowait) ticks of each core since boot, from /proc/stat."""
+    ticks = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith("cpu") and line[3:4].isdigit():
+                values = [int(v) for v in line.split()[1:]]
+                ticks.append((sum(values), values[3] + values[4]))
+    return ticks
+
+
+class CpuWindow:
+    """Where the CPU went during a measured window, process by process.
+
+    The server's processes are read from ``/proc/PID/stat`` (all threads of each): the root
+    is the server itself, or with ``--workers N`` the supervisor, which is the sequencer that
+    owns SQLite; its children are the workers. The load generator is this process
+    (``time.process_time``), and the machine's cores are read from ``/proc/stat``, which also
+    counts whatever else runs on the machine. ``stop`` gives CPU-seconds per process and per
+    event, and the rate the design would reach with a core for each process:
+    1 / (the largest CPU-seconds per event of any one process).
+    """
+
+    def __init__(self, server: Proc | None, workers: int = 1) -> None:
+        self.server = server
+        self.workers = workers
+
+    def start(self) -> CpuWindow:
+        self.t0 = time.perf_counter()
+        self.own0 = time.process_time()
+        self.pids0 = tree_cpu_by_pid(self.server.pid) if self.server is not None else {}
+        self.cores0 = _core_ticks()
+        return self
+
+    def stop(self, events: float) -> dict[str, Any]:
+        """The window's figures; ``events``: what one event is for this benchmark, counted."""
+        elapsed = time.perf_counter() - self.t0
+        own = time.process_time() - self.own0
+        pids1 = tree_cpu_by_pid(self.server.pid) if self.server is not None else {}
+        cores1 = _core_ticks()
+        root = self.server.pid if self.server is not None else -1
+        processes = []
+        for pid in sorted(pids1, key=lambda p: (p != root, p)):
+            if pid not in self.pids0:
+                continue  # started during the window (a restart): not comparable
+            role = ("sequencer" if self.workers > 1 else "server") if pid == root else "worker"
+            processes.append({"role": role, "pid": pid, "cpu_s": pids1[pid] - self.pids0[pid]})
+        n = 0
+        for p in processes:
+            if p["role"] == "worker":
+                n += 1
+                p["role"] = f"worker {n}"
+        per = max(events, 1)
+        for p in processes:
+            p["busy"] = p["cpu_s"] / elapsed
+            p["us_per_event"] = p["cpu_s"] / per * 1e6
+        busy = [1 - (i1 - i0) / (t1 - t0) if t1 > t0 else 0.0
+                for (t0, i0), (t1, i1) in zip(self.cores0, cores1, strict=False)]
+        server_s = sum(p["cpu_s"] for p in processes)
+        stages = [p["us_per_event"] for p in processes]
+        return {
+            "elapsed": elapsed, "events": events, "processes": processes,
+            "server_busy": server_s / elapsed, "server_us_per_event": server_s / per * 1e6,
+            "client_busy": own / elapsed, "client_us_per_event": own / per * 1e6,
+            # What the benchmark's own processes used, in cores, and what /proc/stat saw on
+            # every core (ours and anything else running).
+            "ours_busy": (server_s + own) / elapsed, "cores_busy": busy,
+            "machine_busy": sum(busy),
+            # A core per server process: the busiest stage per event sets the rate.
+            "core_per_process_rate": 1e6 / max(stages) if stages and max(stages) > 0
+            else float("nan"),
+        }
+
+
+def cpu_summary(windows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over runs of :meth:`CpuWindow.stop` figures, process roles matched by name."""
+    if not windows:
+        return {}
+    keys = ("server_busy", "server_us_per_event", "client_busy", "client_us_per_event",
+            "ours_busy", "machine_busy", "core_per_process_rate")
+    out: dict[str, Any] = {k: median([w[k] for w in windows]) for k in keys}
+    roles: dict[str, list[dict[str, Any]]] = {}
+    for w in windows:
+        for p in w["processes"]:
+            roles.setdefault(p["role"], []).append(p)
+    out["processes"] = {role: {k: median([p[k] for p in ps])
+                               for k in ("busy", "us_per_event")}
+                        for role, ps in roles.items()}
+    return out
+
+
+def cpu_rows(name: str, s: dict[str, Any]) -> list[list[Any]]:
+    """Table rows (system, process, busy, µs per event) for one :func:`cpu_summary`."""
+    rows: list[list[Any]] = [[name, role, f"{p['busy']:.0%}", p["us_per_event"]]
+                             for role, p in s["processes"].items()]
+    rows.append([name, "load generator (clients)", f"{s['client_busy']:.0%}",
+                 s["client_us_per_event"]])
+    rows.append([name, "server + clients / all cores busy",
+                 f"{s['ours_busy']:.0%} / {s['machine_busy']:.0%}", ""])
+    rows.append([name, "a core per server process: events/s", "",
+                 s["core_per_process_rate"]])
+    return rows
+
+
 def child_env() -> dict[str, str]:
     """The environment for child processes: unbuffered, with this checkout importable."""
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))

@@ -150,11 +150,13 @@ async def run_system(name: str, warmup: float, duration: float, rate: float,
         await pace(pubs, make, rate, warmup)
         recorder.on = True
         spy = c.start_profile(server, profile, duration)
+        window = c.CpuWindow(server, workers).start()
         cpu0, own0 = server.cpu_seconds(), time.process_time()
         t0 = time.perf_counter()
         sent = await pace(pubs, make, rate, duration)
         elapsed = time.perf_counter() - t0
         cpu1, own1 = server.cpu_seconds(), time.process_time()
+        cpu = window.stop(sent)
         await asyncio.sleep(0.3)
         recorder.on = False
         if spy is not None:
@@ -172,7 +174,7 @@ async def run_system(name: str, warmup: float, duration: float, rate: float,
             "max_us": max(samples) / us if samples else float("nan"),
             "samples": len(samples), "sent_per_s": sent / elapsed,
             "server_cpu": (cpu1 - cpu0) / elapsed, "client_cpu": (own1 - own0) / elapsed,
-            "server_cpu_us_per_event": (cpu1 - cpu0) / max(sent, 1) * 1e6}
+            "server_cpu_us_per_event": (cpu1 - cpu0) / max(sent, 1) * 1e6, "cpu": cpu}
 
 
 async def main() -> None:
@@ -227,6 +229,10 @@ async def main() -> None:
                  "", ""])
     print(c.table(["system", "p50 us", "p90 us", "p99 us", "p99.9 us", "max us", "events/s",
                    "server CPU", "CPU us/event"], rows))
+    cpu = {name: c.cpu_summary([r["cpu"] for r in rs]) for name, rs in results.items()}
+    print()
+    print(c.table(["system", "process", "busy", "CPU us per event"],
+                  [row for name, s in cpu.items() for row in c.cpu_rows(name, s)]))
     for k, v in verdicts.items():
         print(f"target {k.removesuffix('_us')} <= {v['target']:,.0f} us: {v['value']:,.0f} us "
               f"{'MET' if v['met'] else 'MISSED'}")
@@ -234,7 +240,8 @@ async def main() -> None:
     path = c.write_results(name, {
         "config": {"sessions": SESSIONS, "rate": rate, "tick": TICK, "duration": duration,
                    "warmup": warmup, "runs": c.runs(args)},
-        "runs": results, "summary": summary, "ratios": ratios, "targets": verdicts,
+        "runs": results, "summary": summary, "cpu": cpu, "ratios": ratios,
+        "targets": verdicts,
         "machine_floor": {"runs": floors, "median": floor}})
     print(f"\nwrote {path.relative_to(c.ROOT)}")
 

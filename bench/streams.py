@@ -99,10 +99,12 @@ async def run_tether(warmup: float, duration: float, profile: str | None = None,
 
         spy = c.start_profile(server, profile, duration)
         a0, e0 = counts()
+        window = c.CpuWindow(server, workers).start()
         cpu0, own0, t0 = server.cpu_seconds(), time.process_time(), time.perf_counter()
         await asyncio.sleep(duration)
         a1, e1 = counts()
         cpu1, own1, t1 = server.cpu_seconds(), time.process_time(), time.perf_counter()
+        cpu = window.stop(min(a1 - a0, e1 - e0))
         for pub in pubs:
             pub.stop()
         if spy is not None:
@@ -126,7 +128,7 @@ async def run_tether(warmup: float, duration: float, profile: str | None = None,
             "durable_per_s": min(committed, delivered),
             "server_cpu": (cpu1 - cpu0) / elapsed, "client_cpu": (own1 - own0) / elapsed,
             "durable_per_cpu_s": min(a1 - a0, e1 - e0) / max(cpu1 - cpu0, 1e-9),
-            "complete": complete}
+            "complete": complete, "cpu": cpu}
 
 
 async def run_bare(warmup: float, duration: float) -> dict[str, Any]:
@@ -143,10 +145,12 @@ async def run_bare(warmup: float, duration: float) -> dict[str, Any]:
             pub.start()
         await asyncio.sleep(warmup)
         a0, e0 = sum(p.acked for p in pubs), sum(s.events for s, _ in pairs)
+        window = c.CpuWindow(server).start()
         cpu0, own0, t0 = server.cpu_seconds(), time.process_time(), time.perf_counter()
         await asyncio.sleep(duration)
         a1, e1 = sum(p.acked for p in pubs), sum(s.events for s, _ in pairs)
         cpu1, own1, t1 = server.cpu_seconds(), time.process_time(), time.perf_counter()
+        cpu = window.stop(min(a1 - a0, e1 - e0))
         for pub in pubs:
             pub.stop()
         for s, p in pairs:
@@ -154,7 +158,8 @@ async def run_bare(warmup: float, duration: float) -> dict[str, Any]:
             p.conn.close()
     elapsed = t1 - t0
     return {"relayed_per_s": min(a1 - a0, e1 - e0) / elapsed,
-            "server_cpu": (cpu1 - cpu0) / elapsed, "client_cpu": (own1 - own0) / elapsed}
+            "server_cpu": (cpu1 - cpu0) / elapsed, "client_cpu": (own1 - own0) / elapsed,
+            "cpu": cpu}
 
 
 async def main() -> None:
@@ -184,6 +189,7 @@ async def main() -> None:
         r["bare_relay_per_s"] = bare["relayed_per_s"]
         r["bare_server_cpu"] = bare["server_cpu"]
         r["bare_client_cpu"] = bare["client_cpu"]
+        r["bare_cpu"] = bare["cpu"]
         r["background_busy"] = background
         runs.append(r)
         print(f"run {i + 1}: committed {r['committed_per_s']:,.0f}/s, delivered "
@@ -230,11 +236,22 @@ async def main() -> None:
              s["durable_per_s"] / summary["bare_relay_per_s"],
              s["durable_per_s"] / summary["sqlite_100_per_txn"], s["server_cpu"],
              s["durable_per_cpu_s"]] for n, s in by_workers.items()]))
+    # Where the CPU went, per process (medians over runs): us per durable delta, share of a
+    # core, and what a core per server process would allow.
+    cpu = {f"tether --workers {counts[0]}": c.cpu_summary([r["cpu"] for r in runs])}
+    for n, results in more.items():
+        cpu[f"tether --workers {n}"] = c.cpu_summary([r["cpu"] for r in results])
+    cpu["bare relay + ack"] = c.cpu_summary([r["bare_cpu"] for r in runs])
+    for n in by_workers:
+        by_workers[n]["cpu"] = cpu[f"tether --workers {n}"]
+    print()
+    print(c.table(["system", "process", "busy", "CPU us per delta"],
+                  [row for name, s in cpu.items() for row in c.cpu_rows(name, s)]))
     path = c.write_results("streams", {
         "by_workers": {str(n): s for n, s in by_workers.items()},
         "config": {"sessions": SESSIONS, "window": WINDOW, "duration": duration,
                    "warmup": warmup, "runs": len(runs), "data_bytes": len(orjson.dumps(DATA))},
-        "runs": runs, "summary": summary, "ratio_to_sqlite": ratio,
+        "runs": runs, "summary": summary, "cpu": cpu, "ratio_to_sqlite": ratio,
         "ratio_to_bare_relay": bare_ratio,
         "target": {"durable_per_s": target, "met": met}})
     print(f"\nwrote {path.relative_to(c.ROOT)}")

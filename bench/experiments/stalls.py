@@ -1,0 +1,161 @@
+"""Experiment: where the server's loop stalls, and what overlaps each stall.
+
+A tail of publish → deliver latency is a time when the loop did not run what arrived. This
+wrapper records, in the server process (the single process, or the ``--workers`` supervisor,
+which is the sequencer), with ``time.perf_counter`` on one clock:
+
+* the loop's lateness: a 1 ms ``call_later`` heartbeat, how late each beat ran;
+* every SQLite group commit (``SqliteStore._commit``): its duration and batch size;
+* every garbage collection (``gc.callbacks``): its duration and generation;
+* every WAL checkpoint of the checkpointer thread: its duration.
+
+At exit it prints (stderr: the server's log, shown with ``BENCH_KEEP_LOGS=1``) their
+distributions after the first ``BENCH_STALLS_SKIP`` seconds (default 2: connections and
+warm-up) and, for every beat later than 5 ms, what overlapped it: a commit, a collection or a
+checkpoint longer than 1 ms, or none of these (the process was not running: the machine's
+scheduler, or a burst of frames to handle).
+
+``BENCH_KEEP_LOGS=1 BENCH_TETHER_WRAPPER=bench/experiments/stalls.py python -m bench.latency``
+Nothing in ``tether/`` is changed; this patches the store at run time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import gc
+import os
+import sqlite3
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
+
+from tether.store import sqlite as store_sqlite
+
+TICK = 0.001
+SKIP = float(os.environ.get("BENCH_STALLS_SKIP", "2"))
+STALL = 0.005
+LONG = 0.001
+
+clock = time.perf_counter
+beats: list[tuple[float, float]] = []  # (due, ran)
+commits: list[tuple[float, float, int]] = []  # (start, end, rows)
+collections: list[tuple[float, float, int]] = []  # (start, end, generation)
+checkpoints: list[tuple[float, float]] = []
+_gc_start = [0.0]
+_first = [0.0]
+
+
+def _on_gc(phase: str, info: dict[str, Any]) -> None:
+    if phase == "start":
+        _gc_start[0] = clock()
+    else:
+        collections.append((_gc_start[0], clock(), int(info.get("generation", -1))))
+
+
+def _heartbeat(loop: asyncio.AbstractEventLoop) -> None:
+    due = [clock() + TICK]
+
+    def beat() -> None:
+        now = clock()
+        beats.append((due[0], now))
+        due[0] = now + TICK
+        loop.call_later(TICK, beat)
+
+    loop.call_later(TICK, beat)
+
+
+_start = store_sqlite.SqliteStore.start
+_commit = store_sqlite.SqliteStore._commit
+
+
+async def start(self: Any) -> None:
+    await _start(self)
+    _heartbeat(asyncio.get_running_loop())
+
+
+def commit(self: Any, batch: list[Any]) -> None:
+    begin = clock()
+    if not _first[0]:
+        _first[0] = begin
+    try:
+        _commit(self, batch)
+    finally:
+        commits.append((begin, clock(), len(batch)))
+
+
+def checkpointer_run(self: Any) -> None:
+    try:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stopping:
+                return
+            begin = clock()
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            checkpoints.append((begin, clock()))
+    finally:
+        self._conn.close()
+
+
+def _pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))]
+
+
+def _ms(values: list[float]) -> str:
+    return (f"n {len(values)}, p50 {_pct(values, 50) * 1e3:.2f} ms, p99 "
+            f"{_pct(values, 99) * 1e3:.2f} ms, max {max(values, default=0) * 1e3:.2f} ms, "
+            f"sum {sum(values) * 1e3:.0f} ms")
+
+
+def _report() -> None:
+    if not _first[0]:
+        return
+    after = _first[0] + SKIP
+    b = [(d, r) for d, r in beats if d >= after]
+    c = [x for x in commits if x[0] >= after]
+    g = [x for x in collections if x[0] >= after]
+    k = [x for x in checkpoints if x[0] >= after]
+    if not b:
+        return
+    span = b[-1][1] - b[0][0]
+    out = [f"stalls over {span:.1f}s (pid {os.getpid()}):",
+           f"  loop lateness: {_ms([r - d for d, r in b])}",
+           f"  commits: {_ms([e - s for s, e, _ in c])}, rows per commit "
+           f"{sum(n for *_, n in c) / max(len(c), 1):.1f}",
+           f"  gc: {_ms([e - s for s, e, _ in g])}, gen2 {sum(1 for *_, n in g if n == 2)}",
+           f"  checkpoints: {_ms([e - s for s, e in k])}"]
+    kinds = {"commit": 0, "gc": 0, "checkpoint": 0, "none": 0}
+    stalls = [(d, r) for d, r in b if r - d > STALL]
+    for d, r in stalls:
+        hit = False
+        for name, spans in (("commit", c), ("gc", g), ("checkpoint", k)):
+            if any(e - s > LONG and s < r and e > d for s, e, *_ in spans):
+                kinds[name] += 1
+                hit = True
+        if not hit:
+            kinds["none"] += 1
+    out.append(f"  beats later than {STALL * 1e3:.0f} ms: {len(stalls)} of {len(b)} "
+               f"({sum(r - d for d, r in stalls) * 1e3:.0f} ms late in all); overlapping a "
+               + ", ".join(f"{n} > 1 ms: {v}" for n, v in kinds.items() if n != "none")
+               + f"; none of these: {kinds['none']}")
+    print("\n".join(out), file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    store_sqlite.SqliteStore.start = start  # type: ignore[method-assign]
+    store_sqlite.SqliteStore._commit = commit  # type: ignore[method-assign]
+    store_sqlite._Checkpointer.run = checkpointer_run  # type: ignore[method-assign]
+    gc.callbacks.append(_on_gc)
+    atexit.register(_report)
+    from tether.cli import main
+
+    sys.exit(main(sys.argv[1:]))
