@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import gc
 import logging
 import os
 import signal
@@ -392,6 +393,12 @@ def run_supervisor(config: ServerConfig, workers: int, argv: Sequence[str],
             return 128 + received[0]
         stopping.cancel()
         starting.result()
+        # As in a worker (tether/cli.py): the sequencer allocates a few objects per event; at
+        # Python's default thresholds it collected 50-70 times a second under load, ~5 % of
+        # its time, in pauses up to 8 ms (p99) and 112 ms (bench/experiments/sequencer_gc.py).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(20_000, 20, 20)
         on_started(supervisor)
         await stop.wait()
         # Ctrl-C reached the workers too (one process group); SIGTERM is passed on.
