@@ -79,6 +79,78 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
+class RedisCluster:
+    """A real 3-master Redis Cluster (``--cluster-enabled yes``) on loopback ports."""
+
+    MASTERS = 3
+
+    def __init__(self) -> None:
+        binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+        if binary is None or cli is None:
+            pytest.skip("redis-server is not installed (apt-get install -y redis-server)")
+        self.dir = tempfile.mkdtemp(prefix="tether-redis-cluster-")
+        self.ports = [free_port() for _ in range(self.MASTERS)]
+        # The bus port defaults to port + 10000, which may be taken or past 65535.
+        self.procs = [subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir, "--protected-mode", "no",
+             "--cluster-enabled", "yes", "--cluster-port", str(free_port()),
+             "--cluster-config-file", f"nodes-{port}.conf", "--dbfilename", f"dump-{port}.rdb"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for port in self.ports]
+        for port in self.ports:
+            wait_for_port(port)
+        subprocess.run(
+            [cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
+        self.wait_ok()
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Wait until every master reports ``cluster_state:ok``."""
+        import redis
+
+        deadline = time.monotonic() + timeout
+        for port in self.ports:
+            node = redis.Redis(port=port)
+            while node.cluster("info").get("cluster_state") != "ok":
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"redis cluster node {port} is not ok")
+                time.sleep(0.05)
+            node.close()
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
+
+    def flush(self) -> None:
+        import redis
+
+        for port in self.ports:
+            node = redis.Redis(port=port)
+            node.flushall()
+            node.close()
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    cluster = RedisCluster()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: RedisCluster) -> str:
+    redis_cluster.flush()
+    return redis_cluster.url
+
+
 @pytest.fixture
 async def chat_upstream() -> AsyncIterator[tuple[Any, str]]:
     """A local streaming Chat Completions server (the upstream, not a mock of tether)."""
@@ -98,7 +170,8 @@ async def chat_upstream() -> AsyncIterator[tuple[Any, str]]:
     await runner.cleanup()
 
 
-STORE_KINDS = ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)]
+STORE_KINDS = ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis),
+               pytest.param("redis-cluster", marks=pytest.mark.redis)]
 
 
 async def make_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path,
@@ -107,6 +180,8 @@ async def make_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path,
         url = "memory://"
     elif kind == "sqlite":
         url = f"sqlite://{tmp_path / 'data'}"
+    elif kind == "redis-cluster":
+        url = request.getfixturevalue("redis_cluster_url")
     else:
         url = request.getfixturevalue("redis_url")
     store = open_store(url, retention)

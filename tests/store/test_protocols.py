@@ -19,7 +19,7 @@ from tether.store.redis import RedisStore
 from tether.store.shared import SharedStore
 from tether.store.sqlite import SqliteStore
 
-LOSSY = {"memory": False, "sqlite": False, "redis": True, "shared": False}
+LOSSY = {"memory": False, "sqlite": False, "redis": True, "redis-cluster": True, "shared": False}
 CLASSES: dict[str, type[Any]] = {"memory": MemoryStore, "sqlite": SqliteStore,
                                  "redis": RedisStore, "shared": SharedStore}
 

@@ -155,7 +155,8 @@ class ServerConfig:
     @property
     def shared_store(self) -> bool:
         """Whether several nodes may share the store (Redis): they must share keys too."""
-        return self.resolved_store_url().startswith(("redis:", "rediss:", "unix:"))
+        return self.resolved_store_url().startswith(
+            ("redis:", "rediss:", "unix:", "redis+cluster:", "rediss+cluster:"))
 
 
 def _number(kind: type[_N], name: str, value: str) -> _N:

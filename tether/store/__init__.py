@@ -31,7 +31,8 @@ __all__ = [
 
 def open_store(url: str, retention: Retention | None = None, *,
                on_batch: Callable[[int], None] | None = None) -> Store:
-    """Open a store from a URL: ``memory://``, ``sqlite:///path/to/dir``, ``redis://host:port/0``.
+    """Open a store from a URL: ``memory://``, ``sqlite:///path/to/dir``, ``redis://host:port/0``,
+    or ``redis+cluster://host:port[,host:port...]`` for a Redis Cluster.
 
     ``on_batch`` hears the size of every commit of a batching store (sqlite, redis).
     """
@@ -41,8 +42,9 @@ def open_store(url: str, retention: Retention | None = None, *,
         from tether.store.sqlite import SqliteStore
 
         return SqliteStore(url.removeprefix("sqlite://"), retention, on_batch=on_batch)
-    if url.startswith(("redis:", "rediss:", "unix:")):
+    if url.startswith(("redis:", "rediss:", "unix:", "redis+cluster:", "rediss+cluster:")):
         from tether.store.redis import RedisStore
 
         return RedisStore(url, retention, on_batch=on_batch)
-    raise ValueError(f"unknown store URL {url!r}: use memory://, sqlite:///DIR or redis://HOST")
+    raise ValueError(f"unknown store URL {url!r}: use memory://, sqlite:///DIR, "
+                     "redis://HOST or redis+cluster://HOST:PORT[,HOST:PORT...]")

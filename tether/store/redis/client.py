@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
@@ -22,13 +23,23 @@ from redis.exceptions import NoScriptError, RedisError
 from tether.store.base import StoreError
 from tether.store.redis.scripts import SCRIPTS, Script
 
+# URL schemes of a Redis Cluster (``cluster.py``).
+CLUSTER_SCHEMES = ("redis+cluster:", "rediss+cluster:")
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.startswith(CLUSTER_SCHEMES)
+
 
 class RedisClient:
     """The store's redis-py client: opened by :meth:`open`, refused once closing."""
 
+    # Whether the client is a Redis Cluster's (``cluster.ClusterClient``).
+    cluster = False
+
     def __init__(self, url: str) -> None:
         self.url = url
-        self._client: aioredis.Redis | None = None
+        self._client: aioredis.Redis | RedisCluster | None = None
         self.closing = False
 
     async def open(self) -> None:
@@ -61,13 +72,13 @@ class RedisClient:
 
     def connection(self, **overrides: Any) -> AbstractConnection:
         """A new raw connection with the client's settings (not connected yet)."""
-        assert self._client is not None
+        assert isinstance(self._client, aioredis.Redis)
         pool = self._client.connection_pool
         kwargs = {**pool.connection_kwargs, "health_check_interval": 0, **overrides}
         connection: AbstractConnection = pool.connection_class(**kwargs)
         return connection
 
-    def redis(self) -> aioredis.Redis:
+    def redis(self) -> aioredis.Redis | RedisCluster:
         """The client for plain commands; a StoreError before start or once closing."""
         if self._client is None or self.closing:
             raise StoreError("store is not started" if not self.closing else "store is closed")

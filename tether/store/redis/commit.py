@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -50,6 +51,7 @@ from tether.store.redis.scripts import (
     OUTCOME_DUPLICATE,
     OUTCOME_END,
     SPECIAL_WIDTH,
+    Script,
 )
 
 log = logging.getLogger("tether.store.redis")
@@ -88,9 +90,13 @@ def _fail(future: asyncio.Future[Appended], exc: BaseException) -> None:
 class CommitQueue:
     """Queued appends and the flusher tasks that commit them (module docstring)."""
 
+    # The append script: the cluster's publishes on shard channels.
+    script: Script = APPEND
+
     def __init__(self, client: RedisClient, keys: KeySpace, live: LiveChannel,
                  retention: Retention, on_batch: Callable[[int], None] | None) -> None:
         self._client = client
+        self._script_resp = bulk(self.script.sha.encode())
         self._keys = keys
         self._keys_of = keys.of
         self._live = live
@@ -117,8 +123,9 @@ class CommitQueue:
         for n in range(FLUSH_CONNECTIONS):
             conn = self._client.connection(socket_keepalive=True)
             self._conns.append(conn)
-            self._flushers.append(
-                asyncio.create_task(self._flush_loop(conn), name=f"tether-redis-flush-{n}"))
+            self._flushers.append(asyncio.create_task(
+                self._flush_loop(functools.partial(self._flush, conn)),
+                name=f"tether-redis-flush-{n}"))
         self._open = True
 
     def stopping(self) -> None:
@@ -187,7 +194,7 @@ class CommitQueue:
 
     # -- flushing ----------------------------------------------------------------------------
 
-    async def _flush_loop(self, conn: AbstractConnection) -> None:
+    async def _flush_loop(self, flush: Callable[[dict[str, list[Op]]], Awaitable[None]]) -> None:
         while True:
             batch = self._take()
             if not batch:
@@ -201,7 +208,7 @@ class CommitQueue:
                     self._idle_flushers -= 1
                 continue
             try:
-                await self._flush(conn, batch)
+                await flush(batch)
             except Exception as exc:
                 log.exception("redis flush failed")
                 for ops in batch.values():
@@ -252,7 +259,7 @@ class CommitQueue:
                 argv.append(op.args)
                 nargs += op.nargs
         header = b"*%d\r\n$7\r\nEVALSHA\r\n%b%b" % (
-            3 + nkeys + nargs, bulk(APPEND.sha.encode()), bulk(b"%d" % nkeys))
+            3 + nkeys + nargs, self._script_resp, bulk(b"%d" % nkeys))
         return [header, *keys, *argv]
 
     async def _flush(self, conn: AbstractConnection, batch: dict[str, list[Op]]) -> None:
@@ -303,7 +310,7 @@ class CommitQueue:
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if missing:
             # NOSCRIPT means the script did not run, so resending is safe.
-            load = [b"*3\r\n$6\r\nSCRIPT\r\n$4\r\nLOAD\r\n" + bulk(APPEND.source.encode())]
+            load = [b"*3\r\n$6\r\nSCRIPT\r\n$4\r\nLOAD\r\n" + bulk(self.script.source.encode())]
             again = await _roundtrip(conn, [load, *(commands[i] for i in missing)])
             for i, result in zip(missing, again[1:], strict=True):
                 results[i] = result

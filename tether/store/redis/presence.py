@@ -37,7 +37,9 @@ class RedisPresence:
     async def clear_presence(self, session: str, member: str) -> None:
         keys = self._keys.of(session)
         try:
-            pipe = self._client.redis().pipeline(transaction=True)
+            # MULTI in a cluster needs redis-py 6; presence() skips a member whose info is
+            # gone, so the two commands need not be atomic there.
+            pipe = self._client.redis().pipeline(transaction=not self._client.cluster)
             pipe.zrem(keys.presence, member)
             pipe.hdel(keys.members, member)
             await pipe.execute()

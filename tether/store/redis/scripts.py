@@ -249,6 +249,10 @@ class Script:
 
 
 APPEND = Script(_APPEND_SOURCE)
+# Against a Redis Cluster: the same script, fanning out on the session's shard channel (its name
+# carries the session's hash tag, so it hashes to the slot of the script's keys, which Redis
+# requires of a SPUBLISH inside a script).
+APPEND_SHARDED = Script(_APPEND_SOURCE.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'"))
 HEAD = Script(_HEAD_SOURCE)
 READ = Script(_READ_SOURCE)
 TRIM = Script(_TRIM_SOURCE)
@@ -256,3 +260,5 @@ PRESENCE_SET = Script(_PRESENCE_SET_SOURCE)
 PRESENCE_GET = Script(_PRESENCE_GET_SOURCE)
 # Loaded by RedisStore.start().
 SCRIPTS = (APPEND, HEAD, READ, TRIM, PRESENCE_SET, PRESENCE_GET)
+# Loaded on every master of a cluster.
+CLUSTER_SCRIPTS = (APPEND_SHARDED, HEAD, READ, TRIM, PRESENCE_SET, PRESENCE_GET)

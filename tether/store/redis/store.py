@@ -21,12 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError
 
 from tether.protocol.events import Event, Sender
 from tether.store.base import Appended, Head, Listener, Retention, Store, StoreError
 from tether.store.readable import checked, undecodable
-from tether.store.redis.client import RedisClient
+from tether.store.redis.client import RedisClient, is_cluster_url
 from tether.store.redis.codec import decode_sender, seq_of
 from tether.store.redis.commit import CommitQueue
 from tether.store.redis.keys import KeySpace
@@ -50,11 +51,24 @@ class RedisStore:
         self.url = url
         self.retention = retention or Retention()
         self.prefix = prefix
-        self._client = RedisClient(url)
         self._keys = KeySpace(prefix)
-        self._live = LiveChannel(self._client, self._keys)
-        self._commits = CommitQueue(self._client, self._keys, self._live, self.retention,
-                                    on_batch)
+        self._client: RedisClient
+        self._live: LiveChannel
+        self._commits: CommitQueue
+        if is_cluster_url(url):
+            from tether.store.redis.cluster import ClusterClient, ClusterCommitQueue
+            from tether.store.redis.shards import ShardedLiveChannel
+
+            cluster = ClusterClient(url)
+            self._client = cluster
+            self._live = ShardedLiveChannel(cluster, self._keys)
+            self._commits = ClusterCommitQueue(cluster, self._keys, self._live,
+                                               self.retention, on_batch)
+        else:
+            self._client = RedisClient(url)
+            self._live = LiveChannel(self._client, self._keys)
+            self._commits = CommitQueue(self._client, self._keys, self._live, self.retention,
+                                        on_batch)
         self._presence = RedisPresence(self._client, self._keys)
         self._closing = False
 
@@ -148,8 +162,14 @@ class RedisStore:
             raise StoreError(f"redis: {exc}") from exc
         return removed
 
-    async def _trim_sessions(self, client: aioredis.Redis, sessions: list[str],
+    async def _trim_sessions(self, client: aioredis.Redis | RedisCluster, sessions: list[str],
                              args: tuple[int, int]) -> int:
+        if self._client.cluster:
+            # A cluster pipeline refuses scripts: one call per session, all at once.
+            counts = await asyncio.gather(*(
+                self._client.eval(TRIM, (self._keys.of(session).log,), args)
+                for session in sessions))
+            return sum(int(count) for count in counts)
         # Scripts are loaded at start; reload once if the server lost them since.
         for attempt in range(2):
             pipe = client.pipeline(transaction=False)
