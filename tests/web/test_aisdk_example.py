@@ -113,6 +113,15 @@ TEXT_RECORDER = """
 })();
 """
 
+# True, after clicking Stop, once the newest assistant answer has begun streaming.
+STOP_WHEN_STREAMING = """() => {
+  const a = document.querySelectorAll('.msg[data-role="assistant"] .text');
+  const stop = document.querySelector("#stop");
+  if (a.length < 2 || a[a.length - 1].textContent.length <= 30 || !stop) return false;
+  stop.click();
+  return true;
+}"""
+
 VIEW = """() => [...document.querySelectorAll(".msg")].map((node) => ({
   id: node.dataset.id,
   role: node.dataset.role,
@@ -211,12 +220,10 @@ def test_use_chat_page_reload_second_tab_and_stop(
 
     second.fill("#input", "and what about runs?")
     second.click("#send")
-    page.wait_for_function("""() => {
-        const a = document.querySelectorAll('.msg[data-role="assistant"] .text');
-        return a.length >= 2 && a[a.length - 1].textContent.length > 30;
-    }""")
+    # Stop is pressed from inside the page the moment the answer has begun: a click sent from
+    # here waits for actionability checks, and on a loaded machine the answer could end first.
+    page.wait_for_function(STOP_WHEN_STREAMING)
     assert page.evaluate(VIEW)[2]["text"] == "and what about runs?"
-    page.click("#stop")
     _wait(lambda: any(e["type"] == "run.state" and e["data"]["state"] == "cancelled"
                       for e in _events(slow_server, session)), "the run to be cancelled")
     events = _events(slow_server, session)
@@ -308,7 +315,7 @@ def test_use_chat_page_with_the_stock_transport(
     assert len(_state_of(slow_server, session, "completed")) == 1, "stopped mid-stream"
 
     # Stop in the first tab: run.cancel in the log, the run cancelled, both tabs settle.
-    page.click("#stop")
+    page.wait_for_function(STOP_WHEN_STREAMING)
     _wait(lambda: _state_of(slow_server, session, "cancelled"), "the run to be cancelled")
     events = _events(slow_server, session)
     cancel = next(e for e in events if e["type"] == "run.cancel")
