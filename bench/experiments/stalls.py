@@ -25,6 +25,7 @@ import asyncio
 import atexit
 import contextlib
 import gc
+import itertools
 import os
 import sqlite3
 import sys
@@ -42,8 +43,8 @@ STALL = 0.005
 LONG = 0.001
 
 clock = time.perf_counter
-beats: list[tuple[float, float]] = []  # (due, ran)
-commits: list[tuple[float, float, int]] = []  # (start, end, rows)
+beats: list[tuple[float, float, float]] = []  # (due, ran, loop thread's CPU time when it ran)
+commits: list[tuple[float, float, int, float]] = []  # (start, end, rows, CPU seconds)
 collections: list[tuple[float, float, int]] = []  # (start, end, generation)
 checkpoints: list[tuple[float, float]] = []
 _gc_start = [0.0]
@@ -62,7 +63,7 @@ def _heartbeat(loop: asyncio.AbstractEventLoop) -> None:
 
     def beat() -> None:
         now = clock()
-        beats.append((due[0], now))
+        beats.append((due[0], now, time.thread_time()))
         due[0] = now + TICK
         loop.call_later(TICK, beat)
 
@@ -80,12 +81,13 @@ async def start(self: Any) -> None:
 
 def commit(self: Any, batch: list[Any]) -> None:
     begin = clock()
+    cpu = time.thread_time()
     if not _first[0]:
         _first[0] = begin
     try:
         _commit(self, batch)
     finally:
-        commits.append((begin, clock(), len(batch)))
+        commits.append((begin, clock(), len(batch), time.thread_time() - cpu))
 
 
 def checkpointer_run(self: Any) -> None:
@@ -120,7 +122,7 @@ def _report() -> None:
     if not _first[0]:
         return
     after = _first[0] + SKIP
-    b = [(d, r) for d, r in beats if d >= after]
+    b = [(d, r, t) for d, r, t in beats if d >= after]
     c = [x for x in commits if x[0] >= after]
     g = [x for x in collections if x[0] >= after]
     k = [x for x in checkpoints if x[0] >= after]
@@ -128,13 +130,23 @@ def _report() -> None:
         return
     span = b[-1][1] - b[0][0]
     out = [f"stalls over {span:.1f}s (pid {os.getpid()}):",
-           f"  loop lateness: {_ms([r - d for d, r in b])}",
-           f"  commits: {_ms([e - s for s, e, _ in c])}, rows per commit "
-           f"{sum(n for *_, n in c) / max(len(c), 1):.1f}",
+           f"  loop lateness: {_ms([r - d for d, r, _ in b])}",
+           f"  commits, wall: {_ms([e - s for s, e, *_ in c])}, rows per commit "
+           f"{sum(n for _, _, n, _ in c) / max(len(c), 1):.1f}",
+           f"  commits, CPU of the loop's thread: {_ms([t for *_, t in c])}",
            f"  gc: {_ms([e - s for s, e, _ in g])}, gen2 {sum(1 for *_, n in g if n == 2)}",
            f"  checkpoints: {_ms([e - s for s, e in k])}"]
     kinds = {"commit": 0, "gc": 0, "checkpoint": 0, "none": 0}
-    stalls = [(d, r) for d, r in b if r - d > STALL]
+    # For each late beat, how much of the time since the previous beat the loop's thread was
+    # on a CPU: near 100 % means it was working (what arrived queued behind work), near 0 %
+    # that it was not running (not scheduled, or blocked in a system call).
+    stalls = []
+    on_cpu = wall = 0.0
+    for (_, r0, t0), (d, r, t) in itertools.pairwise(b):
+        if r - d > STALL:
+            stalls.append((d, r))
+            on_cpu += t - t0
+            wall += r - r0
     for d, r in stalls:
         hit = False
         for name, spans in (("commit", c), ("gc", g), ("checkpoint", k)):
@@ -146,7 +158,8 @@ def _report() -> None:
     out.append(f"  beats later than {STALL * 1e3:.0f} ms: {len(stalls)} of {len(b)} "
                f"({sum(r - d for d, r in stalls) * 1e3:.0f} ms late in all); overlapping a "
                + ", ".join(f"{n} > 1 ms: {v}" for n, v in kinds.items() if n != "none")
-               + f"; none of these: {kinds['none']}")
+               + f"; none of these: {kinds['none']}; the loop's thread was on a CPU "
+               f"{on_cpu / wall if wall else 0:.0%} of those intervals")
     print("\n".join(out), file=sys.stderr, flush=True)
 
 
