@@ -1,6 +1,6 @@
-"""Two `tether serve` nodes on one redis-server: a subscriber on node 1 follows a publisher on
-node 2; node 1 is killed with SIGKILL; the subscriber resumes on node 2 with no gap and no
-duplicate. Also with ``--workers 2`` per node (on Redis, each worker is a node of its own; node
+"""Two `tether serve` nodes on one redis-server, and on one 3-master Redis Cluster: a
+subscriber on node 1 follows a publisher on node 2; node 1 is killed with SIGKILL; the
+subscriber resumes on node 2 with no gap and no duplicate. Also with ``--workers 2`` per node (on Redis, each worker is a node of its own; node
 1's whole process group is killed)."""
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ TOTAL = 1000
 KILL_AT = 300
 
 
+@pytest.mark.parametrize("redis", ["redis", "redis-cluster"])
 @pytest.mark.parametrize("workers", [1, 2])
-async def test_subscriber_moves_to_the_other_node_without_gap(tmp_path: Path, redis_url: str,
-                                                               workers: int) -> None:
+async def test_subscriber_moves_to_the_other_node_without_gap(
+        tmp_path: Path, request: pytest.FixtureRequest, workers: int, redis: str) -> None:
+    redis_url = request.getfixturevalue("redis_url" if redis == "redis" else "redis_cluster_url")
     nodes = []
     for name in ("node1", "node2"):
         data = tmp_path / name

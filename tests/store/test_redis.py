@@ -51,10 +51,13 @@ async def open_node(url: str, retention: Retention | None = None, *,
     return store
 
 
-@pytest.fixture
-async def nodes(redis_url: str) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
-    a = await open_node(redis_url)
-    b = await open_node(redis_url)
+@pytest.fixture(params=["redis", "redis-cluster"])
+async def nodes(request: pytest.FixtureRequest) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
+    """Two nodes on one Redis, or on one Redis Cluster."""
+    url = request.getfixturevalue("redis_url" if request.param == "redis"
+                                  else "redis_cluster_url")
+    a = await open_node(url)
+    b = await open_node(url)
     yield a, b
     await a.close()
     await b.close()

@@ -14,7 +14,9 @@ master on that flusher's connection to it, all masters at once.
 A redirection or a cluster that is not ready means the script did not run, so resending is
 safe and cannot commit twice: ``MOVED`` refreshes the slot map and resends to the new owner,
 ``ASK`` resends once to the importing node after ``ASKING``, ``TRYAGAIN``/``CLUSTERDOWN`` and
-an uncovered slot wait a little, refresh, and resend (at most ``REDIRECT_ATTEMPTS`` rounds). A
+an uncovered slot wait a little, refresh, and resend (``TRYAGAIN`` is what a script gets while its
+slot migrates and its keys are split between the two masters, so this lasts as long as the
+migration, up to ``REDIRECT_TIMEOUT``; then the callers get a StoreError). A
 lost connection is what it is on one Redis: the outcome of the unread calls is unknown, their
 callers get a :class:`StoreError`, and the next flush starts from a refreshed slot map.
 """
@@ -50,10 +52,11 @@ from tether.store.redis.scripts import APPEND_SHARDED, CLUSTER_SCRIPTS
 
 log = logging.getLogger("tether.store.redis")
 
-# Rounds of resending a flush's calls after MOVED, ASK, TRYAGAIN or CLUSTERDOWN.
-REDIRECT_ATTEMPTS = 6
-# The wait before resending after TRYAGAIN/CLUSTERDOWN, doubled each round.
-REDIRECT_BACKOFF = 0.05
+# How long a flush keeps resending calls answered MOVED, ASK, TRYAGAIN or CLUSTERDOWN.
+REDIRECT_TIMEOUT = 10.0
+# The wait before resending after TRYAGAIN/CLUSTERDOWN: doubled each round, up to the cap.
+REDIRECT_BACKOFF = 0.01
+REDIRECT_BACKOFF_MAX = 0.5
 
 _ASKING = [b"*1\r\n$6\r\nASKING\r\n"]
 
@@ -241,14 +244,10 @@ class ClusterCommitQueue(CommitQueue):
         register = (asyncio.ensure_future(self._register(unregistered))
                     if unregistered else None)
         try:
-            results = await self._send(links, calls)
+            await self._send(links, calls)
         finally:
             if register is not None:
                 await register
-        for (_, call), result in zip(calls, results, strict=True):
-            self._resolve(call, result)
-            if self._on_batch is not None:
-                self._on_batch(sum(len(ops) for _, ops in call))
 
     async def _register(self, sessions: list[str]) -> None:
         """Add sessions to ``P:sessions`` (its own slot: a plain command of its own)."""
@@ -260,13 +259,16 @@ class ClusterCommitQueue(CommitQueue):
         self._keys.registered.update(sessions)
 
     async def _send(self, links: dict[str, AbstractConnection],
-                    calls: list[tuple[int, list[tuple[str, list[Op]]]]]) -> list[Any]:
-        """Run every call on the master of its slot; resend the ones redirected."""
+                    calls: list[tuple[int, list[tuple[str, list[Op]]]]]) -> None:
+        """Run every call on the master of its slot, resending the ones redirected; answer
+        each call's callers as soon as it has its outcome."""
         commands = [self._pack_call(call) for _, call in calls]
         results: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         asking: dict[int, tuple[str, int]] = {}
-        for attempt in range(REDIRECT_ATTEMPTS):
+        deadline = asyncio.get_running_loop().time() + REDIRECT_TIMEOUT
+        backoff = REDIRECT_BACKOFF
+        while True:
             groups: dict[str, tuple[ClusterNode, list[int]]] = {}
             for i in todo:
                 try:
@@ -309,15 +311,25 @@ class ClusterCommitQueue(CommitQueue):
                         # A master may have failed over: route the next flush from a
                         # fresh slot map.
                         self._stale_map = True
+                    self._answer(calls[i][1], result)
                     continue
                 todo.append(i)
-            if not todo or attempt == REDIRECT_ATTEMPTS - 1:
-                break
+            if not todo:
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                for i in todo:
+                    self._answer(calls[i][1], results[i])
+                return
             if wait:
-                await asyncio.sleep(REDIRECT_BACKOFF * 2 ** attempt)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, REDIRECT_BACKOFF_MAX)
             if refresh:
                 await self._client.refresh()
-        return results
+
+    def _answer(self, call: list[tuple[str, list[Op]]], result: Any) -> None:
+        self._resolve(call, result)
+        if self._on_batch is not None:
+            self._on_batch(sum(len(ops) for _, ops in call))
 
     def _asked_node(self, address: tuple[str, int]) -> ClusterNode:
         host, port = address
