@@ -1,7 +1,7 @@
 """Two `tether serve` nodes on one redis-server, and on one 3-master Redis Cluster: a
 subscriber on node 1 follows a publisher on node 2; node 1 is killed with SIGKILL; the
-subscriber resumes on node 2 with no gap and no duplicate. Also with ``--workers 2`` per node (on Redis, each worker is a node of its own; node
-1's whole process group is killed)."""
+subscriber resumes on node 2 with no gap and no duplicate. Also with ``--workers 2`` per node
+(on Redis, each worker is a node of its own; node 1's whole process group is killed)."""
 
 from __future__ import annotations
 
