@@ -1,9 +1,10 @@
-"""The scale-out store: several server nodes share one Redis (7.0 or later).
+"""The scale-out store: several server nodes share one Redis (7.0 or later), or one Redis
+Cluster (``redis+cluster://``; see ``cluster.py``).
 
 Each session is a Redis Stream whose entry ids are ``{seq}-0``, so "events after seq n" is one
 ``XRANGE``. One Lua script per batch checks idempotency keys, assigns seqs, appends, and
-``PUBLISH``es the committed events, so ordering holds across nodes and a cursor means the same
-on every node. Listeners hear committed events only through pub/sub, which is at-most-once
+``PUBLISH``es (on a cluster ``SPUBLISH``es) the committed events, so ordering holds across
+nodes and a cursor means the same on every node. Listeners hear committed events only through pub/sub, which is at-most-once
 (``RedisStore.live_is_lossy``): the server heals gaps from the log.
 
 One class, :class:`RedisStore`, in cohesive modules:
@@ -15,6 +16,8 @@ One class, :class:`RedisStore`, in cohesive modules:
 ``scripts.py``   the Lua sources and the ``Script`` wrapper (source + SHA1)
 ``keys.py``      key names and hash tags, cached per session with their RESP encoding
 ``client.py``    the redis-py client and the raw connections of the hot paths
+``cluster.py``   on a Redis Cluster: the cluster client and slot map, appends per slot
+``shards.py``    on a Redis Cluster: the live channel on shard channels, a connection per master
 ``codec.py``     decoding stored events' senders and seqs
 
 Failures surface as :class:`~tether.store.base.StoreError`; see ``commit.py`` for what an

@@ -10,14 +10,16 @@ Key layout (``P`` is the prefix, ``tether`` by default; ``S`` the session id)::
     P:{S}:sc:STREAM     string  marker of an ended token stream
     P:{S}:pz / P:{S}:pi zset / hash  presence: member -> expiry (ms), member -> info JSON
     P:{S}:ch            channel live fan-out: ``[transient, epoch, time, first_seq, [e, ...]]``
+                                (a shard channel on a Redis Cluster)
     P:sessions          set     every session id ever written, for ``trim()``
 
-The ``{S}`` hash tag puts all keys of one session in one Redis Cluster slot, and every script
-declares all the keys it touches in ``KEYS``. The store talks to one Redis (standalone or
-behind a proxy), where one append call may carry several sessions' batches; against a cluster
-the flusher would group sessions by slot (``CLUSTER KEYSLOT`` of the tag), send each group to
-its node, and fan out with SPUBLISH/SSUBSCRIBE. ``P:sessions`` has its own slot and is only
-touched by plain commands.
+The ``{S}`` hash tag puts all keys of one session, and its channel, in one Redis Cluster slot,
+and every script declares all the keys it touches in ``KEYS``. On one Redis (standalone or
+behind a proxy) one append call may carry several sessions' batches. On a cluster
+(``cluster.py``) the flusher groups sessions by the slot of their tag, sends one call per slot
+to the master that owns it, and the script fans out with ``SPUBLISH`` on the session's shard
+channel, which listeners ``SSUBSCRIBE`` on that master (``shards.py``). ``P:sessions`` has its
+own slot and is only touched by plain commands.
 
 The commit path packs its commands itself (see ``commit.py``), so the names a batch needs are
 kept here already RESP-encoded, once per session rather than once per append.
