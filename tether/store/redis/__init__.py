@@ -4,8 +4,9 @@ Cluster (``redis+cluster://``; see ``cluster.py``).
 Each session is a Redis Stream whose entry ids are ``{seq}-0``, so "events after seq n" is one
 ``XRANGE``. One Lua script per batch checks idempotency keys, assigns seqs, appends, and
 ``PUBLISH``es (on a cluster ``SPUBLISH``es) the committed events, so ordering holds across
-nodes and a cursor means the same on every node. Listeners hear committed events only through pub/sub, which is at-most-once
-(``RedisStore.live_is_lossy``): the server heals gaps from the log.
+nodes and a cursor means the same on every node. Listeners hear committed events only through
+pub/sub, which is at-most-once (``RedisStore.live_is_lossy``): the server heals gaps from the
+log.
 
 One class, :class:`RedisStore`, in cohesive modules:
 
