@@ -171,7 +171,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             _cannot_listen(exc, config)
 
     from tether import logs
-    from tether.server import Server
     from tether.server.workers import Worker
 
     worker = Worker.from_env()
@@ -184,6 +183,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
               for spec in (args.agent or ["tether.agents.demo:demo_agent"]) if spec != "none"]
     if workers > 1:
         return _serve_workers(config, workers, args.argv, listening)
+    from tether.server import Server  # not in a supervisor, which starts its workers sooner
     sockets = worker.sockets() if worker is not None else listening.slots[0] if listening else []
 
     async def run() -> int:

@@ -14,12 +14,9 @@ the keys, and one line in :meth:`Server._make_app`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import secrets
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -32,7 +29,7 @@ from tether.agents.runner import RunManager
 from tether.agents.schedule import Scheduler
 from tether.server import agui, aisdk, connection, durable_streams, http
 from tether.server.auth import Authenticator
-from tether.server.config import ServerConfig
+from tether.server.config import ServerConfig, node_id
 from tether.server.connection import WS_ENDPOINT, Connection
 from tether.server.hub import Hub
 from tether.server.keys import AUTH, CONFIG, HUB, METRICS, NODE, RUNS, SCHEDULER, SESSIONS, STORE
@@ -48,18 +45,6 @@ log = logging.getLogger("tether.server")
 
 # How long stop() lets request handlers finish after their deliveries were ended.
 SHUTDOWN_GRACE = 5.0
-
-
-def node_id(data_dir: Path) -> str:
-    """This node's id, kept in the data folder so a restarted node reclaims its own runs."""
-    path = data_dir / "node"
-    with contextlib.suppress(OSError):
-        return path.read_text().strip()
-    node = "node-" + secrets.token_hex(4)
-    with contextlib.suppress(OSError):
-        data_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(node + "\n")
-    return node
 
 
 class _MalformedHttp(logging.Filter):

@@ -5,8 +5,10 @@ Every setting is listed in ``docs/operations.md`` with its flag and environment 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import secrets
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TypeVar
@@ -181,3 +183,15 @@ def is_loopback(host: str) -> bool:
 def split_list(value: str) -> tuple[str, ...]:
     """A comma-separated environment value as a tuple."""
     return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def node_id(data_dir: Path) -> str:
+    """This node's id, kept in the data folder so a restarted node reclaims its own runs."""
+    path = data_dir / "node"
+    with contextlib.suppress(OSError):
+        return path.read_text().strip()
+    node = "node-" + secrets.token_hex(4)
+    with contextlib.suppress(OSError):
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(node + "\n")
+    return node

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from tether.server.config import ServerConfig
+from tether.server.config import ServerConfig, node_id
 from tether.server.listen import WORKER_ENV, Listening
 from tether.server.listen import default_workers as default_workers
 from tether.store import Store, open_store
@@ -197,8 +197,6 @@ class Supervisor:
         for child, sockets in zip(self._children, listening.slots, strict=True):
             child.sockets = sockets
         try:
-            from tether.server.app import node_id
-
             self.node = config.node_id or node_id(config.data_dir)
             if sequenced(config):
                 self.store = _sequencer_store(config)
