@@ -382,8 +382,16 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = open(data.parent / "server.log", "ab")  # noqa: SIM115 - closed in stop()
 
-    def start(self) -> float:
+    def start(self) -> tuple[float, float]:
+        """Start it; (seconds until its port listens, seconds until it serves).
+
+        ``tether serve`` listens before it loads anything (connections wait in the accept
+        queue meanwhile), and prints its startup line once every worker serves.
+        """
         t0 = time.perf_counter()
+        log_path = self.data.parent / "server.log"
+        self.log.flush()
+        lines_before = _startup_lines(log_path)
         env = {**c.child_env(), **c.TETHER_LOAD_ENV,
                "TETHER_MAX_SESSIONS_PER_CONNECTION": "1000",
                "TETHER_MAX_CONNECT_RATE": str(self.connect_rate)}
@@ -393,10 +401,18 @@ class Server:
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log, env=env,
                                      cwd=c.ROOT, start_new_session=True)
         c.wait_for_port(self.port, 60, self.proc)
-        return time.perf_counter() - t0
+        listening = time.perf_counter() - t0
+        deadline = time.monotonic() + 60
+        while _startup_lines(log_path) <= lines_before:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start (see {log_path})")
+            time.sleep(0.01)
+        return listening, time.perf_counter() - t0
 
-    def kill(self) -> None:
+    def kill(self) -> float:
+        """SIGKILL the process group; seconds until all of it is gone."""
         assert self.proc is not None
+        t0 = time.perf_counter()
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
         # Workers die a moment after the supervisor: until the whole group is gone one of them
@@ -408,6 +424,7 @@ class Server:
             except ProcessLookupError:
                 break
             time.sleep(0.01)
+        return time.perf_counter() - t0
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -417,6 +434,13 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
         self.log.close()
+
+
+def _startup_lines(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"tether serving on")
+    except FileNotFoundError:
+        return 0
 
 
 class Child:
@@ -507,12 +531,13 @@ def run(args: Any) -> dict[str, Any]:
         time.sleep(args.before)
         before = stats(procs)
         overflows = listen_overflows()
-        server.kill()
+        death_seconds = server.kill()
         killed = time.time()
         for p in procs:
             p.say(f"mark {killed}")
-        restart_seconds = server.start()
-        print(f"killed; restarted in {restart_seconds:.1f} s", flush=True)
+        listen_seconds, restart_seconds = server.start()
+        print(f"killed (group gone after {death_seconds:.1f} s); listening after "
+              f"{listen_seconds:.1f} s, serving after {restart_seconds:.1f} s", flush=True)
         deadline = time.monotonic() + args.timeout
         while True:
             time.sleep(1.0)
@@ -541,7 +566,8 @@ def run(args: Any) -> dict[str, Any]:
             "connect_rate": args.connect_rate,
             "rate": args.rate, "initial_attach_seconds": attach_seconds,
             "initial_attach_per_s": args.clients / attach_seconds,
-            "ready": ready, "restart_seconds": restart_seconds,
+            "ready": ready, "death_seconds": death_seconds, "listen_seconds": listen_seconds,
+            "restart_seconds": restart_seconds,
             "lost_connections": now["lost"], "resumed": now["resumed"],
             "back": len(now["back"]),
             "all_resumed_seconds": max(now["back"]) if now["back"] else float("nan"),
