@@ -13,7 +13,12 @@ Python SDK sends), at K = 1 and K = 10.
 Baseline in the same run: one ``XADD`` at a time with redis-py (asyncio, hiredis), same data,
 round-robin over 100 streams; and, for scale, ``XADD`` pipelined 100 at a time.
 
-Run: ``python -m bench.redis_store`` (3 runs, ~30 s) or ``--quick``.
+``--cluster``: every variant also runs on a 3-master Redis Cluster the script starts, all three
+masters pinned to the server core like the single Redis (so the two compare on the same core:
+the ratio is what splitting each flush into one script call per slot costs Redis and the
+client). Its "redis CPU" is the three masters' sum.
+
+Run: ``python -m bench.redis_store`` (3 runs, ~30 s) or ``--quick``; add ``--cluster``.
 """
 
 from __future__ import annotations
@@ -54,10 +59,59 @@ class RedisServer:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         c.wait_for_port(self.port, 10, self.proc)
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.pids = [self.proc.pid]
+
+    async def flush(self) -> None:
+        await flush(self.url)
 
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
+        self._dir.cleanup()
+
+
+class RedisClusterServer:
+    """Three masters of a Redis Cluster (no replicas), on the server core."""
+
+    def __init__(self) -> None:
+        binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+        if binary is None or cli is None:
+            sys.exit("redis-server is not installed (apt-get install -y redis-server)")
+        self._dir = tempfile.TemporaryDirectory(prefix="bench-redis-cluster-")
+        self.ports = [c.free_port() for _ in range(3)]
+        self.procs = [subprocess.Popen(
+            c.pinned([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                      "--appendonly", "no", "--dir", self._dir.name, "--protected-mode", "no",
+                      "--cluster-enabled", "yes", "--cluster-port", str(c.free_port()),
+                      "--cluster-config-file", f"nodes-{port}.conf"]),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for port in self.ports]
+        for port, proc in zip(self.ports, self.procs, strict=True):
+            c.wait_for_port(port, 10, proc)
+        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, stdout=subprocess.DEVNULL, timeout=30)
+        import redis as sync_redis
+
+        deadline = time.monotonic() + 30
+        for port in self.ports:
+            node = sync_redis.Redis(port=port)
+            while node.cluster("info").get("cluster_state") != "ok":
+                if time.monotonic() > deadline:
+                    sys.exit(f"redis cluster node {port} did not become ok")
+                time.sleep(0.05)
+            node.close()
+        self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+        self.pids = [proc.pid for proc in self.procs]
+
+    async def flush(self) -> None:
+        for port in self.ports:
+            await flush(f"redis://127.0.0.1:{port}/0")
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.wait(10)
         self._dir.cleanup()
 
 
@@ -69,13 +123,13 @@ async def flush(url: str) -> None:
     await client.aclose()
 
 
-async def run_store(redis: RedisServer, total: int, per_session: int, type_: str, keyed: bool,
-                    profile: str | None = None) -> dict[str, Any]:
+async def run_store(redis: RedisServer | RedisClusterServer, total: int, per_session: int,
+                    type_: str, keyed: bool, profile: str | None = None) -> dict[str, Any]:
     from tether.protocol.events import Sender
     from tether.store.redis import RedisStore
 
     url = redis.url
-    await flush(url)
+    await redis.flush()
     batches: list[int] = []
     store = RedisStore(url, on_batch=batches.append)
     await store.start()
@@ -94,10 +148,10 @@ async def run_store(redis: RedisServer, total: int, per_session: int, type_: str
         await asyncio.sleep(1.0)  # py-spy attaching
     try:
         start = time.perf_counter()
-        own0, redis0 = time.process_time(), c.cpu_seconds(redis.proc.pid)
+        own0, redis0 = time.process_time(), sum(c.cpu_seconds(p) for p in redis.pids)
         await asyncio.gather(*(appender(s) for s in sessions for _ in range(per_session)))
         elapsed = time.perf_counter() - start
-        own1, redis1 = time.process_time(), c.cpu_seconds(redis.proc.pid)
+        own1, redis1 = time.process_time(), sum(c.cpu_seconds(p) for p in redis.pids)
         heads = [await store.head(s) for s in sessions]
     finally:
         await store.close()
@@ -150,10 +204,15 @@ async def main() -> None:
     p.add_argument("--profile", metavar="PATH", default=None,
                    help="py-spy this process (the store) during one variant of the first run")
     p.add_argument("--profile-variant", default=HEADLINE, choices=[v[0] for v in VARIANTS])
+    p.add_argument("--cluster", action="store_true",
+                   help="also run every variant on a 3-master Redis Cluster")
     args = p.parse_args()
     total = args.events or (20_000 if args.quick else 100_000)
     redis = RedisServer()
+    cluster = RedisClusterServer() if args.cluster else None
     results: dict[str, list[dict[str, Any]]] = {v[0]: [] for v in VARIANTS}
+    if cluster is not None:
+        results.update({f"{v[0]}, cluster": [] for v in VARIANTS})
     baselines: dict[str, list[float]] = {"XADD one at a time": [], "XADD pipelined 100": []}
     try:
         for i in range(c.runs(args)):
@@ -169,9 +228,16 @@ async def main() -> None:
                 r["background_busy"] = background
                 results[name].append(r)
                 line.append(f"{name} {r['events_per_s']:,.0f}/s")
+                if cluster is not None:
+                    r = await run_store(cluster, total, k, type_, keyed)
+                    r["background_busy"] = background
+                    results[f"{name}, cluster"].append(r)
+                    line.append(f"cluster {r['events_per_s']:,.0f}/s")
             print(f"run {i + 1}: " + "; ".join(line), flush=True)
     finally:
         redis.close()
+        if cluster is not None:
+            cluster.close()
     base = {n: c.median(v) for n, v in baselines.items()}
     summary = {n: {k: c.median([r[k] for r in rs])
                    for k in ("events_per_s", "mean_batch", "client_cpu", "redis_cpu")}
@@ -192,9 +258,14 @@ async def main() -> None:
     met = headline >= target
     print(f"target >= {target:,}/s ({HEADLINE}): {headline:,.0f}/s "
           f"{'MET' if met else 'MISSED'} ({headline / target:.0%} of target)")
-    path = c.write_results("redis_store", {
+    if cluster is not None:
+        ratios = {name: summary[f"{name}, cluster"]["events_per_s"]
+                  / summary[name]["events_per_s"] for name, *_ in VARIANTS}
+        print("cluster / one Redis, same core: "
+              + "; ".join(f"{name} {ratio:.2f}" for name, ratio in ratios.items()))
+    path = c.write_results("redis_store_cluster" if cluster is not None else "redis_store", {
         "config": {"events": total, "sessions": SESSIONS, "runs": c.runs(args),
-                   "headline": HEADLINE},
+                   "headline": HEADLINE, "cluster": cluster is not None},
         "runs": results, "baselines": baselines, "summary": summary, "baseline": base,
         "ratios": {n: s["events_per_s"] / single for n, s in summary.items()},
         "target": {"events_per_s": target, "value": headline, "met": met}})
