@@ -8,8 +8,12 @@ from pathlib import Path
 import pytest
 
 from tests.store.conftest import STORE_KINDS, make_store
-from tether.protocol.events import Event, Sender
+from tether.protocol.codec import MSGPACK
+from tether.protocol.encoded import FORMATS, encode_reference
+from tether.protocol.events import SYSTEM, Event, Sender
+from tether.protocol.frames import event_frame
 from tether.store import Retention, Store, StreamClosedError
+from tether.store.base import read_encoded
 
 ALICE = Sender("alice", "c1", "human")
 
@@ -133,6 +137,38 @@ async def test_stream_end_carries_the_concatenated_deltas(store: Store) -> None:
     with pytest.raises(StreamClosedError):
         await store.append("s1", "stream.end", {"stream": "m1"}, ALICE)
     assert (await store.head("s1")).last_seq == end.event.seq
+
+
+async def test_catch_up_frames_are_the_reference_encoding_of_read(store: Store) -> None:
+    # Whether the store builds them from stored bytes (SQLite, shared) or read_encoded's
+    # default decodes and encodes (memory, Redis): the same bytes, in the same pages.
+    agent = Sender('ünï "quoted" \\ \u0001', "tab\tclient", "agent")
+    published = [
+        ("message", {"text": "héllo ✓ 🎉", "big": 2**63, "neg": -(2**63)}, ALICE),
+        ("message", [1, -0.0, 1e300, 0.1, None, True, {"deep": [{"x": "\u0000\n\"\\"}]}],
+         agent),
+        ("run.delta", "plain", SYSTEM),
+        ("message", 2**64 - 1, BOB),
+        ("stream.append", {"stream": "m1", "text": "Hel"}, agent),
+        ("stream.append", {"stream": "m1", "text": "lo ✓"}, agent),
+        ("stream.end", {"stream": "m1"}, agent),  # its text filled in by the store
+    ]
+    for type_, data, sender in published:
+        await store.append("s1", type_, data, sender)
+
+    def msgpack(event: Event) -> bytes:  # no stored bytes to reuse: the default path
+        return MSGPACK.encode(event_frame(event))
+
+    for fmt in [*sorted(FORMATS), "msgpack"]:
+        def encode(event: Event, fmt: str = fmt) -> bytes:
+            return msgpack(event) if fmt == "msgpack" else encode_reference(fmt, event)
+
+        for after, limit in ((0, 100), (2, 3), (6, 10), (7, 10)):
+            events = await store.read("s1", after, limit)
+            page = await read_encoded(store, "s1", after, limit, fmt, encode)
+            assert [seq for seq, _ in page] == [e.seq for e in events]
+            assert [frame for _, frame in page] == [encode(e) for e in events], fmt
+        assert await read_encoded(store, "nobody", 0, 10, fmt, encode) == []
 
 
 async def test_transient_events_reach_listeners_and_are_not_stored(store: Store) -> None:

@@ -22,33 +22,33 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import struct
 import time
+from functools import partial
 from typing import Protocol
 
 import orjson
 
 from tether.protocol.codec import JSON, MSGPACK
+from tether.protocol.encoded import FORMAT_JSON as FORMAT_JSON
+from tether.protocol.encoded import FORMAT_JSON_WS as FORMAT_JSON_WS
+from tether.protocol.encoded import FORMAT_SSE as FORMAT_SSE
+from tether.protocol.encoded import ws_frame as ws_frame
 from tether.protocol.events import PRESENCE_JOIN, PRESENCE_LEAVE, PRESENCE_UPDATE, Event
 from tether.protocol.frames import event_frame, presence_frame
 from tether.server.metrics import Metrics
-from tether.store.base import SessionStore
+from tether.store.base import SessionStore, read_encoded
 from tether.store.readable import placeholder
 
 log = logging.getLogger("tether.hub")
 
-FORMAT_JSON = "json"
+# JSON, JSON with the WebSocket header and SSE are also what a store can build from its stored
+# bytes (tether/protocol/encoded.py), hence one definition of their names.
 FORMAT_MSGPACK = "msgpack"
-FORMAT_SSE = "sse"
 # The same frames with their WebSocket header already on (server frames are unmasked: a 2-10
 # byte header, then the payload): the header and the copy that joins it to the payload are
 # made once per event, not once per subscriber. For sockets that write frames themselves;
 # permessage-deflate must compress each payload, so a compressing socket uses the plain ones.
-FORMAT_JSON_WS = "json+ws"
 FORMAT_MSGPACK_WS = "msgpack+ws"
-
-_LEN2 = struct.Struct("!BBH")
-_LEN3 = struct.Struct("!BBQ")
 
 _BATCH_BYTES = 256 << 10  # at most this much per transport write from one outbox
 
@@ -74,17 +74,6 @@ def encode_event(fmt: str, event: Event) -> bytes:
         if event.transient:
             raise  # nothing to stand in for; the channel drops it
         return _encode(fmt, placeholder(event, f"not encodable: {exc}"))
-
-
-def ws_frame(payload: bytes, binary: bool) -> bytes:
-    """``payload`` as one unmasked, final WebSocket frame (text, or binary)."""
-    first = 0x82 if binary else 0x81
-    n = len(payload)
-    if n < 126:
-        return bytes((first, n)) + payload
-    if n < 65536:
-        return _LEN2.pack(first, 126, n) + payload
-    return _LEN3.pack(first, 127, n) + payload
 
 
 def _encode(fmt: str, event: Event) -> bytes:
@@ -620,21 +609,24 @@ class Subscription:
         delivery = self.delivery
         outbox = self.peer.outbox
         fmt = self.peer.format
+        encode = partial(encode_event, fmt)
         action = Action.READ
         try:
             while not outbox.closed:
                 if action is Action.READ:
-                    events = await hub.store.read(self.session, delivery.last_seq,
-                                                  hub.catchup_page)
-                    for event in events:
+                    # The store builds JSON and SSE frames from its stored bytes when it can
+                    # (SQLite, the shared store): no decode and encode per event.
+                    page = await read_encoded(hub.store, self.session, delivery.last_seq,
+                                              hub.catchup_page, fmt, encode)
+                    for seq, data in page:
                         if outbox.full:
                             await outbox.wait_drained()
                             if outbox.closed:
                                 return
-                        if delivery.from_store(event.seq):
-                            outbox.push(encode_event(fmt, event))
+                        if delivery.from_store(seq):
+                            outbox.push(data)
                             hot.events_delivered += 1
-                    action = delivery.page_read(len(events) >= hub.catchup_page,
+                    action = delivery.page_read(len(page) >= hub.catchup_page,
                                                 not outbox.full)
                     # One page per loop step: a store whose reads do not suspend (SQLite)
                     # must not turn a long catch-up into one long step for everybody else.

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from tether.protocol.codes import ErrorCode, TetherError
+from tether.protocol.encoded import FORMATS
 from tether.protocol.events import STREAM_APPEND, STREAM_END, Event, Sender
 
 
@@ -134,6 +135,39 @@ class SessionStore(Protocol):
 
     def unlisten(self, session: str, listener: Listener) -> None:
         """Stop calling ``listener``; unknown listeners are ignored."""
+
+
+#: One page of a session's log as wire frames: (seq, the event's frame), in seq order.
+EncodedPage = list[tuple[int, bytes]]
+
+
+@runtime_checkable
+class EncodedReader(Protocol):
+    """A store that builds catch-up frames from its stored bytes (SQLite, the shared store).
+
+    Optional: :func:`read_encoded` serves every other store by decoding and encoding.
+    """
+
+    async def read_encoded(self, session: str, after: int, limit: int, fmt: str
+                           ) -> EncodedPage:
+        """``read(session, after, limit)`` as frames of wire format ``fmt``.
+
+        ``fmt`` is one of :data:`tether.protocol.encoded.FORMATS`. Each frame is byte for
+        byte what :func:`tether.protocol.encoded.encode_reference` makes of the event that
+        ``read`` returns (its ``tether.unreadable`` placeholder included), for every event the
+        store committed itself.
+        """
+        ...
+
+
+async def read_encoded(store: SessionStore, session: str, after: int, limit: int, fmt: str,
+                       encode: Callable[[Event], bytes]) -> EncodedPage:
+    """A page of ``session`` after ``after`` as frames of ``fmt``: built by the store from its
+    stored bytes when it can (:class:`EncodedReader`), else read and ``encode``-d one by one.
+    """
+    if fmt in FORMATS and isinstance(store, EncodedReader):
+        return await store.read_encoded(session, after, limit, fmt)
+    return [(event.seq, encode(event)) for event in await store.read(session, after, limit)]
 
 
 @runtime_checkable

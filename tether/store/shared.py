@@ -27,6 +27,10 @@ side (group commit's batching, carried over the socket). Requests carry an id; t
 back ``_OK`` / ``_ERR`` answers, ``_EVENT`` pushes of committed or transient events to listening
 workers, and ``_OK_EVENT``, the answer to an append of a session the worker listens to, which
 is also that event's push (sent where the push would be, so the commit order holds).
+
+Catch-up pages (``read_encoded``) come back as the frames the host's store joins from its
+stored bytes, in one JSON string with their seqs and lengths: the worker encodes the string
+once and slices it, with no event decoded or encoded on either side.
 """
 
 from __future__ import annotations
@@ -40,9 +44,18 @@ from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 
+from tether.protocol.encoded import (
+    FORMAT_JSON,
+    FORMAT_JSON_WS,
+    FORMAT_SSE,
+    FORMATS,
+    encode_reference,
+    ws_frame,
+)
 from tether.protocol.events import STREAM_END, Event, Sender
 from tether.store.base import (
     Appended,
+    EncodedPage,
     Head,
     Listener,
     Listeners,
@@ -50,13 +63,16 @@ from tether.store.base import (
     Store,
     StoreError,
     StreamClosedError,
+    read_encoded,
 )
+from tether.store.readable import placeholder
 
 log = logging.getLogger("tether.store.shared")
 
 # Client → host.
 _APPEND, _READ, _HEAD, _TRIM, _LISTEN, _UNLISTEN, _TRANSIENT = 0, 1, 2, 3, 4, 5, 6
 _SET_PRESENCE, _CLEAR_PRESENCE, _PRESENCE = 7, 8, 9
+_READ_ENCODED = 10
 # Host → client.
 _OK, _ERR, _EVENT, _OK_EVENT = 0, 1, 2, 3
 # Error codes of an _ERR reply.
@@ -244,6 +260,26 @@ def _event_row(event: Event) -> list[Any]:
             event.time]
 
 
+# A page of frames crosses the socket as one JSON string: the worker gets the host's bytes
+# back with one orjson.loads and one encode, not an Event per frame. So only text formats
+# travel; the worker puts the WebSocket header on itself.
+_TEXT_FORMATS = (FORMAT_JSON, FORMAT_SSE)
+
+
+def _encode_safely(fmt: str, event: Event) -> bytes:
+    """The reference frame, or its placeholder's (as the hub's encode_event does)."""
+    try:
+        return encode_reference(fmt, event)
+    except (TypeError, ValueError, OverflowError) as exc:
+        return encode_reference(fmt, placeholder(event, f"not encodable: {exc}"))
+
+
+def _page_text(page: EncodedPage) -> list[Any]:
+    frames = [frame for _, frame in page]
+    return [[seq for seq, _ in page], [len(frame) for frame in frames],
+            b"".join(frames).decode()]
+
+
 class HostConnection(_Framed):
     """One worker's connection to the host."""
 
@@ -307,6 +343,12 @@ class HostConnection(_Framed):
                     self._later(rid, store.read(session, after, limit),
                                 lambda events: [events[0].epoch if events else "",
                                                 [_event_row(e) for e in events]])
+                elif kind == _READ_ENCODED:
+                    _, rid, session, after, limit, fmt = message
+                    if fmt not in _TEXT_FORMATS:
+                        raise ValueError(f"no text format {fmt!r}")
+                    self._later(rid, read_encoded(store, session, after, limit, fmt,
+                                                  partial(_encode_safely, fmt)), _page_text)
                 elif kind == _HEAD:
                     _, rid, session = message
                     self._later(rid, store.head(session),
@@ -592,6 +634,26 @@ class SharedStore:
         epoch, rows = await self._request(lambda rid: [_READ, rid, session, after, limit],
                                           _value)
         return [_event(session, epoch, row) for row in rows]
+
+    async def read_encoded(self, session: str, after: int, limit: int, fmt: str
+                           ) -> EncodedPage:
+        """``read`` as frames of ``fmt``, which the host builds from the stored bytes."""
+        if fmt not in FORMATS:
+            raise ValueError(f"no stored-bytes encoding for format {fmt!r}")
+        if limit <= 0:
+            return []
+        wire = FORMAT_SSE if fmt == FORMAT_SSE else FORMAT_JSON
+        seqs, sizes, text = await self._request(
+            lambda rid: [_READ_ENCODED, rid, session, after, limit, wire], _value)
+        data = text.encode()
+        header = fmt == FORMAT_JSON_WS
+        page: EncodedPage = []
+        at = 0
+        for seq, size in zip(seqs, sizes, strict=True):
+            frame = data[at:at + size]
+            at += size
+            page.append((seq, ws_frame(frame, False) if header else frame))
+        return page
 
     async def head(self, session: str) -> Head:
         epoch, last_seq, first_seq = await self._request(

@@ -37,9 +37,11 @@ from typing import IO, TYPE_CHECKING, Any, Literal, cast
 import orjson
 
 from tether.protocol.cursor import new_epoch
+from tether.protocol.encoded import FrameBuilder, encode_reference
 from tether.protocol.events import STREAM_APPEND, STREAM_END, Event, Sender
 from tether.store.base import (
     Appended,
+    EncodedPage,
     Head,
     InProcessFanout,
     InProcessPresence,
@@ -49,7 +51,7 @@ from tether.store.base import (
     StreamText,
     now_ms,
 )
-from tether.store.readable import decode_rows
+from tether.store.readable import _nested, decode_rows, placeholder
 
 try:
     import fcntl
@@ -120,6 +122,12 @@ def _find_keys_sql(count: int) -> str:
 
 _READ = (
     "SELECT seq, type, data, sub, client, kind, time FROM events"
+    " WHERE sid = ? AND seq > ? ORDER BY seq LIMIT ?"
+)
+# The same page for catch-up frames (read_encoded): json_valid tells the rows whose data can go
+# out as stored from those (damaged on disk) that take the reference path to their placeholder.
+_READ_ENCODED = (
+    "SELECT seq, type, data, sub, client, kind, time, json_valid(data) FROM events"
     " WHERE sid = ? AND seq > ? ORDER BY seq LIMIT ?"
 )
 _UPDATE_SESSION = "UPDATE sessions SET last_seq = ?, first_seq = ? WHERE id = ?"
@@ -636,6 +644,47 @@ class SqliteStore(InProcessFanout, InProcessPresence):
                 return []
             rows = self._db().execute(_READ, (head.id, after, limit)).fetchall()
         return decode_rows(session, head.epoch, rows)
+
+    async def read_encoded(self, session: str, after: int, limit: int, fmt: str
+                           ) -> EncodedPage:
+        """``read`` as catch-up frames of ``fmt``, joined from the stored bytes.
+
+        A row's data is the text ``orjson.dumps`` made at commit, which is the frame's
+        ``"data"`` byte for byte (tether/protocol/encoded.py), so a row that is valid JSON,
+        valid UTF-8 and not nested deep enough to need the depth check goes out without being
+        decoded. Any other row is decoded and encoded by the reference path, which gives its
+        ``tether.unreadable`` placeholder where ``read`` would.
+        """
+        if limit <= 0:
+            return []
+        with self._errors("read"):
+            head = self._find_head(session)
+            if head is None:
+                return []
+            rows = self._db().execute(_READ_ENCODED, (head.id, after, limit)).fetchall()
+        epoch = head.epoch
+        build = FrameBuilder(session, epoch, fmt).frame
+        page: EncodedPage = []
+        append = page.append
+        for seq, type_, data, sub, client, kind, time, valid in rows:
+            if valid and type(data) is bytes and not _nested(data):
+                if data.isascii():
+                    append((seq, build(seq, type_, data, sub, client, kind, time)))
+                    continue
+                try:
+                    data.decode()
+                except UnicodeDecodeError:
+                    pass
+                else:
+                    append((seq, build(seq, type_, data, sub, client, kind, time)))
+                    continue
+            (event,) = decode_rows(session, epoch, [(seq, type_, data, sub, client, kind, time)])
+            try:
+                frame = encode_reference(fmt, event)
+            except (TypeError, ValueError, OverflowError) as exc:
+                frame = encode_reference(fmt, placeholder(event, f"not encodable: {exc}"))
+            append((seq, frame))
+        return page
 
     # -- retention ---------------------------------------------------------------------------
 
