@@ -67,16 +67,28 @@ async def measure(bench: str, duration: float, rate: float) -> dict[str, Any]:
                 "bare_cpu_us_per_event": bare["server_cpu_us_per_event"],
                 "p99_vs_bare": r["p99_us"] / bare["p99_us"],
                 "cpu_vs_bare": r["server_cpu_us_per_event"] / bare["server_cpu_us_per_event"]}
+    if bench == "resume":
+        from bench import resume
+        rounds = max(10, int(duration * 10))  # ~0.1 s a round
+        tok = c.token()
+        t = await resume.run_tether(rounds, tok)
+        bare_times = await resume.run_bare(rounds, t["frame_bytes"])
+        ws, bare = resume.stats(t["ws"]), resume.stats(bare_times)
+        return {"p50_ms": ws["p50_ms"], "p99_ms": ws["p99_ms"], "mean_ms": ws["mean_ms"],
+                "bare_p50_ms": bare["p50_ms"], "bare_p99_ms": bare["p99_ms"],
+                "p50_vs_bare": ws["p50_ms"] / bare["p50_ms"],
+                "p99_vs_bare": ws["p99_ms"] / bare["p99_ms"]}
     raise SystemExit(f"unknown benchmark {bench!r}")
 
 
 async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("bench", choices=["streams", "fanout", "latency"])
+    p.add_argument("bench", choices=["streams", "fanout", "latency", "resume"])
     p.add_argument("--before", required=True, help="git revision measured as 'before'")
     p.add_argument("--after", default=None, help="git revision (default: the working tree)")
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--duration", type=float, default=3.0)
+    p.add_argument("--duration", type=float, default=3.0,
+                   help="seconds per measurement (resume: 10 rounds a second, at least 10)")
     p.add_argument("--rate", type=float, default=10_000.0, help="latency: events/s")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-ab-") as tmp:
