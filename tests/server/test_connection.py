@@ -5,12 +5,14 @@ The protocol's behaviour end to end is in ``test_ws.py``; these check the pieces
 
 from __future__ import annotations
 
+import asyncio
 import struct
+from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.helpers import token
+from tests.helpers import Peer, token
 from tether.server import Server
 from tether.server.hub import ws_frame
 
@@ -80,3 +82,27 @@ async def test_history_refuses_unknown_query_parameters_and_takes_cursor(
         by_alias = await (await http.get(url, params={"cursor": cursor}, headers=auth)).json()
         by_name = await (await http.get(url, params={"after": cursor}, headers=auth)).json()
         assert by_alias == by_name and by_alias["events"] == []
+
+
+def _awaiting(coro: Any) -> list[str]:
+    """The chain of coroutines ``coro`` awaits, outermost first, by qualified name."""
+    names = []
+    while coro is not None and hasattr(coro, "cr_code"):
+        names.append(coro.cr_code.co_qualname)
+        coro = coro.cr_await
+    return names
+
+
+async def test_an_idle_connection_waits_in_one_tether_coroutine(server: Server) -> None:
+    # Every coroutine between aiohttp and ws.receive() stays suspended for the connection's
+    # life (~0.3 KiB each): the endpoint's handler is the receive loop, and the error
+    # middleware adds none of its own for it.
+    peer = await Peer.connect(server.port)
+    await peer.hello()
+    await peer.attach("s")
+    chains = [_awaiting(task.get_coro()) for task in asyncio.all_tasks()]
+    (chain,) = [c for c in chains if "WebSocketEndpoint.handle" in c]
+    handle = chain.index("WebSocketEndpoint.handle")
+    assert chain[handle + 1] == "WebSocketResponse.receive"
+    assert "error_middleware" not in chain and "_guarded" not in chain
+    await peer.close()

@@ -745,7 +745,9 @@ async def preflight(request: web.Request) -> web.Response:
 
 async def _cors(request: web.Request, response: web.StreamResponse) -> None:
     """Every answer under ``/v1/ai-sdk/`` (errors and streams too) carries the CORS headers."""
-    if request.path.startswith(PREFIX):
+    # A WebSocket (none is under the prefix) is let through unread: reading ``request.path``
+    # caches it on the request, which a socket keeps for its life (~0.2 KiB each).
+    if not isinstance(response, web.WebSocketResponse) and request.path.startswith(PREFIX):
         for name, value in CORS_HEADERS.items():
             response.headers.setdefault(name, value)
 

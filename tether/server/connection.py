@@ -44,6 +44,7 @@ from tether.server.admission import Admission
 from tether.server.auth import Authenticator, AuthError
 from tether.server.config import ServerConfig
 from tether.server.deflate import websocket_response
+from tether.server.http import error_response, unguarded
 from tether.server.hub import (
     FORMAT_JSON,
     FORMAT_JSON_WS,
@@ -148,22 +149,19 @@ class Connection:
         "inflight",
         "metrics",
         "outbox",
-        "remote",
         "service",
         "subs",
         "ws",
     )
 
     def __init__(self, service: SessionService, auth: Authenticator, config: ServerConfig,
-                 metrics: Metrics, ws: web.WebSocketResponse, codec: Codec,
-                 remote: str) -> None:
+                 metrics: Metrics, ws: web.WebSocketResponse, codec: Codec) -> None:
         self.service = service
         self.auth = auth
         self.config = config
         self.metrics = metrics
         self.ws = ws
         self.codec = codec
-        self.remote = remote
         # Written past aiohttp's writer only when that writer would add nothing: no
         # compression (its own, or a writer subclass that compresses). Then the outbox holds
         # whole frames, an event's header built once for all its subscribers (FORMAT_JSON_WS).
@@ -231,43 +229,26 @@ class Connection:
             self.metrics.closes.labels(str(int(CloseCode.SHUTDOWN))).inc()
             await self.ws.close(code=CloseCode.SHUTDOWN, message=b"server shutting down")
 
-    # --- the receive loop -------------------------------------------------------------------
+    # --- the receive loop (run by WebSocketEndpoint.handle) ---------------------------------
 
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._hello_timer = loop.call_later(self.config.hello_timeout, self._hello_timeout)
-        hot = self.metrics.hot
-        ws = self.ws
-        on_data = self._on_data
-        try:
-            while True:
-                msg = await ws.receive()
-                if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                    hot.frames_in += 1
-                    hot.bytes_in += len(msg.data)
-                    # A publish is handled synchronously; only other requests (and a publish
-                    # that must wait for room) give a coroutine to await.
-                    pending = on_data(msg.data)
-                    if pending is not None:
-                        await pending
-                    # While it waits for the next frame, an idle connection keeps neither this
-                    # frame nor the finished request's coroutine (~0.5 KiB per connection).
-                    del msg, pending
-                elif msg.type == WSMsgType.ERROR:
-                    # aiohttp closed the socket already: oversized frame (1009) or bad framing.
-                    too_large = getattr(msg.data, "code", None) == 1009 or ws.close_code == 1009
-                    code = "frame_too_large" if too_large else "ws_protocol"
-                    self.metrics.errors.labels(code).inc()
-                    log.info("connection %s error: %s", self.id, msg.data)
-                    break
-                else:  # CLOSE, CLOSING, CLOSED
-                    break
-        finally:
-            if self._closing is not None:
-                await asyncio.wait([self._closing], timeout=2.0)
-            await self._cleanup()
+    def begin(self) -> None:
+        """The socket is open: ``hello`` must come within ``hello_timeout``."""
+        self._hello_timer = asyncio.get_running_loop().call_later(
+            self.config.hello_timeout, self._hello_timeout)
 
-    def _on_data(self, data: bytes | str) -> Coroutine[Any, Any, None] | None:
+    def protocol_error(self, error: object) -> None:
+        """aiohttp closed the socket already: oversized frame (1009) or bad framing."""
+        too_large = getattr(error, "code", None) == 1009 or self.ws.close_code == 1009
+        self.metrics.errors.labels("frame_too_large" if too_large else "ws_protocol").inc()
+        log.info("connection %s error: %s", self.id, error)
+
+    async def end(self) -> None:
+        """The receive loop is over: let a close in progress finish, then clean up."""
+        if self._closing is not None:
+            await asyncio.wait([self._closing], timeout=2.0)
+        await self._cleanup()
+
+    def on_data(self, data: bytes | str) -> Coroutine[Any, Any, None] | None:
         """Handle one frame: a publish at once, anything else as a coroutine to await."""
         frame: ClientFrame | None = fast_publish(data) if self.fast_json else None
         if frame is None:
@@ -480,7 +461,54 @@ class WebSocketEndpoint:
         self.admission = (Admission(config.max_connect_rate, config.max_connect_burst)
                           if config.max_connect_rate > 0 else None)
 
+    @unguarded
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Upgrade, then be the connection's receive loop until it closes.
+
+        This coroutine stays suspended for the connection's life, and so does each one that
+        awaits another on the way to ``ws.receive()``: ~0.3 KiB each per idle connection. So
+        the loop runs here, not in a coroutine of its own, and the error middleware does not
+        wrap this handler (:func:`~tether.server.http.unguarded`): errors before the upgrade
+        are answered here.
+        """
+        upgraded = await self._upgrade(request)
+        if not isinstance(upgraded, Connection):
+            return upgraded
+        conn = upgraded
+        ws = conn.ws
+        hot = self.metrics.hot
+        self.connections.add(conn)
+        hot.connections_ws += 1
+        conn.begin()
+        try:
+            while True:
+                msg = await ws.receive()
+                if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    hot.frames_in += 1
+                    hot.bytes_in += len(msg.data)
+                    # A publish is handled synchronously; only other requests (and a publish
+                    # that must wait for room) give a coroutine to await.
+                    pending = conn.on_data(msg.data)
+                    if pending is not None:
+                        await pending
+                    # While it waits for the next frame, an idle connection keeps neither this
+                    # frame nor the finished request's coroutine (~0.5 KiB per connection).
+                    del msg, pending
+                elif msg.type == WSMsgType.ERROR:
+                    conn.protocol_error(msg.data)
+                    break
+                else:  # CLOSE, CLOSING, CLOSED
+                    break
+        finally:
+            try:
+                await conn.end()
+            finally:
+                hot.connections_ws -= 1
+                self.connections.discard(conn)
+        return ws
+
+    async def _upgrade(self, request: web.Request) -> Connection | web.StreamResponse:
+        """The WebSocket handshake: a :class:`Connection`, or the response that refused it."""
         config = self.config
         ws = websocket_response(  # permessage-deflate as configured: see deflate.py
             config,
@@ -490,16 +518,16 @@ class WebSocketEndpoint:
             autoping=True,
         )
         if not ws.can_prepare(request).ok:
-            raise RequestError(ErrorCode.INVALID, "expected a WebSocket upgrade")
+            return error_response(request, ErrorCode.INVALID, "expected a WebSocket upgrade")
         offered = [p.strip() for p in
                    request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
         if offered and not set(offered) & set(SUBPROTOCOLS):
             # Completing the handshake with no subprotocol would make standard clients fail
             # the connection as 1006, which reads as "retry": refuse the upgrade instead.
             self.metrics.errors.labels("unsupported_codec").inc()
-            raise RequestError(ErrorCode.INVALID,
-                               f"unsupported subprotocol {offered[0][:40]!r}: offer "
-                               + " or ".join(SUBPROTOCOLS))
+            return error_response(request, ErrorCode.INVALID,
+                                  f"unsupported subprotocol {offered[0][:40]!r}: offer "
+                                  + " or ".join(SUBPROTOCOLS))
         await ws.prepare(request)
         codec = CODECS.get(ws.ws_protocol or "")
         if codec is None:
@@ -514,16 +542,7 @@ class WebSocketEndpoint:
                 await ws.close(code=CloseCode.TRY_AGAIN_LATER,
                                message=f"retry_after={delay:.2f}".encode())
                 return ws
-        conn = Connection(self.service, self.auth, config, self.metrics, ws, codec,
-                          request.remote or "")
-        self.connections.add(conn)
-        self.metrics.hot.connections_ws += 1
-        try:
-            await conn.run()
-        finally:
-            self.metrics.hot.connections_ws -= 1
-            self.connections.discard(conn)
-        return ws
+        return Connection(self.service, self.auth, config, self.metrics, ws, codec)
 
 
 WS_ENDPOINT: web.AppKey[WebSocketEndpoint] = web.AppKey("tether.ws")
