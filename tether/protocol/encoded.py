@@ -97,9 +97,8 @@ class FrameBuilder:
         self._types: dict[str, bytes] = {}
         self._senders: dict[tuple[str, str, str], bytes] = {}
 
-    def frame(self, seq: int, type_: str, data: bytes, sub: str, client: str, kind: str,
-              time: int) -> bytes:
-        """The frame of event ``seq``; ``data`` is the JSON text orjson made of its data."""
+    def parts(self, type_: str, sub: str, client: str, kind: str) -> tuple[bytes, bytes]:
+        """The JSON of an event type and of a sender, for :meth:`join`."""
         type_json = self._types.get(type_)
         if type_json is None:
             type_json = self._types[type_] = orjson.dumps(type_)
@@ -108,10 +107,25 @@ class FrameBuilder:
         if sender_json is None:
             sender_json = self._senders[key] = orjson.dumps(
                 {"sub": sub, "client": client, "kind": kind})
+        return type_json, sender_json
+
+    def join(self, seq: int, type_json: bytes, data: bytes, sender_json: bytes,
+             time: int) -> bytes:
+        """The frame of event ``seq`` from :meth:`parts` and the JSON text orjson made of its
+        data."""
         payload = self._template % (seq, seq, type_json, data, sender_json, time)
         fmt = self._fmt
         if fmt == FORMAT_JSON_WS:
+            n = len(payload)
+            if 126 <= n < 65536:  # every event frame but the largest: ws_frame inlined
+                return _LEN2.pack(0x81, 126, n) + payload
             return ws_frame(payload, False)
         if fmt == FORMAT_JSON:
             return payload
         return wrap(fmt, payload, self._epoch, seq)
+
+    def frame(self, seq: int, type_: str, data: bytes, sub: str, client: str, kind: str,
+              time: int) -> bytes:
+        """The frame of event ``seq``; ``data`` is the JSON text orjson made of its data."""
+        type_json, sender_json = self.parts(type_, sub, client, kind)
+        return self.join(seq, type_json, data, sender_json, time)

@@ -38,7 +38,13 @@ import orjson
 
 from tether.protocol.cursor import new_epoch
 from tether.protocol.encoded import FrameBuilder, encode_reference
-from tether.protocol.events import STREAM_APPEND, STREAM_END, Event, Sender
+from tether.protocol.events import (
+    MAX_DELIVERABLE_DEPTH,
+    STREAM_APPEND,
+    STREAM_END,
+    Event,
+    Sender,
+)
 from tether.store.base import (
     Appended,
     EncodedPage,
@@ -124,12 +130,18 @@ _READ = (
     "SELECT seq, type, data, sub, client, kind, time FROM events"
     " WHERE sid = ? AND seq > ? ORDER BY seq LIMIT ?"
 )
-# The same page for catch-up frames (read_encoded): json_valid tells the rows whose data can go
-# out as stored from those (damaged on disk) that take the reference path to their placeholder.
+# The same page for catch-up frames (read_encoded). The type and sender come as one string, a
+# JSON array of the four: a page holds few distinct ones, so each row costs one str and one
+# dict lookup instead of four columns (measured: a fifth less time in fetchall). json_valid
+# tells the rows whose data can go out as stored from those (damaged on disk) that take the
+# reference path to their placeholder.
 _READ_ENCODED = (
-    "SELECT seq, type, data, sub, client, kind, time, json_valid(data) FROM events"
+    "SELECT seq, json_array(type, sub, client, kind), data, time, json_valid(data) FROM events"
     " WHERE sid = ? AND seq > ? ORDER BY seq LIMIT ?"
 )
+# Stored data this short cannot nest deeper than any frame holds (readable._nested's own
+# first test, without the call).
+_SHALLOW = 2 * MAX_DELIVERABLE_DEPTH
 _UPDATE_SESSION = "UPDATE sessions SET last_seq = ?, first_seq = ? WHERE id = ?"
 # sessions.last_seq is only written when events are trimmed (the one time the log cannot say
 # its own last seq); an append batch would otherwise pay one UPDATE per session it touches.
@@ -663,21 +675,29 @@ class SqliteStore(InProcessFanout, InProcessPresence):
                 return []
             rows = self._db().execute(_READ_ENCODED, (head.id, after, limit)).fetchall()
         epoch = head.epoch
-        build = FrameBuilder(session, epoch, fmt).frame
+        builder = FrameBuilder(session, epoch, fmt)
+        join = builder.join
+        # json_array's text of (type, sub, client, kind) → their JSON as the frame has it.
+        # Only a key: the frame's JSON is orjson's, never SQLite's escaping.
+        known: dict[str, tuple[bytes, bytes]] = {}
         page: EncodedPage = []
         append = page.append
-        for seq, type_, data, sub, client, kind, time, valid in rows:
-            if valid and type(data) is bytes and not _nested(data):
+        for seq, key, data, time, valid in rows:
+            parts = known.get(key)
+            if parts is None:
+                parts = known[key] = builder.parts(*orjson.loads(key))
+            if valid and type(data) is bytes and (len(data) <= _SHALLOW or not _nested(data)):
                 if data.isascii():
-                    append((seq, build(seq, type_, data, sub, client, kind, time)))
+                    append((seq, join(seq, parts[0], data, parts[1], time)))
                     continue
                 try:
                     data.decode()
                 except UnicodeDecodeError:
                     pass
                 else:
-                    append((seq, build(seq, type_, data, sub, client, kind, time)))
+                    append((seq, join(seq, parts[0], data, parts[1], time)))
                     continue
+            type_, sub, client, kind = orjson.loads(key)
             (event,) = decode_rows(session, epoch, [(seq, type_, data, sub, client, kind, time)])
             try:
                 frame = encode_reference(fmt, event)
