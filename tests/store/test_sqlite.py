@@ -15,6 +15,7 @@ from tests.helpers import nested
 from tether.protocol.encoded import FORMATS, encode_reference
 from tether.protocol.events import STREAM_APPEND, STREAM_END, UNREADABLE, Event, Sender
 from tether.store import Retention, StoreError, StreamClosedError, open_store
+from tether.store import sqlite as sqlite_module
 from tether.store.base import EncodedReader
 from tether.store.sqlite import SqliteStore
 
@@ -418,3 +419,16 @@ async def test_catch_up_frames_of_damaged_rows_are_the_placeholders_read_gives(
                 assert b'"data":{"text": "not orjson\'s spacing"},' in frame
                 continue
             assert frame == encode_reference(fmt, event)
+
+
+async def test_catch_up_frames_without_sqlite_json_functions(
+        store: SqliteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An SQLite built without JSON functions: the same frames, by decoding and encoding.
+    for data in ({"text": "a ✓"}, nested(254), [1, 2.5, None]):
+        await store.append("s", "message", data, ALICE)
+    expected = {fmt: await store.read_encoded("s", 0, 10, fmt) for fmt in FORMATS}
+    monkeypatch.setattr(sqlite_module, "_JSON_FUNCTIONS", False)
+    for fmt in FORMATS:
+        assert await store.read_encoded("s", 0, 10, fmt) == expected[fmt]
+        assert [frame for _, frame in expected[fmt]] == [
+            encode_reference(fmt, e) for e in await store.read("s", 0, 10)]

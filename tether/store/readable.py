@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from tether.protocol.encoded import encode_reference
 from tether.protocol.events import MAX_DELIVERABLE_DEPTH, Event, Sender, unreadable
 
 log = logging.getLogger("tether.store")
@@ -80,6 +81,15 @@ def placeholder(event: Event, reason: str) -> Event:
     UnreadableCounter.count += 1
     log.warning("unreadable event %s:%d (%s): %s", event.session, event.seq, event.type, reason)
     return unreadable(event, reason)
+
+
+def reference_frame(fmt: str, event: Event) -> bytes:
+    """``event``'s frame in ``fmt`` (tether/protocol/encoded.py) by the reference encoder, or
+    its placeholder's when it cannot be encoded: what catch-up sends for a stored event."""
+    try:
+        return encode_reference(fmt, event)
+    except (TypeError, ValueError, OverflowError) as exc:
+        return encode_reference(fmt, placeholder(event, f"not encodable: {exc}"))
 
 
 def checked(event: Event, raw: bytes | str) -> Event:

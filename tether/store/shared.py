@@ -49,7 +49,6 @@ from tether.protocol.encoded import (
     FORMAT_JSON_WS,
     FORMAT_SSE,
     FORMATS,
-    encode_reference,
     ws_frame,
 )
 from tether.protocol.events import STREAM_END, Event, Sender
@@ -65,7 +64,7 @@ from tether.store.base import (
     StreamClosedError,
     read_encoded,
 )
-from tether.store.readable import placeholder
+from tether.store.readable import reference_frame
 
 log = logging.getLogger("tether.store.shared")
 
@@ -266,14 +265,6 @@ def _event_row(event: Event) -> list[Any]:
 _TEXT_FORMATS = (FORMAT_JSON, FORMAT_SSE)
 
 
-def _encode_safely(fmt: str, event: Event) -> bytes:
-    """The reference frame, or its placeholder's (as the hub's encode_event does)."""
-    try:
-        return encode_reference(fmt, event)
-    except (TypeError, ValueError, OverflowError) as exc:
-        return encode_reference(fmt, placeholder(event, f"not encodable: {exc}"))
-
-
 def _page_text(page: EncodedPage) -> list[Any]:
     frames = [frame for _, frame in page]
     return [[seq for seq, _ in page], [len(frame) for frame in frames],
@@ -348,7 +339,7 @@ class HostConnection(_Framed):
                     if fmt not in _TEXT_FORMATS:
                         raise ValueError(f"no text format {fmt!r}")
                     self._later(rid, read_encoded(store, session, after, limit, fmt,
-                                                  partial(_encode_safely, fmt)), _page_text)
+                                                  partial(reference_frame, fmt)), _page_text)
                 elif kind == _HEAD:
                     _, rid, session = message
                     self._later(rid, store.head(session),

@@ -37,7 +37,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal, cast
 import orjson
 
 from tether.protocol.cursor import new_epoch
-from tether.protocol.encoded import FrameBuilder, encode_reference
+from tether.protocol.encoded import FrameBuilder
 from tether.protocol.events import (
     MAX_DELIVERABLE_DEPTH,
     STREAM_APPEND,
@@ -57,7 +57,7 @@ from tether.store.base import (
     StreamText,
     now_ms,
 )
-from tether.store.readable import _nested, decode_rows, placeholder
+from tether.store.readable import _nested, decode_rows, reference_frame
 
 try:
     import fcntl
@@ -139,6 +139,20 @@ _READ_ENCODED = (
     "SELECT seq, json_array(type, sub, client, kind), data, time, json_valid(data) FROM events"
     " WHERE sid = ? AND seq > ? ORDER BY seq LIMIT ?"
 )
+
+
+def _json_functions() -> bool:
+    """Whether this SQLite has the JSON functions _READ_ENCODED uses (built in since 3.38,
+    optional before)."""
+    try:
+        with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+            conn.execute("SELECT json_array('a'), json_valid('1')").fetchone()
+    except sqlite3.Error:
+        return False
+    return True
+
+
+_JSON_FUNCTIONS = _json_functions()
 # Stored data this short cannot nest deeper than any frame holds (readable._nested's own
 # first test, without the call).
 _SHALLOW = 2 * MAX_DELIVERABLE_DEPTH
@@ -667,6 +681,9 @@ class SqliteStore(InProcessFanout, InProcessPresence):
         decoded. Any other row is decoded and encoded by the reference path, which gives its
         ``tether.unreadable`` placeholder where ``read`` would.
         """
+        if not _JSON_FUNCTIONS:
+            return [(event.seq, reference_frame(fmt, event))
+                    for event in await self.read(session, after, limit)]
         if limit <= 0:
             return []
         with self._errors("read"):
@@ -699,11 +716,7 @@ class SqliteStore(InProcessFanout, InProcessPresence):
                     continue
             type_, sub, client, kind = orjson.loads(key)
             (event,) = decode_rows(session, epoch, [(seq, type_, data, sub, client, kind, time)])
-            try:
-                frame = encode_reference(fmt, event)
-            except (TypeError, ValueError, OverflowError) as exc:
-                frame = encode_reference(fmt, placeholder(event, f"not encodable: {exc}"))
-            append((seq, frame))
+            append((seq, reference_frame(fmt, event)))
         return page
 
     # -- retention ---------------------------------------------------------------------------
