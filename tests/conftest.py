@@ -80,43 +80,115 @@ def redis_url(redis_server: RedisServer) -> str:
 
 
 class RedisCluster:
-    """A real 3-master Redis Cluster (``--cluster-enabled yes``) on loopback ports."""
+    """A real Redis Cluster (``--cluster-enabled yes``) on loopback ports: 3 masters, and
+    ``replicas`` replicas of each."""
 
     MASTERS = 3
 
-    def __init__(self) -> None:
+    def __init__(self, replicas: int = 0, node_timeout: int | None = None) -> None:
         binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
         if binary is None or cli is None:
             pytest.skip("redis-server is not installed (apt-get install -y redis-server)")
         self.dir = tempfile.mkdtemp(prefix="tether-redis-cluster-")
-        self.ports = [free_port() for _ in range(self.MASTERS)]
+        # Every node, masters first: redis-cli makes the first MASTERS of them masters.
+        self.nodes = [free_port() for _ in range(self.MASTERS * (1 + replicas))]
+        extra: list[str] = []
+        if node_timeout is not None:
+            # How long a node may be unreachable before it is failed over (default 15 s).
+            extra += ["--cluster-node-timeout", str(node_timeout)]
+        if replicas:
+            # A replica's first sync starts at once rather than after the default 5 s
+            # diskless delay.
+            extra += ["--repl-diskless-sync-delay", "0"]
         # The bus port defaults to port + 10000, which may be taken or past 65535.
-        self.procs = [subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir, "--protected-mode", "no",
-             "--cluster-enabled", "yes", "--cluster-port", str(free_port()),
-             "--cluster-config-file", f"nodes-{port}.conf", "--dbfilename", f"dump-{port}.rdb"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for port in self.ports]
-        for port in self.ports:
+        self.argv = {port: [
+            binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", self.dir, "--protected-mode", "no",
+            "--cluster-enabled", "yes", "--cluster-port", str(free_port()),
+            "--cluster-config-file", f"nodes-{port}.conf", "--dbfilename", f"dump-{port}.rdb",
+            *extra] for port in self.nodes}
+        self.procs = {port: subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+                                             stderr=subprocess.DEVNULL)
+                      for port, argv in self.argv.items()}
+        for port in self.nodes:
             wait_for_port(port)
         subprocess.run(
-            [cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports),
-             "--cluster-replicas", "0", "--cluster-yes"],
+            [cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.nodes),
+             "--cluster-replicas", str(replicas), "--cluster-yes"],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
         self.wait_ok()
+        self.ports = self.masters()
+        if replicas:
+            self.wait_replicas_synced()
+
+    def masters(self) -> list[int]:
+        """The ports of the live masters that serve slots, as the cluster says now."""
+        import redis
+
+        for port in self.live():
+            node = redis.Redis(port=port)
+            try:
+                slots = node.execute_command("CLUSTER SLOTS")
+            except redis.RedisError:
+                continue
+            finally:
+                node.close()
+            return sorted({int(master[1]) for _, _, master, *_ in slots})
+        raise RuntimeError("no live redis cluster node")
+
+    def live(self) -> list[int]:
+        return [port for port, proc in self.procs.items() if proc.poll() is None]
+
+    def replicas_of(self, master: int) -> list[int]:
+        """The ports of ``master``'s replicas."""
+        import redis
+
+        node = redis.Redis(port=master, decode_responses=True)
+        try:
+            info = node.info("replication")
+        finally:
+            node.close()
+        return [int(info[key]["port"]) for key in info
+                if key.startswith("slave") and isinstance(info[key], dict)]
 
     def wait_ok(self, timeout: float = 30.0) -> None:
-        """Wait until every master reports ``cluster_state:ok``."""
+        """Wait until every live node reports ``cluster_state:ok``."""
         import redis
 
         deadline = time.monotonic() + timeout
-        for port in self.ports:
+        for port in self.live():
             node = redis.Redis(port=port)
             while node.cluster("info").get("cluster_state") != "ok":
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"redis cluster node {port} is not ok")
                 time.sleep(0.05)
             node.close()
+
+    def wait_replicas_synced(self, timeout: float = 30.0) -> None:
+        """Wait until every replica's link to its master is up (its first sync is done)."""
+        import redis
+
+        deadline = time.monotonic() + timeout
+        for port in set(self.live()) - set(self.ports):
+            node = redis.Redis(port=port, decode_responses=True)
+            while node.info("replication").get("master_link_status") != "up":
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"redis cluster replica {port} is not in sync")
+                time.sleep(0.05)
+            node.close()
+
+    def kill(self, port: int) -> None:
+        """SIGKILL the node on ``port``: no shutdown, unsent replication data is lost."""
+        proc = self.procs[port]
+        proc.kill()
+        proc.wait(10)
+
+    def restart(self, port: int) -> None:
+        """Start the killed node on ``port`` again: from its nodes.conf it rejoins the
+        cluster, as a replica of the node that took its slots over."""
+        self.procs[port] = subprocess.Popen(self.argv[port], stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL)
+        wait_for_port(port)
 
     @property
     def url(self) -> str:
@@ -131,9 +203,10 @@ class RedisCluster:
             node.close()
 
     def stop(self) -> None:
-        for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
             proc.wait(10)
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -149,6 +222,15 @@ def redis_cluster() -> Iterator[RedisCluster]:
 def redis_cluster_url(redis_cluster: RedisCluster) -> str:
     redis_cluster.flush()
     return redis_cluster.url
+
+
+@pytest.fixture
+def redis_failover_cluster() -> Iterator[RedisCluster]:
+    """A cluster of the test's own, with a replica per master that takes over ~2 s after
+    its master dies (``cluster-node-timeout`` 1 s): a test may kill nodes."""
+    cluster = RedisCluster(replicas=1, node_timeout=1000)
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -27,8 +28,39 @@ from tether.store.redis.scripts import SCRIPTS, Script
 CLUSTER_SCHEMES = ("redis+cluster:", "rediss+cluster:")
 
 
+# The default of ``wait_timeout`` (milliseconds).
+WAIT_TIMEOUT = 1000
+
+
 def is_cluster_url(url: str) -> bool:
     return url.startswith(CLUSTER_SCHEMES)
+
+
+def split_store_options(url: str) -> tuple[str, int, int]:
+    """``url`` without the store's own query options, and their values.
+
+    ``wait_replicas=N`` acknowledges a commit only once N replicas have it (``WAIT`` after
+    each pipeline of commits, ``commit.py``), waiting at most ``wait_timeout`` ms (default
+    1000); the other options are redis-py's.
+    """
+    parts = urlsplit(url)
+    kept: list[tuple[str, str]] = []
+    replicas, timeout = 0, WAIT_TIMEOUT
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name not in ("wait_replicas", "wait_timeout"):
+            kept.append((name, value))
+            continue
+        if not value.isdigit():
+            raise ValueError(f"{name} must be a whole number, not {value!r}")
+        if name == "wait_replicas":
+            replicas = int(value)
+        elif int(value) > 0:  # WAIT's 0 would block for ever
+            timeout = int(value)
+        else:
+            raise ValueError("wait_timeout must be at least 1 (milliseconds)")
+    if len(kept) == len(parse_qsl(parts.query, keep_blank_values=True)):
+        return url, replicas, timeout
+    return urlunsplit(parts._replace(query=urlencode(kept))), replicas, timeout
 
 
 class RedisClient:
@@ -39,6 +71,8 @@ class RedisClient:
 
     def __init__(self, url: str) -> None:
         self.url = url
+        # The URL redis-py connects with, and how many replicas a commit waits for.
+        self.connect_url, self.wait_replicas, self.wait_timeout = split_store_options(url)
         self._client: aioredis.Redis | RedisCluster | None = None
         self.closing = False
 
@@ -47,7 +81,7 @@ class RedisClient:
         # A few quick retries ride over a dropped idle connection without stalling callers
         # when Redis is really down.
         client = aioredis.Redis.from_url(
-            self.url, protocol=2, decode_responses=False, health_check_interval=0,
+            self.connect_url, protocol=2, decode_responses=False, health_check_interval=0,
             retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.25), 2),
         )
         try:

@@ -99,7 +99,7 @@ class ClusterClient(RedisClient):
 
     async def open(self) -> None:
         """Discover the cluster and load every script on every master."""
-        first, seeds = parse_cluster_url(self.url)
+        first, seeds = parse_cluster_url(self.connect_url)
         try:
             client = RedisCluster.from_url(
                 first, startup_nodes=[ClusterNode(host, port) for host, port in seeds[1:]],

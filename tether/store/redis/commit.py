@@ -20,6 +20,11 @@ Failures: when a connection fails before a script call's reply is read, its call
 The same holds for a whole script call if Redis raises inside it (a key of the wrong type):
 Redis does not roll scripts back. ``NOSCRIPT`` means the script did not run, so that call is
 sent again after loading it.
+
+Replication: Redis acknowledges a write before its replicas have it, so a failover can lose
+acknowledged events. With ``wait_replicas=N`` in the URL a pipeline ends with ``WAIT N
+timeout``, and its callers are answered only once N replicas have their events; if fewer do
+in time, they get a :class:`StoreError` (outcome unknown, as above).
 """
 
 from __future__ import annotations
@@ -82,6 +87,10 @@ class Op:
         self.future = future
 
 
+class NotReplicatedError(RedisError):
+    """Fewer replicas than ``wait_replicas`` acknowledged a commit in time."""
+
+
 def _fail(future: asyncio.Future[Appended], exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
@@ -114,6 +123,11 @@ class CommitQueue:
         self._limits_resp = b"".join(
             bulk(b"%d" % n) for n in (retention.max_events, window, stream_ttl))
         self._loop: asyncio.AbstractEventLoop  # set by start()
+        # WAIT numreplicas timeout, after each pipeline of commits (``_execute``).
+        self._wait: list[bytes] | None = None
+        if client.wait_replicas:
+            self._wait = [b"*3\r\n$4\r\nWAIT\r\n" + bulk(b"%d" % client.wait_replicas)
+                          + bulk(b"%d" % client.wait_timeout)]
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -301,20 +315,40 @@ class CommitQueue:
 
     async def _execute(self, conn: AbstractConnection,
                        commands: list[list[bytes]]) -> list[Any]:
-        """Pipeline ``commands`` on ``conn``; errors come back as values, one per command."""
+        """Pipeline ``commands`` on ``conn``; errors come back as values, one per command.
+
+        With ``wait_replicas``, a ``WAIT`` ends the pipeline: it answers once that many
+        replicas have every write of this connection so far, or at ``wait_timeout``. If
+        fewer did, every command's outcome is unknown, as if the connection had been lost:
+        it ran on the master, but a failover now could lose it.
+        """
         if conn.is_connected and await _stale(conn):
             # The server closed this idle connection (restart, timeout): reconnect rather than
             # fail a batch whose outcome would then be unknown.
             await conn.disconnect(nowait=True)
-        results = await _roundtrip(conn, commands)
-        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        wait = self._wait
+        results = await _roundtrip(conn, commands if wait is None else [*commands, wait])
+        missing = [i for i, r in enumerate(results[:len(commands)])
+                   if isinstance(r, NoScriptError)]
         if missing:
             # NOSCRIPT means the script did not run, so resending is safe.
             load = [b"*3\r\n$6\r\nSCRIPT\r\n$4\r\nLOAD\r\n" + bulk(self.script.source.encode())]
-            again = await _roundtrip(conn, [load, *(commands[i] for i in missing)])
-            for i, result in zip(missing, again[1:], strict=True):
+            resend = [load, *(commands[i] for i in missing)]
+            again = await _roundtrip(conn, resend if wait is None else [*resend, wait])
+            for i, result in zip(missing, again[1:], strict=False):
                 results[i] = result
-        return results
+            if wait is not None:
+                results[-1] = again[-1]
+        if wait is None:
+            return results
+        acked = results.pop()
+        if isinstance(acked, int) and acked >= self._client.wait_replicas:
+            return results
+        error = acked if isinstance(acked, Exception) else NotReplicatedError(
+            f"committed on the master, but {acked} of {self._client.wait_replicas} "
+            f"replicas acknowledged it within {self._client.wait_timeout} ms: "
+            "a failover now would lose it")
+        return [r if isinstance(r, Exception) else error for r in results]
 
     # -- answering ---------------------------------------------------------------------------
 
