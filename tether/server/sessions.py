@@ -81,8 +81,10 @@ class TokenBucket:
 
     def __init__(self, rate: float, capacity: int) -> None:
         self.rate = rate
-        self.capacity = float(capacity)
-        self.tokens = float(capacity)
+        # As given, not float(capacity): the config's own int, shared by every connection's
+        # bucket instead of two floats each; ``tokens`` turns float when first taken from.
+        self.capacity: float = capacity
+        self.tokens: float = capacity
         self.stamp = time.monotonic()
 
     def take(self) -> bool:
