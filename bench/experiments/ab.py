@@ -72,12 +72,14 @@ async def measure(bench: str, duration: float, rate: float) -> dict[str, Any]:
         rounds = max(10, int(duration * 10))  # ~0.1 s a round
         tok = c.token()
         t = await resume.run_tether(rounds, tok)
-        bare_times = await resume.run_bare(rounds, t["frame_bytes"])
+        bare_times, bare_cpu = await resume.run_bare(rounds, t["frame_bytes"])
         ws, bare = resume.stats(t["ws"]), resume.stats(bare_times)
         return {"p50_ms": ws["p50_ms"], "p99_ms": ws["p99_ms"], "mean_ms": ws["mean_ms"],
-                "bare_p50_ms": bare["p50_ms"], "bare_p99_ms": bare["p99_ms"],
+                "cpu_ms": t["cpu_ms_per_resume"], "bare_p50_ms": bare["p50_ms"],
+                "bare_p99_ms": bare["p99_ms"], "bare_cpu_ms": bare_cpu,
                 "p50_vs_bare": ws["p50_ms"] / bare["p50_ms"],
-                "p99_vs_bare": ws["p99_ms"] / bare["p99_ms"]}
+                "p99_vs_bare": ws["p99_ms"] / bare["p99_ms"],
+                "cpu_vs_bare": t["cpu_ms_per_resume"] / max(bare_cpu, 1e-9)}
     raise SystemExit(f"unknown benchmark {bench!r}")
 
 
