@@ -21,7 +21,10 @@ from dataclasses import dataclass
 
 # listen()'s backlog: the kernel caps it at net.core.somaxconn (4096 by default since Linux
 # 5.4); a connection beyond a full queue has its SYN dropped and retried by the client's
-# kernel 1 s, then 3 s, 7 s … later, which costs it no backoff.
+# kernel 1 s, then 3 s, 7 s … later, which costs it no backoff. One queue per serving process
+# is deliberate: the server accepts whatever is queued at once, and a deeper queue (measured
+# with 4 sockets per worker) only held connections that waited past the clients' 10 s connect
+# timeout, which the server then served for nobody while their clients retried.
 BACKLOG = 65535
 
 
