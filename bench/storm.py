@@ -38,6 +38,7 @@ if __package__ in (None, ""):
 from bench import common as c
 
 PER_PROC_MAX = 6000  # SDK clients per process: well under the open-file cap
+CONNECT_TIMEOUT = 10.0  # the SDKs' default connect_timeout
 
 
 # --- client process -----------------------------------------------------------------------------
@@ -132,12 +133,17 @@ class RawFollower:
         while not self.stopping:
             code: int | None = None
             reason = ""
+            transport: asyncio.BaseTransport | None = None
             try:
-                _, conn = await loop.create_connection(lambda: _StormWS(self), "127.0.0.1",
-                                                       self.port)
-                assert isinstance(conn, RawWS)
-                await conn.open(self.port, "/v1/ws", False)
-                await conn.request({"op": "hello", "id": 1, "token": self.tok})
+                # The SDK's connect_timeout (10 s) bounds the connection and upgrade, and then
+                # the welcome: a client queued longer by a busy server gives up and backs off.
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    transport, conn = await loop.create_connection(
+                        lambda: _StormWS(self), "127.0.0.1", self.port)
+                    assert isinstance(conn, RawWS)
+                    await conn.open(self.port, "/v1/ws", False)
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    await conn.request({"op": "hello", "id": 1, "token": self.tok})
                 reply = await conn.request({"op": "attach", "id": 2,
                                             "session": self.session_name,
                                             "cursor": self.cursor})
@@ -155,6 +161,8 @@ class RawFollower:
             except (OSError, ConnectionError, TimeoutError, RuntimeError, KeyError) as exc:
                 why = f"{type(exc).__name__}: {str(exc)[:40]}"
                 self.failures[why] = self.failures.get(why, 0) + 1
+                if transport is not None:
+                    transport.close()
             if self.attached:
                 # The loss may be seen before the orchestrator's "mark" arrives: keep the time.
                 self.lost_at = time.time()
