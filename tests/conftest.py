@@ -34,6 +34,30 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
 
 
+def wait_replicas_acked(port: int, deadline: float) -> None:
+    """Wait until every replica of the (empty) master on ``port`` acknowledges a write.
+
+    A replica is listed online before the master streams writes to it (Redis 7 starts after
+    its first acknowledgement, sent once a second), so WAIT answers only from then on.
+    """
+    import redis
+
+    node = redis.Redis(port=port, decode_responses=True)
+    try:
+        while True:
+            info = node.info("replication")
+            replicas = int(info.get("connected_slaves", 0))
+            node.flushall()  # a write that replicates
+            timeout = max(1, int((deadline - time.monotonic()) * 1000))
+            if replicas and int(node.execute_command("WAIT", replicas, timeout)) >= replicas:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the replicas of redis {port} do not acknowledge")
+            time.sleep(0.02)
+    finally:
+        node.close()
+
+
 class RedisServer:
     """A real redis-server process on 127.0.0.1, with its data in a temporary folder."""
 
@@ -165,17 +189,10 @@ class RedisCluster:
             node.close()
 
     def wait_replicas_synced(self, timeout: float = 30.0) -> None:
-        """Wait until every replica's link to its master is up (its first sync is done)."""
-        import redis
-
+        """Wait until every master's replicas have synced and acknowledge writes."""
         deadline = time.monotonic() + timeout
-        for port in set(self.live()) - set(self.ports):
-            node = redis.Redis(port=port, decode_responses=True)
-            while node.info("replication").get("master_link_status") != "up":
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"redis cluster replica {port} is not in sync")
-                time.sleep(0.05)
-            node.close()
+        for port in self.ports:
+            wait_replicas_acked(port, deadline)
 
     def kill(self, port: int) -> None:
         """SIGKILL the node on ``port``: no shutdown, unsent replication data is lost."""

@@ -20,7 +20,7 @@ import pytest
 import redis as sync_redis
 import redis.asyncio as aioredis
 
-from tests.conftest import RedisCluster, free_port, wait_for_port
+from tests.conftest import RedisCluster, free_port, wait_for_port, wait_replicas_acked
 from tests.store.test_redis import ALICE, Collector, PrivateRedis, open_node
 from tests.store.test_redis_cluster import owners, slot_of
 from tether.store import Appended, StoreError
@@ -222,7 +222,7 @@ async def test_an_append_acknowledged_before_the_replica_had_it_is_lost_in_a_fai
     (replica,) = cluster.replicas_of(victim)
     (session,) = spread(cluster, 1)[victim]
     plain = await open_node(cluster.url)
-    waiting = await open_node(cluster.url + URL_WAITING.format(200))
+    waiting = await open_node(cluster.url + URL_WAITING.format(500))
     try:
         first = await waiting.append(session, "message", "replicated", ALICE)
         assert first.event.seq == 1
@@ -263,12 +263,7 @@ def replicated_redis() -> Iterator[tuple[PrivateRedis, int]]:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port)
-        replica = sync_redis.Redis(port=port, decode_responses=True)
-        deadline = time.monotonic() + 30
-        while replica.info("replication").get("master_link_status") != "up":
-            assert time.monotonic() < deadline, "the replica did not sync"
-            time.sleep(0.02)
-        replica.close()
+        wait_replicas_acked(server.port, time.monotonic() + 30)
         yield server, proc.pid
     finally:
         proc.terminate()
@@ -281,7 +276,7 @@ async def test_one_redis_acknowledges_once_its_replica_has_the_commit(
     replicated_redis: tuple[PrivateRedis, int],
 ) -> None:
     server, replica_pid = replicated_redis
-    store = await open_node(server.url + URL_WAITING.format(200))
+    store = await open_node(server.url + URL_WAITING.format(500))
     try:
         assert (await store.append("s", "message", 1, ALICE)).event.seq == 1
         with stopped(replica_pid), pytest.raises(StoreError, match="0 of 1 replicas"):
