@@ -22,6 +22,7 @@ import aiohttp
 from tests.helpers import SECRET, Peer, token
 from tether.protocol.events import Event, Sender
 from tether.server import Server, ServerConfig
+from tether.store.base import EncodedPage
 from tether.store.sqlite import SqliteStore
 
 EVENTS = 100_000
@@ -37,9 +38,18 @@ class CountingStore(SqliteStore):
 
     async def read(self, session: str, after: int, limit: int) -> list[Event]:
         events = await super().read(session, after, limit)
-        task = asyncio.current_task()
-        self.read_since_tick[task] = self.read_since_tick.get(task, 0) + len(events)
+        self._count(len(events))
         return events
+
+    async def read_encoded(self, session: str, after: int, limit: int, fmt: str
+                           ) -> EncodedPage:
+        page = await super().read_encoded(session, after, limit, fmt)  # catch-up's reads
+        self._count(len(page))
+        return page
+
+    def _count(self, events: int) -> None:
+        task = asyncio.current_task()
+        self.read_since_tick[task] = self.read_since_tick.get(task, 0) + events
 
 
 class StepWatch:
