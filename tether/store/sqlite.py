@@ -679,7 +679,8 @@ class SqliteStore(InProcessFanout, InProcessPresence):
         ``"data"`` byte for byte (tether/protocol/encoded.py), so a row that is valid JSON,
         valid UTF-8 and not nested deep enough to need the depth check goes out without being
         decoded. Any other row is decoded and encoded by the reference path, which gives its
-        ``tether.unreadable`` placeholder where ``read`` would.
+        ``tether.unreadable`` placeholder where ``read`` would. (Valid JSON that this store did
+        not write, spaced differently, say, goes out as stored: the same value, other bytes.)
         """
         if not _JSON_FUNCTIONS:
             return [(event.seq, reference_frame(fmt, event))
