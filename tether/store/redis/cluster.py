@@ -19,6 +19,13 @@ slot migrates and its keys are split between the two masters, so this lasts as l
 migration, up to ``REDIRECT_TIMEOUT``; then the callers get a StoreError). A
 lost connection is what it is on one Redis: the outcome of the unread calls is unknown, their
 callers get a :class:`StoreError`, and the next flush starts from a refreshed slot map.
+
+Failover: a master that dies loses its connections, so the calls in flight on them fail as
+above; then it refuses new ones, and since nothing was sent, those calls wait and resend like
+``CLUSTERDOWN``, refreshing the slot map each round, until a replica has taken the slots over
+(within ``REDIRECT_TIMEOUT``). Redis replicates asynchronously: an event the master
+acknowledged just before it died may be missing on the replica that replaces it, unless the
+URL asks for ``wait_replicas`` (``commit.py``).
 """
 
 from __future__ import annotations
@@ -46,7 +53,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tether.store.base import StoreError
 from tether.store.redis.client import RedisClient, is_cluster_url
-from tether.store.redis.commit import FLUSH_CONNECTIONS, MAX_SCRIPT_EVENTS, CommitQueue, Op
+from tether.store.redis.commit import (
+    FLUSH_CONNECTIONS,
+    MAX_SCRIPT_EVENTS,
+    CommitQueue,
+    NotSentError,
+    Op,
+)
 from tether.store.redis.keys import KEY_CACHE_SIZE
 from tether.store.redis.scripts import APPEND_SHARDED, CLUSTER_SCRIPTS
 
@@ -304,7 +317,8 @@ class ClusterCommitQueue(CommitQueue):
                     refresh = True
                 elif isinstance(result, AskError):
                     asking[i] = result.node_addr
-                elif isinstance(result, (TryAgainError, ClusterDownError)):
+                elif isinstance(result, (TryAgainError, ClusterDownError, NotSentError)):
+                    # NotSentError: the master is unreachable; it may be failing over.
                     refresh = wait = True
                 else:
                     if isinstance(result, (RedisConnectionError, RedisTimeoutError, OSError)):

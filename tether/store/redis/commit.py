@@ -39,6 +39,7 @@ from typing import Any
 
 import orjson
 from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from tether.protocol.events import STREAM_APPEND, STREAM_END, Event, Sender
@@ -85,6 +86,10 @@ class Op:
         self.args = args
         self.nargs = nargs
         self.future = future
+
+
+class NotSentError(RedisConnectionError):
+    """The connection could not be made: no command was sent, so none ran."""
 
 
 class NotReplicatedError(RedisError):
@@ -326,6 +331,13 @@ class CommitQueue:
             # The server closed this idle connection (restart, timeout): reconnect rather than
             # fail a batch whose outcome would then be unknown.
             await conn.disconnect(nowait=True)
+        if not conn.is_connected:
+            connect: Callable[[], Awaitable[None]] = conn.connect
+            try:
+                await connect()
+            except (RedisError, OSError) as exc:
+                # Unlike a connection lost with calls in flight, this outcome is known.
+                return [NotSentError(str(exc))] * len(commands)
         wait = self._wait
         results = await _roundtrip(conn, commands if wait is None else [*commands, wait])
         missing = [i for i, r in enumerate(results[:len(commands)])
