@@ -7,7 +7,8 @@ which is the sequencer), with ``time.perf_counter`` on one clock:
 * the loop's lateness: a 1 ms ``call_later`` heartbeat, how late each beat ran;
 * every SQLite group commit (``SqliteStore._commit``): its duration and batch size;
 * every garbage collection (``gc.callbacks``): its duration and generation;
-* every WAL checkpoint of the checkpointer thread: its duration.
+* every WAL checkpoint of the checkpointer thread: its duration (``BENCH_STALLS_CHECKPOINTS=off``
+  runs none, for comparison; ``=low`` runs them at the lowest priority).
 
 At exit it prints (stderr: the server's log, shown with ``BENCH_KEEP_LOGS=1``) their
 distributions after the first ``BENCH_STALLS_SKIP`` seconds (default 2: connections and
@@ -29,6 +30,7 @@ import itertools
 import os
 import sqlite3
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -40,11 +42,18 @@ from tether.store import sqlite as store_sqlite
 TICK = 0.001
 SKIP = float(os.environ.get("BENCH_STALLS_SKIP", "2"))
 STALL = 0.005
+# BENCH_STALLS_CHECKPOINTS=off: no checkpoints at all (the WAL grows for the whole run), to see
+# what the checkpointer's copying and fsync cost the commits on the loop.
+NO_CHECKPOINTS = os.environ.get("BENCH_STALLS_CHECKPOINTS") == "off"
+# BENCH_STALLS_CHECKPOINTS=low: the checkpointer thread at the lowest priority (SCHED_OTHER,
+# nice 19), so that on the server's one core it runs when the loop's thread does not.
+LOW_CHECKPOINTS = os.environ.get("BENCH_STALLS_CHECKPOINTS") == "low"
 LONG = 0.001
 
 clock = time.perf_counter
 beats: list[tuple[float, float, float]] = []  # (due, ran, loop thread's CPU time when it ran)
-commits: list[tuple[float, float, int, float]] = []  # (start, end, rows, CPU seconds)
+# (start, end, rows, CPU seconds, whether a checkpoint ended since the previous commit)
+commits: list[tuple[float, float, int, float, bool]] = []
 collections: list[tuple[float, float, int]] = []  # (start, end, generation)
 checkpoints: list[tuple[float, float]] = []
 _gc_start = [0.0]
@@ -76,6 +85,8 @@ _commit = store_sqlite.SqliteStore._commit
 
 async def start(self: Any) -> None:
     await _start(self)
+    if NO_CHECKPOINTS:
+        self._conn.execute("PRAGMA wal_autocheckpoint = 0")
     _heartbeat(asyncio.get_running_loop())
 
 
@@ -84,19 +95,26 @@ def commit(self: Any, batch: list[Any]) -> None:
     cpu = time.thread_time()
     if not _first[0]:
         _first[0] = begin
+    after_checkpoint = bool(checkpoints) and (not commits or checkpoints[-1][1] > commits[-1][1])
     try:
         _commit(self, batch)
     finally:
-        commits.append((begin, clock(), len(batch), time.thread_time() - cpu))
+        commits.append((begin, clock(), len(batch), time.thread_time() - cpu, after_checkpoint))
 
 
 def checkpointer_run(self: Any) -> None:
+    if LOW_CHECKPOINTS:
+        with contextlib.suppress(OSError, AttributeError):
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))  # this thread only
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     try:
         while True:
             self._wake.wait()
             self._wake.clear()
             if self._stopping:
                 return
+            if NO_CHECKPOINTS:
+                continue
             begin = clock()
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
@@ -132,8 +150,12 @@ def _report() -> None:
     out = [f"stalls over {span:.1f}s (pid {os.getpid()}):",
            f"  loop lateness: {_ms([r - d for d, r, _ in b])}",
            f"  commits, wall: {_ms([e - s for s, e, *_ in c])}, rows per commit "
-           f"{sum(n for _, _, n, _ in c) / max(len(c), 1):.1f}",
-           f"  commits, CPU of the loop's thread: {_ms([t for *_, t in c])}",
+           f"{sum(x[2] for x in c) / max(len(c), 1):.1f}",
+           f"  commits, CPU of the loop's thread: {_ms([x[3] for x in c])}",
+           f"  the first commit after each checkpoint, wall: "
+           f"{_ms([e - s for s, e, _, _, k in c if k])}",
+           f"  commits longer than 5 ms: {sum(1 for s, e, *_ in c if e - s > STALL)}, of which "
+           f"first after a checkpoint: {sum(1 for s, e, _, _, k in c if k and e - s > STALL)}",
            f"  gc: {_ms([e - s for s, e, _ in g])}, gen2 {sum(1 for *_, n in g if n == 2)}",
            f"  checkpoints: {_ms([e - s for s, e in k])}"]
     kinds = {"commit": 0, "gc": 0, "checkpoint": 0, "none": 0}
