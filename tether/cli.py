@@ -587,7 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_port, default=None, help="port (default 8765)")
     serve.add_argument("--data", default=None, help="data folder (default ./tether-data)")
     serve.add_argument("--store", default=None,
-                       help="store URL: sqlite:///DIR (default: sqlite in --data), redis://HOST:PORT/DB")
+                       help="store URL: sqlite:///DIR (default: sqlite in --data), "
+                            "redis://HOST:PORT/DB, redis+cluster://HOST:PORT[,HOST:PORT...]")
     serve.add_argument("--secret-file", default=None, metavar="FILE",
                        help="file of the HS256 secret, or of kid=secret lines (the first "
                             "signs); default TETHER_SECRET_FILE, else DATA/secret")
