@@ -48,6 +48,9 @@ NO_CHECKPOINTS = os.environ.get("BENCH_STALLS_CHECKPOINTS") == "off"
 # BENCH_STALLS_CHECKPOINTS=low: the checkpointer thread at the lowest priority (SCHED_OTHER,
 # nice 19), so that on the server's one core it runs when the loop's thread does not.
 LOW_CHECKPOINTS = os.environ.get("BENCH_STALLS_CHECKPOINTS") == "low"
+# BENCH_STALLS_CHECKPOINT_PAGES=N: ask for a checkpoint every N (estimated) WAL pages instead
+# of the store's own interval.
+PAGES = os.environ.get("BENCH_STALLS_CHECKPOINT_PAGES")
 LONG = 0.001
 
 clock = time.perf_counter
@@ -189,6 +192,8 @@ if __name__ == "__main__":
     store_sqlite.SqliteStore.start = start  # type: ignore[method-assign]
     store_sqlite.SqliteStore._commit = commit  # type: ignore[method-assign]
     store_sqlite._Checkpointer.run = checkpointer_run  # type: ignore[method-assign]
+    if PAGES:
+        store_sqlite._CHECKPOINT_PAGES = int(PAGES)
     gc.callbacks.append(_on_gc)
     atexit.register(_report)
     from tether.cli import main
