@@ -189,6 +189,7 @@ async def test_a_killed_master_fails_over_and_appends_and_listeners_resume(
                                        for a in appenders)]
     # Without it, Redis promises nothing (the next test loses one): measured, not asserted.
     request.node.user_properties += [
+        ("acknowledged_on_victim", sum(len(a.acked) for a in on_victim)),
         ("lost_acknowledged", sum(len(m) for m in lost.values())),
         ("failed_appends", sum(a.failures for a in on_victim))]
 

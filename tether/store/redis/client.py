@@ -120,15 +120,17 @@ class RedisClient:
 
     async def eval(self, script: Script, keys: Sequence[bytes | str],
                    args: Sequence[bytes | str | int]) -> Any:
-        """``EVALSHA`` ``script``, loading it again if the server lost it."""
+        """``EVALSHA`` ``script``, or ``EVAL`` it if the server lost it."""
         client = self.redis()
         execute: Callable[..., Awaitable[Any]] = client.execute_command
         try:
             try:
                 return await execute("EVALSHA", script.sha, len(keys), *keys, *args)
             except NoScriptError:
-                # The server restarted or its script cache was flushed.
-                await client.script_load(script.source)
-                return await execute("EVALSHA", script.sha, len(keys), *keys, *args)
+                # The server restarted, its script cache was flushed, or it is a promoted
+                # replica (Redis 7 does not replicate SCRIPT LOAD). EVAL caches the script on
+                # the node that serves the keys, which a SCRIPT LOAD routed by a cluster
+                # client's node map may miss while that map is stale.
+                return await execute("EVAL", script.source, len(keys), *keys, *args)
         except (RedisError, OSError) as exc:
             raise StoreError(f"redis: {exc}") from exc
