@@ -425,7 +425,7 @@ def _original(session: str, epoch: str, now: int, op: Op, outcome: list[Any]) ->
 
 async def _stale(conn: AbstractConnection) -> bool:
     """Whether an idle connection has unread bytes (the server closed it or sent an error)."""
-    # can_read() replaced can_read_destructive() in redis-py 8 (tether supports 5 and later);
+    # can_read() replaced can_read_destructive() in redis-py 8 (tether supports 5.3 and later);
     # both only look at buffers.
     check = getattr(conn, "can_read", None) or conn.can_read_destructive
     try:
