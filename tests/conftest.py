@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -21,6 +22,17 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports (each held until all are found)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
 
 
 def wait_for_port(port: int, timeout: float = 10.0) -> None:
@@ -115,7 +127,11 @@ class RedisCluster:
             pytest.skip("redis-server is not installed (apt-get install -y redis-server)")
         self.dir = tempfile.mkdtemp(prefix="tether-redis-cluster-")
         # Every node, masters first: redis-cli makes the first MASTERS of them masters.
-        self.nodes = [free_port() for _ in range(self.MASTERS * (1 + replicas))]
+        count = self.MASTERS * (1 + replicas)
+        # Each node's port and its cluster bus port (by default port + 10000, which may be
+        # taken or past 65535).
+        ports = free_ports(2 * count)
+        self.nodes, bus = ports[:count], ports[count:]
         extra: list[str] = []
         if node_timeout is not None:
             # How long a node may be unreachable before it is failed over (default 15 s).
@@ -124,13 +140,12 @@ class RedisCluster:
             # A replica's first sync starts at once rather than after the default 5 s
             # diskless delay.
             extra += ["--repl-diskless-sync-delay", "0"]
-        # The bus port defaults to port + 10000, which may be taken or past 65535.
         self.argv = {port: [
             binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
             "--appendonly", "no", "--dir", self.dir, "--protected-mode", "no",
-            "--cluster-enabled", "yes", "--cluster-port", str(free_port()),
+            "--cluster-enabled", "yes", "--cluster-port", str(bus_port),
             "--cluster-config-file", f"nodes-{port}.conf", "--dbfilename", f"dump-{port}.rdb",
-            *extra] for port in self.nodes}
+            *extra] for port, bus_port in zip(self.nodes, bus, strict=True)}
         self.procs = {port: subprocess.Popen(argv, stdout=subprocess.DEVNULL,
                                              stderr=subprocess.DEVNULL)
                       for port, argv in self.argv.items()}

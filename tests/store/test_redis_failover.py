@@ -90,6 +90,7 @@ class Appender:
                                                  key=f"k{n}")
             except StoreError:
                 self.failures += 1
+                await asyncio.sleep(0)  # a store that fails at once must not starve the loop
                 continue
             self.acked.append((n, result.event.seq))
             n += 1
