@@ -137,7 +137,6 @@ class Connection:
         "_room",
         "acked",
         "auth",
-        "bucket",
         "caller",
         "codec",
         "config",
@@ -182,7 +181,6 @@ class Connection:
         self._room: asyncio.Future[None] | None = None  # a publish waiting for inflight room
         self.fast_json = codec is JSON  # publish frames take the msgspec path (frames.py)
         self.errors_in_row = 0
-        self.bucket = TokenBucket(config.publish_rate, config.publish_burst)
         self._hello_timer: asyncio.TimerHandle | None = None
         self._closing: asyncio.Task[bool] | None = None
 
@@ -329,7 +327,7 @@ class Connection:
             self._hello_timer = None
         client = frame.client or f"c-{new_connection_id()}"
         self.caller = Caller(grant, Sender(grant.sub, client, frame.kind), self.id,
-                             frame.device, frame.tools, self.bucket)
+                             frame.device, frame.tools)
         # Expiry is enforced by the service's once-a-second sweep (SessionService.live): one
         # timer for all connections instead of one each.
         self.service.live.add(self)
@@ -395,6 +393,8 @@ class Connection:
             caller = self.caller
             if caller is None:
                 raise RequestError(ErrorCode.NOT_READY, "send hello first")
+            if caller.bucket is None:  # made on the first publish: most connections never do
+                caller.bucket = TokenBucket(self.config.publish_rate, self.config.publish_burst)
             self.service.publish(caller, frame.session, frame.type, frame.data, frame.key,
                                  frame.transient, reply=functools.partial(self._committed, frame))
         except TetherError as exc:

@@ -179,7 +179,8 @@ class Outbox:
         self._flusher = _flusher_for(self._loop)
         self._scheduled = False
         self._writer: asyncio.Task[None] | None = None
-        self._drain_waiters: list[asyncio.Future[None]] = []
+        # Made when a producer first waits for room: an idle peer's outbox holds no list.
+        self._drain_waiters: list[asyncio.Future[None]] | None = None
 
     @property
     def full(self) -> bool:
@@ -261,8 +262,8 @@ class Outbox:
             self._wake()
 
     def _wake(self) -> None:
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for waiter in waiters:
+        waiters, self._drain_waiters = self._drain_waiters, None
+        for waiter in waiters or ():
             if not waiter.done():
                 waiter.set_result(None)
 
@@ -270,6 +271,8 @@ class Outbox:
         """Return once the queue is at most half full, or the outbox closed."""
         while not self.closed and self.size > self.limit // 2:
             waiter = asyncio.get_running_loop().create_future()
+            if self._drain_waiters is None:
+                self._drain_waiters = []
             self._drain_waiters.append(waiter)
             await waiter
 

@@ -23,7 +23,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import orjson
@@ -334,7 +334,9 @@ class Caller:
     device: str = ""
     tools: tuple[str, ...] = ()
     bucket: TokenBucket | None = None
-    presence: dict[str, dict[str, Any]] = field(default_factory=dict)  # session → member info
+    # session → member info; None until the first join (most connections never join: an
+    # empty dict each would be ~64 bytes per idle connection)
+    presence: dict[str, dict[str, Any]] | None = None
 
     @property
     def member_id(self) -> str:
@@ -563,6 +565,8 @@ class SessionService:
                 "client": caller.sender.client, "device": caller.device,
                 "kind": caller.sender.kind, "tools": list(caller.tools), "state": state,
                 "since": now_ms()}
+        if caller.presence is None:
+            caller.presence = {}
         caller.presence[session] = info
         await self.presence.set_presence(session, caller.member_id, info,
                                       self.config.presence_ttl)
@@ -574,7 +578,7 @@ class SessionService:
     async def update_presence(self, caller: Caller, session: str,
                               state: dict[str, Any]) -> dict[str, Any]:
         caller.require(session, "presence")
-        info = caller.presence.get(session)
+        info = caller.presence.get(session) if caller.presence else None
         if info is None:
             raise RequestError(ErrorCode.NOT_ATTACHED, f"not attached to {session!r}")
         self._check_presence(caller, session, state)
@@ -590,7 +594,8 @@ class SessionService:
         config = self.config
         size = check_value(state, config.max_presence_bytes, config.max_event_depth,
                            "presence state")
-        others = sum(len(orjson.dumps(info["state"])) for s, info in caller.presence.items()
+        joined = caller.presence or {}
+        others = sum(len(orjson.dumps(info["state"])) for s, info in joined.items()
                      if s != session)
         if others + size > config.max_presence_total_bytes:
             raise RequestError(ErrorCode.TOO_LARGE,
@@ -599,7 +604,7 @@ class SessionService:
 
     async def leave(self, caller: Caller, session: str) -> None:
         """``caller`` is no longer present in ``session``; store failures are logged only."""
-        info = caller.presence.pop(session, None)
+        info = caller.presence.pop(session, None) if caller.presence else None
         if info is None:
             return
         try:
@@ -609,7 +614,7 @@ class SessionService:
             log.warning("presence leave of %s failed: %s", session, exc)
 
     async def refresh_presence(self, caller: Caller) -> None:
-        for session, info in list(caller.presence.items()):
+        for session, info in list((caller.presence or {}).items()):
             await self.presence.set_presence(session, info["member"], info,
                                           self.config.presence_ttl)
 
