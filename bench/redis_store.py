@@ -18,7 +18,13 @@ masters pinned to the server core like the single Redis (so the two compare on t
 the ratio is what splitting each flush into one script call per slot costs Redis and the
 client). Its "redis CPU" is the three masters' sum.
 
-Run: ``python -m bench.redis_store`` (3 runs, ~30 s) or ``--quick``; add ``--cluster``.
+``--wait-replicas``: the single Redis gets a replica (on the server core too), and every variant
+also runs with ``?wait_replicas=1`` (each commit pipeline ends with ``WAIT 1``) against the same
+Redis and replica, right after the variant without it; the ratio is what waiting for the
+replica costs. At K=1 the mean time an append takes is the appends in flight over events/s.
+
+Run: ``python -m bench.redis_store`` (3 runs, ~30 s) or ``--quick``; add ``--cluster`` or
+``--wait-replicas``.
 """
 
 from __future__ import annotations
@@ -47,26 +53,52 @@ HEADLINE = "message, K=10"
 
 
 class RedisServer:
-    def __init__(self) -> None:
+    def __init__(self, replica: bool = False) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             sys.exit("redis-server is not installed (apt-get install -y redis-server)")
         self.port = c.free_port()
         self._dir = tempfile.TemporaryDirectory(prefix="bench-redis-")
-        self.proc = subprocess.Popen(
-            c.pinned([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                      "--appendonly", "no", "--dir", self._dir.name, "--protected-mode", "no"]),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        argv = [binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", self._dir.name, "--protected-mode", "no",
+                "--repl-diskless-sync-delay", "0"]
+        self.proc = subprocess.Popen(c.pinned([*argv, "--port", str(self.port)]),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         c.wait_for_port(self.port, 10, self.proc)
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.pids = [self.proc.pid]
+        self.replica: subprocess.Popen[bytes] | None = None
+        if replica:
+            port = c.free_port()
+            self.replica = subprocess.Popen(
+                c.pinned([*argv, "--port", str(port), "--dbfilename", "replica.rdb",
+                          "--replicaof", "127.0.0.1", str(self.port)]),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            c.wait_for_port(port, 10, self.replica)
+            self._wait_replica()
+
+    def _wait_replica(self) -> None:
+        """Until the replica acknowledges writes (Redis streams them to it only then)."""
+        import redis as sync_redis
+
+        node = sync_redis.Redis(port=self.port)
+        deadline = time.monotonic() + 30
+        while True:
+            node.flushall()
+            if int(node.wait(1, 1000)) >= 1:
+                break
+            if time.monotonic() > deadline:
+                sys.exit("the redis replica did not sync")
+        node.close()
 
     async def flush(self) -> None:
         await flush(self.url)
 
     def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
+        for proc in (self.proc, self.replica):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(10)
         self._dir.cleanup()
 
 
@@ -124,11 +156,12 @@ async def flush(url: str) -> None:
 
 
 async def run_store(redis: RedisServer | RedisClusterServer, total: int, per_session: int,
-                    type_: str, keyed: bool, profile: str | None = None) -> dict[str, Any]:
+                    type_: str, keyed: bool, profile: str | None = None,
+                    query: str = "") -> dict[str, Any]:
     from tether.protocol.events import Sender
     from tether.store.redis import RedisStore
 
-    url = redis.url
+    url = redis.url + query
     await redis.flush()
     batches: list[int] = []
     store = RedisStore(url, on_batch=batches.append)
@@ -164,6 +197,26 @@ async def run_store(redis: RedisServer | RedisClusterServer, total: int, per_ses
     return {"events_per_s": done / elapsed, "events": done, "seconds": elapsed,
             "client_cpu": (own1 - own0) / elapsed, "redis_cpu": (redis1 - redis0) / elapsed,
             "mean_batch": sum(batches) / len(batches) if batches else float("nan")}
+
+
+async def run_one_at_a_time(redis: RedisServer, count: int, query: str) -> list[float]:
+    """Seconds each of ``count`` appends takes, one at a time to one session."""
+    from tether.protocol.events import Sender
+    from tether.store.redis import RedisStore
+
+    await redis.flush()
+    store = RedisStore(redis.url + query)
+    await store.start()
+    sender = Sender("bench", "c-1", "agent")
+    took = []
+    try:
+        for _ in range(count):
+            start = time.perf_counter()
+            await store.append("latency", "message", {"text": c.DELTA_TEXT}, sender)
+            took.append(time.perf_counter() - start)
+    finally:
+        await store.close()
+    return took
 
 
 async def run_xadd(url: str, count: int, pipeline: int) -> float:
@@ -206,14 +259,19 @@ async def main() -> None:
     p.add_argument("--profile-variant", default=HEADLINE, choices=[v[0] for v in VARIANTS])
     p.add_argument("--cluster", action="store_true",
                    help="also run every variant on a 3-master Redis Cluster")
+    p.add_argument("--wait-replicas", action="store_true",
+                   help="give the Redis a replica; also run every variant with wait_replicas=1")
     args = p.parse_args()
     total = args.events or (20_000 if args.quick else 100_000)
-    redis = RedisServer()
+    redis = RedisServer(replica=args.wait_replicas)
     cluster = RedisClusterServer() if args.cluster else None
     results: dict[str, list[dict[str, Any]]] = {v[0]: [] for v in VARIANTS}
     if cluster is not None:
         results.update({f"{v[0]}, cluster": [] for v in VARIANTS})
+    if args.wait_replicas:
+        results.update({f"{v[0]}, wait_replicas=1": [] for v in VARIANTS})
     baselines: dict[str, list[float]] = {"XADD one at a time": [], "XADD pipelined 100": []}
+    one_at_a_time: dict[str, list[float]] = {"": [], "?wait_replicas=1": []}
     try:
         for i in range(c.runs(args)):
             background = c.settle()
@@ -233,6 +291,14 @@ async def main() -> None:
                     r["background_busy"] = background
                     results[f"{name}, cluster"].append(r)
                     line.append(f"cluster {r['events_per_s']:,.0f}/s")
+                if args.wait_replicas:
+                    r = await run_store(redis, total, k, type_, keyed, query="?wait_replicas=1")
+                    r["background_busy"] = background
+                    results[f"{name}, wait_replicas=1"].append(r)
+                    line.append(f"waiting {r['events_per_s']:,.0f}/s")
+            if args.wait_replicas:
+                for query, took in one_at_a_time.items():
+                    took += await run_one_at_a_time(redis, 2000, query)
             print(f"run {i + 1}: " + "; ".join(line), flush=True)
     finally:
         redis.close()
@@ -263,10 +329,34 @@ async def main() -> None:
                   / summary[name]["events_per_s"] for name, *_ in VARIANTS}
         print("cluster / one Redis, same core: "
               + "; ".join(f"{name} {ratio:.2f}" for name, ratio in ratios.items()))
-    path = c.write_results("redis_store_cluster" if cluster is not None else "redis_store", {
+    if args.wait_replicas:
+        ratios = {name: summary[f"{name}, wait_replicas=1"]["events_per_s"]
+                  / summary[name]["events_per_s"] for name, *_ in VARIANTS}
+        print("wait_replicas=1 / without, same Redis and replica: "
+              + "; ".join(f"{name} {ratio:.2f}" for name, ratio in ratios.items()))
+        per_append = {name: SESSIONS * k / summary[name]["events_per_s"] * 1000
+                      for name, _, k, _ in VARIANTS}
+        per_append_waiting = {
+            name: SESSIONS * k / summary[f"{name}, wait_replicas=1"]["events_per_s"] * 1000
+            for name, _, k, _ in VARIANTS}
+        print("mean ms per append (in flight / events/s): " + "; ".join(
+            f"{name} {per_append[name]:.2f} -> {per_append_waiting[name]:.2f}"
+            for name, *_ in VARIANTS))
+        alone = {q: (c.percentile(t, 50) * 1000, c.percentile(t, 99) * 1000)
+                 for q, t in one_at_a_time.items()}
+        print("one append at a time, one session: p50 {:.3f} -> {:.3f} ms, p99 {:.3f} -> "
+              "{:.3f} ms".format(alone[""][0], alone["?wait_replicas=1"][0],
+                                 alone[""][1], alone["?wait_replicas=1"][1]))
+    name = ("redis_store_cluster" if cluster is not None
+            else "redis_store_wait" if args.wait_replicas else "redis_store")
+    path = c.write_results(name, {
         "config": {"events": total, "sessions": SESSIONS, "runs": c.runs(args),
-                   "headline": HEADLINE, "cluster": cluster is not None},
+                   "headline": HEADLINE, "cluster": cluster is not None,
+                   "wait_replicas": args.wait_replicas},
         "runs": results, "baselines": baselines, "summary": summary, "baseline": base,
+        "one_at_a_time_ms": {q or "plain": {"p50": c.percentile(took, 50) * 1000,
+                                             "p99": c.percentile(took, 99) * 1000}
+                             for q, took in one_at_a_time.items() if took},
         "ratios": {n: s["events_per_s"] / single for n, s in summary.items()},
         "target": {"events_per_s": target, "value": headline, "met": met}})
     print(f"\nwrote {path.relative_to(c.ROOT)}")
