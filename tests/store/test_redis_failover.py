@@ -25,6 +25,7 @@ from tests.store.test_redis import ALICE, Collector, PrivateRedis, open_node
 from tests.store.test_redis_cluster import owners, slot_of
 from tether.store import Appended, StoreError
 from tether.store.redis import RedisStore
+from tether.store.redis.client import WAIT_TIMEOUT, split_store_options
 
 pytestmark = pytest.mark.redis
 
@@ -289,3 +290,15 @@ async def test_one_redis_acknowledges_once_its_replica_has_the_commit(
         assert (await store.append("s", "message", 3, ALICE)).event.seq == 3
     finally:
         await store.close()
+
+
+def test_the_wait_options_are_the_stores_own() -> None:
+    assert split_store_options("redis://h:6379/0?wait_replicas=2&socket_timeout=5") == (
+        "redis://h:6379/0?socket_timeout=5", 2, WAIT_TIMEOUT)
+    assert split_store_options("redis+cluster://h1:7000,h2:7001?wait_replicas=1&wait_timeout=50"
+                               ) == ("redis+cluster://h1:7000,h2:7001", 1, 50)
+    assert split_store_options("rediss+cluster://u:p%40@h1:7000/") == (
+        "rediss+cluster://u:p%40@h1:7000/", 0, WAIT_TIMEOUT)
+    for bad in ("wait_replicas=one", "wait_timeout=0", "wait_timeout=-5"):
+        with pytest.raises(ValueError):
+            split_store_options(f"redis://h:6379/0?{bad}")
