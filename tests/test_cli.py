@@ -13,9 +13,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,23 +38,6 @@ def tether(*args: str, cwd: Path, env: dict[str, str],
            timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "tether", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def wait_for_http(port: int, timeout: float) -> None:
-    """Until the server answers HTTP: its port listens (and queues connections) before the
-    server has loaded, or created its secret (tether/server/listen.py)."""
-    wait_for_port(port, timeout)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=timeout):
-                return
-        except urllib.error.HTTPError:
-            return  # an answer all the same
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no HTTP answer on 127.0.0.1:{port}") from None
-            time.sleep(0.02)
 
 
 def start(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:
@@ -130,7 +110,7 @@ class Layout:
                      "--agent", "none", "--log-level", "warning", *extra,
                      cwd=self.clone, env=self.env)
         try:
-            wait_for_http(self.port, 30)
+            wait_for_port(self.port, 30)
         except TimeoutError:
             stop(proc)
             raise

@@ -127,13 +127,12 @@ def _install_uvloop() -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    # Only what the port needs is loaded before it listens: clients of a restarting server
-    # then wait in its accept queue instead of being refused (tether/server/listen.py).
+    from tether import logs
     from tether.server.config import ServerConfig
-    from tether.server.listen import WORKER_ENV, Listening, default_workers
-    from tether.store.base import Retention
+    from tether.server.workers import Worker, default_workers
+    from tether.store import Retention
 
-    is_worker = bool(os.environ.get(WORKER_ENV))  # one of --workers N: its supervisor listens
+    worker = Worker.from_env()  # set when this process is one of --workers N
 
     try:
         config = ServerConfig.from_env(
@@ -162,29 +161,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         config.workers = args.workers
     if config.workers < 0:
         fail(f"--workers {config.workers}: give 1 or more (0: one per core)")
-    workers = 1 if is_worker else config.workers or default_workers()
-    listening: Listening | None = None
-    if not is_worker:
-        try:
-            listening = Listening.open(config.host, config.port, workers)
-        except OSError as exc:
-            _cannot_listen(exc, config)
-
-    from tether import logs
-    from tether.server.workers import Worker
-
-    worker = Worker.from_env()
     if worker is not None:
         worker.configure(config)
+    workers = 1 if worker is not None else config.workers or default_workers()
     logs.configure(config.log_level)
     _install_uvloop()
 
     agents = [load_agent(spec, args.sessions or ("*",))
               for spec in (args.agent or ["tether.agents.demo:demo_agent"]) if spec != "none"]
     if workers > 1:
-        return _serve_workers(config, workers, args.argv, listening)
-    from tether.server import Server  # not in a supervisor, which starts its workers sooner
-    sockets = worker.sockets() if worker is not None else listening.slots[0] if listening else []
+        return _serve_workers(config, workers, args.argv)
+    # Only a process that serves loads the server: a supervisor starts its workers sooner.
+    from tether.server import Server
 
     async def run() -> int:
         stop = asyncio.Event()
@@ -199,7 +187,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             # A worker of --workers N: the supervisor's store (or Redis), and it stops when
             # the supervisor goes away.
             store = worker.store(config, lambda: on_signal(signal.SIGTERM)) if worker else None
-            server = Server(config, store=store, sockets=sockets)
+            server = Server(config, store=store)
         except (KeyConfigError, ValueError) as exc:
             fail(str(exc))
         for agent in agents:
@@ -242,7 +230,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 128 + signal.SIGINT
 
 
-def _serve_workers(config: Any, workers: int, argv: list[str], listening: Any) -> int:
+def _serve_workers(config: Any, workers: int, argv: list[str]) -> int:
     """``tether serve --workers N``: the supervisor of N workers (tether/server/workers.py)."""
     from tether.server.auth import Authenticator
     from tether.server.workers import StartError, Supervisor, describe, run_supervisor
@@ -263,8 +251,7 @@ def _serve_workers(config: Any, workers: int, argv: list[str], listening: Any) -
 
     try:
         return run_supervisor(config, workers, argv, started, secret=secret,
-                              start=lambda supervisor: _start(supervisor, config),
-                              listening=listening)
+                              start=lambda supervisor: _start(supervisor, config))
     except StartError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
@@ -276,23 +263,18 @@ def _os_reason(exc: OSError) -> str:
     return os.strerror(exc.errno) if exc.errno else (exc.strerror or str(exc))
 
 
-def _cannot_listen(exc: OSError, config: Any) -> NoReturn:
-    """A failure to bind or listen (or another OS error at start) as one line."""
-    if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL) or \
-            "bind" in str(exc):
-        reason = _os_reason(exc)
-        hint = " (is another server running there? choose another --port)" \
-            if exc.errno == errno.EADDRINUSE else ""
-        fail(f"cannot listen on {config.host}:{config.port}: {reason}{hint}")
-    fail(f"cannot start: {exc}")
-
-
 async def _start(server: Any, config: Any) -> None:
     """``server.start()``, with the expected failures as one line each."""
     try:
         await server.start()
     except OSError as exc:
-        _cannot_listen(exc, config)
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL) or \
+                "bind" in str(exc):
+            reason = _os_reason(exc)
+            hint = " (is another server running there? choose another --port)" \
+                if exc.errno == errno.EADDRINUSE else ""
+            fail(f"cannot listen on {config.host}:{config.port}: {reason}{hint}")
+        fail(f"cannot start: {exc}")
     except Exception as exc:
         from tether.store.base import StoreError
 

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -33,7 +32,6 @@ from tether.server.config import ServerConfig, node_id
 from tether.server.connection import WS_ENDPOINT, Connection
 from tether.server.hub import Hub
 from tether.server.keys import AUTH, CONFIG, HUB, METRICS, NODE, RUNS, SCHEDULER, SESSIONS, STORE
-from tether.server.listen import BACKLOG
 from tether.server.metrics import Metrics
 from tether.server.sessions import SessionService
 from tether.server.sse import SseStream
@@ -66,16 +64,11 @@ class _MalformedHttp(logging.Filter):
 
 
 class Server:
-    """One tether node. ``await start()`` binds; ``await stop()`` closes every connection.
-
-    ``sockets``: listening sockets to serve instead of binding ``config.host:config.port``
-    (``tether serve`` listens before it loads the server: :mod:`tether.server.listen`).
-    """
+    """One tether node. ``await start()`` binds; ``await stop()`` closes every connection."""
 
     def __init__(self, config: ServerConfig | None = None, store: Store | None = None,
-                 *, sockets: Sequence[socket.socket] = ()) -> None:
+                 ) -> None:
         self.config = config = config or ServerConfig()
-        self.sockets = list(sockets)
         self.metrics = Metrics()
         self.store = store or open_store(config.resolved_store_url(), config.retention,
                                          on_batch=self.metrics.batch_size.observe)
@@ -159,18 +152,12 @@ class Server:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                      shutdown_timeout=SHUTDOWN_GRACE)
         await self._runner.setup()
-        sites: list[web.BaseSite] = [
-            web.SockSite(self._runner, sock, backlog=BACKLOG) for sock in self.sockets]
-        if not sites:
-            # A restarted worker of one port (tether serve --workers) binds it with
-            # SO_REUSEPORT.
-            sites.append(web.TCPSite(self._runner, self.config.host, self.config.port,
-                                     reuse_address=True,
-                                     reuse_port=self.config.reuse_port or None,
-                                     backlog=BACKLOG))
+        # Workers of one port (tether serve --workers) each bind it with SO_REUSEPORT.
+        site = web.TCPSite(self._runner, self.config.host, self.config.port,
+                           reuse_address=True, reuse_port=self.config.reuse_port or None,
+                           backlog=4096)
         try:
-            for site in sites:
-                await site.start()
+            await site.start()
         except BaseException:
             await self._runner.cleanup()
             raise

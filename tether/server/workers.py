@@ -2,13 +2,9 @@
 
 The supervisor is the process that was started. It never serves a client; it
 
-* holds the port: a bound (not listening) socket with ``SO_REUSEPORT``, so nobody else can
-  take the port while a worker restarts. Each worker listens on its own ``SO_REUSEPORT`` socket
-  of that port, and the kernel spreads new connections over them. At start the supervisor
-  opens every worker's listening socket itself, before it loads the server or opens the store,
-  and hands it to the worker: while the store recovers and the workers start, connections wait
-  in the sockets' accept queues instead of being refused (:mod:`tether.server.listen`). A
-  restarted worker binds its own socket, so that meanwhile its share goes to the others;
+* holds the port: a bound (not listening) socket with ``SO_REUSEPORT``, so the workers, which
+  bind the same port with ``SO_REUSEPORT`` and listen, share the kernel's spread of new
+  connections and nobody else can take the port while a worker restarts;
 * with the embedded store (SQLite, or memory), is the *sequencer*: it owns the store and serves
   it to every worker through a :class:`~tether.store.shared.StoreHost`, one Unix socket pair per
   worker. Workers hold a :class:`~tether.store.shared.SharedStore`, so they are to the
@@ -46,13 +42,12 @@ from dataclasses import dataclass
 import orjson
 
 from tether.server.config import ServerConfig, node_id
-from tether.server.listen import WORKER_ENV, Listening
-from tether.server.listen import default_workers as default_workers
 from tether.store import Store, open_store
 from tether.store.shared import SharedStore, StoreHost
 
 log = logging.getLogger("tether.workers")
 
+WORKER_ENV = "TETHER_WORKER"
 # How long stop() waits for workers to finish before SIGKILL.
 STOP_GRACE = 15.0
 # A worker that dies sooner than this after its start is restarted after a growing back-off.
@@ -61,6 +56,14 @@ BACKOFF_MIN = 0.1
 BACKOFF_MAX = 5.0
 # How long start() waits for every worker to say it is serving.
 START_TIMEOUT = 60.0
+
+
+def default_workers() -> int:
+    """The number of cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def sequenced(config: ServerConfig) -> bool:
@@ -79,9 +82,6 @@ class Worker:
     life_fd: int
     store_fd: int  # -1: the worker opens the store itself (Redis)
     parent: int
-    # Listening sockets opened by the supervisor (at its start); none: bind the port itself
-    # with SO_REUSEPORT (a restarted worker).
-    listen_fds: tuple[int, ...] = ()
 
     @classmethod
     def from_env(cls) -> Worker | None:
@@ -90,9 +90,8 @@ class Worker:
             return None
         values = orjson.loads(raw)
         worker = cls(int(values["index"]), str(values["node"]), int(values["life_fd"]),
-                     int(values["store_fd"]), int(values["parent"]),
-                     tuple(int(fd) for fd in values.get("listen_fds", ())))
-        for fd in (worker.life_fd, worker.store_fd, *worker.listen_fds):
+                     int(values["store_fd"]), int(values["parent"]))
+        for fd in (worker.life_fd, worker.store_fd):
             if fd >= 0:
                 os.set_inheritable(fd, False)
         return worker
@@ -100,10 +99,6 @@ class Worker:
     def configure(self, config: ServerConfig) -> None:
         config.node_id = self.node
         config.reuse_port = True
-
-    def sockets(self) -> list[socket.socket]:
-        """The listening sockets the supervisor opened for this worker (maybe none)."""
-        return [socket.socket(fileno=fd) for fd in self.listen_fds]
 
     def store(self, config: ServerConfig, on_lost: Callable[[], None]) -> Store | None:
         """The shared store (sequencer), or None: open the configured one (Redis)."""
@@ -145,7 +140,6 @@ class _Child:
         self.ready = asyncio.Event()
         self.exited = asyncio.Event()
         self.failures = 0
-        self.sockets: list[socket.socket] = []  # opened for its next start, handed over then
 
 
 class _LifePipe(asyncio.Protocol):
@@ -172,7 +166,7 @@ class Supervisor:
     """Runs ``workers`` workers of ``argv`` (``tether serve …`` arguments) on one port."""
 
     def __init__(self, config: ServerConfig, workers: int, argv: Sequence[str], *,
-                 secret: str | None = None, listening: Listening | None = None) -> None:
+                 secret: str | None = None) -> None:
         self.config = config
         self.workers = workers
         self.argv = list(argv)
@@ -182,22 +176,15 @@ class Supervisor:
         self.host: StoreHost | None = None
         self._port_socket: socket.socket | None = None
         self._children = [_Child(i) for i in range(workers)]
-        self._listening = listening  # opened by the caller before it loaded the server
         self._stopping = False
         self._watchers: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        """Hold the port and listen, open the store, start every worker and wait until all
-        serve."""
+        """Open the store, hold the port, start every worker and wait until all serve."""
         config = self.config
-        listening, self._listening = self._listening, None
-        if listening is None:
-            listening = Listening.open(config.host, config.port, self.workers)
-        self._port_socket = listening.held
-        for child, sockets in zip(self._children, listening.slots, strict=True):
-            child.sockets = sockets
+        self.node = config.node_id or node_id(config.data_dir)
+        self._port_socket = self._hold_port()
         try:
-            self.node = config.node_id or node_id(config.data_dir)
             if sequenced(config):
                 self.store = _sequencer_store(config)
                 await self.store.start()
@@ -224,6 +211,27 @@ class Supervisor:
         self._watchers = [asyncio.ensure_future(self._watch(child))
                           for child in self._children]
 
+    def _hold_port(self) -> socket.socket:
+        config = self.config
+        infos = socket.getaddrinfo(config.host or None, config.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        # Any process of this user could join a SO_REUSEPORT group, another tether too: a
+        # plain bind first proves that nobody holds the port (EADDRINUSE otherwise).
+        for reuse_port in (False, True):
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind(address)
+            except OSError:
+                sock.close()
+                raise
+            if not reuse_port:
+                sock.close()
+        return sock
+
     async def _started(self, child: _Child) -> None:
         ready = asyncio.ensure_future(child.ready.wait())
         exited = asyncio.ensure_future(child.exited.wait())
@@ -246,14 +254,12 @@ class Supervisor:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             await self.host.serve(ours)
             store_fd = theirs.fileno()
-        sockets, child.sockets = child.sockets, []
-        listen_fds = [sock.fileno() for sock in sockets]
         env = {**os.environ, WORKER_ENV: orjson.dumps({
             "index": child.index, "node": f"{self.node}-{child.index}", "life_fd": life_write,
-            "store_fd": store_fd, "parent": os.getpid(), "listen_fds": listen_fds}).decode()}
+            "store_fd": store_fd, "parent": os.getpid()}).decode()}
         if self.secret is not None:
             env["TETHER_SECRET"] = self.secret
-        fds = [life_write] + ([store_fd] if store_fd >= 0 else []) + listen_fds
+        fds = [life_write] + ([store_fd] if store_fd >= 0 else [])
         try:
             child.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "tether", *self.argv, pass_fds=fds, env=env)
@@ -264,8 +270,6 @@ class Supervisor:
             os.close(life_write)  # the worker's copy is the only one: its exit ends the pipe
             if theirs is not None:
                 theirs.close()  # the host's end sees EOF if the worker never started
-            for sock in sockets:
-                sock.close()  # the worker's copy keeps it listening, as long as it lives
         child.started = time.monotonic()
         await loop.connect_read_pipe(lambda: _LifePipe(child), os.fdopen(life_read, "rb", 0))
 
@@ -332,13 +336,6 @@ class Supervisor:
         if self._port_socket is not None:
             self._port_socket.close()
             self._port_socket = None
-        for child in self._children:
-            for sock in child.sockets:
-                sock.close()
-            child.sockets = []
-        if self._listening is not None:
-            self._listening.close()
-            self._listening = None
 
 
 # The sequencer commits at most this many appends per transaction, and sends the answers
@@ -364,16 +361,14 @@ def describe(config: ServerConfig, workers: int) -> str:
 
 def run_supervisor(config: ServerConfig, workers: int, argv: Sequence[str],
                    on_started: Callable[[Supervisor], None], *, secret: str | None = None,
-                   start: Callable[[Supervisor], Awaitable[None]] | None = None,
-                   listening: Listening | None = None) -> int:
+                   start: Callable[[Supervisor], Awaitable[None]] | None = None) -> int:
     """Run the supervisor until SIGTERM/SIGINT; the process's exit status.
 
-    ``start`` wraps :meth:`Supervisor.start` (the CLI turns its failures into one line);
-    ``listening``: the port, held and listened on already (:meth:`Listening.open`).
+    ``start`` wraps :meth:`Supervisor.start` (the CLI turns its failures into one line).
     """
 
     async def run() -> int:
-        supervisor = Supervisor(config, workers, argv, secret=secret, listening=listening)
+        supervisor = Supervisor(config, workers, argv, secret=secret)
         stop = asyncio.Event()
         received: list[int] = []
         loop = asyncio.get_running_loop()
