@@ -21,9 +21,11 @@ AUTH = {"Authorization": f"Bearer {token()}"}
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[Server]:
-    config = ServerConfig(port=0, secret=SECRET, data_dir=tmp_path, subject_publish_rate=50,
+    # Refills of one token per 20 s: a bucket emptied by a test stays empty however slowly the
+    # machine runs the test's next request.
+    config = ServerConfig(port=0, secret=SECRET, data_dir=tmp_path, subject_publish_rate=0.05,
                           subject_publish_burst=20, subject_streams=2,
-                          subject_connections=3, subject_presence_rate=1,
+                          subject_connections=3, subject_presence_rate=0.05,
                           subject_presence_burst=3)
     srv = Server(config, store=MemoryStore())
     await srv.start()
