@@ -84,7 +84,7 @@ class RawFollower:
     Python SDK clients cost the client processes more CPU per reconnect than the server's
     attach: on a small machine 10,000 of them measure the clients. This one reuses
     the raw WebSocket of ``bench.connections`` and the SDK's own policy, resume and numbering
-    check: ``backoff_delay`` (full jitter, 0.5 s base, 30 s cap), ``retry_after`` of a
+    check: ``backoff_delay`` (full jitter, the SDKs' base and cap), ``retry_after`` of a
     ``4003`` close, re-attach from the cursor of the last event received.
     """
 
@@ -125,7 +125,7 @@ class RawFollower:
 
     async def run(self) -> None:
         from bench.connections import RawWS
-        from tether.client.protocol import backoff_delay
+        from tether.client.protocol import BACKOFF_BASE, BACKOFF_CAP, backoff_delay
         from tether.protocol.codes import CloseCode, retry_after_from_reason
 
         loop = asyncio.get_running_loop()
@@ -170,7 +170,7 @@ class RawFollower:
             self.attached = False
             if self.stopping:
                 return
-            delay = backoff_delay(attempt, 0.5, 30.0, self.rng)
+            delay = backoff_delay(attempt, BACKOFF_BASE, BACKOFF_CAP, self.rng)
             if code == CloseCode.TRY_AGAIN_LATER:
                 after = retry_after_from_reason(reason)
                 if after is not None:

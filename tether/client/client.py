@@ -51,6 +51,8 @@ from tether.client.errors import (
     TetherError,
 )
 from tether.client.protocol import (
+    BACKOFF_BASE,
+    BACKOFF_CAP,
     INTERRUPT_TYPES,
     Attached,
     AttachFailed,
@@ -456,8 +458,8 @@ class Client:
 
     def __init__(self, url: str, *, token: TokenSource = None, codec: str = "json",
                  client_id: str | None = None, device: str = "", kind: str = "human",
-                 tools: tuple[str, ...] = (), backoff_base: float = 0.5,
-                 backoff_cap: float = 30.0, max_attempts: int | None = None,
+                 tools: tuple[str, ...] = (), backoff_base: float = BACKOFF_BASE,
+                 backoff_cap: float = BACKOFF_CAP, max_attempts: int | None = None,
                  heartbeat_timeout: float | None = None, ws_heartbeat: float | None = 20.0,
                  connect_timeout: float = 10.0, close_timeout: float = 2.0,
                  queue_size: int = 1024, max_msg_size: int = 4 << 20,

@@ -143,7 +143,7 @@ export interface ClientOptions {
   tools?: string[];
   /** Reconnects wait uniform(0, min(backoffCap, backoffBase * 2**attempt)) ms. Default 500. */
   backoffBase?: number;
-  /** Default 30000. */
+  /** Default 8000. */
   backoffCap?: number;
   /** Failed attempts in a row before giving up; null (default) = never. */
   maxAttempts?: number | null;

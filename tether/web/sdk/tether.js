@@ -976,7 +976,7 @@ export class Client {
       kind = "human",
       tools = [],
       backoffBase = 500,
-      backoffCap = 30000,
+      backoffCap = 8000, // bounds the stay away after a restart (docs/scaling.md)
       maxAttempts = null,
       heartbeatTimeout = null,
       connectTimeout = 10000,
