@@ -20,7 +20,7 @@ import contextlib
 import logging
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableSequence
 from typing import Any
 
 import orjson
@@ -195,29 +195,8 @@ class LiveChannel:
             delay = min(delay * 2, RECONNECT_MAX)
 
     async def _writer(self, conn: AbstractConnection) -> None:
-        """Send (un)subscribes in call order, and PING an idle connection to notice loss."""
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                try:
-                    await asyncio.wait_for(self._sub_wake.wait(), PING_INTERVAL)
-                except TimeoutError:
-                    if loop.time() - self._last_rx > 3 * PING_INTERVAL:
-                        raise ConnectionError("no reply to PING") from None
-                    await conn.send_command(b"PING", check_health=False)
-                    continue
-                self._sub_wake.clear()
-                commands = list(self._sub_ops)
-                self._sub_ops.clear()
-                if commands:
-                    await conn.send_packed_command(conn.pack_commands(commands),
-                                                   check_health=False)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("redis pub/sub write failed: %s", exc)
-            # Closing the socket ends the reader's read, which then reconnects.
-            await conn.disconnect(nowait=True)
+        await write_subscriptions(conn, self._sub_wake, self._sub_ops,
+                                  lambda: self._last_rx, "redis pub/sub")
 
     def _on_reply(self, reply: Any) -> None:
         if not isinstance(reply, list) or len(reply) < 3:
@@ -252,3 +231,33 @@ class LiveChannel:
                 self._listeners.dispatch(event)
             except Exception:
                 log.exception("listener failed on %s seq %d", session, event.seq)
+
+
+async def write_subscriptions(conn: AbstractConnection, wake: asyncio.Event,
+                              ops: MutableSequence[tuple[bytes, bytes]],
+                              last_rx: Callable[[], float], name: str) -> None:
+    """Send a pub/sub connection's (un)subscribes in call order (``ops``, on ``wake``), and
+    PING it when idle to notice a silent loss; on a failure, close it (its reader then
+    reconnects). Shared by the single Redis's channel and each cluster master's."""
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            try:
+                await asyncio.wait_for(wake.wait(), PING_INTERVAL)
+            except TimeoutError:
+                if loop.time() - last_rx() > 3 * PING_INTERVAL:
+                    raise ConnectionError("no reply to PING") from None
+                await conn.send_command(b"PING", check_health=False)
+                continue
+            wake.clear()
+            commands = list(ops)
+            ops.clear()
+            if commands:
+                await conn.send_packed_command(conn.pack_commands(commands),
+                                               check_health=False)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.warning("%s write failed: %s", name, exc)
+        # Closing the socket ends the reader's read, which then reconnects.
+        await conn.disconnect(nowait=True)

@@ -35,7 +35,12 @@ from tether.protocol.events import Event
 from tether.store.base import StoreError
 from tether.store.redis.cluster import ClusterClient
 from tether.store.redis.keys import KeySpace
-from tether.store.redis.pubsub import PING_INTERVAL, RECONNECT_MAX, RECONNECT_MIN, LiveChannel
+from tether.store.redis.pubsub import (
+    RECONNECT_MAX,
+    RECONNECT_MIN,
+    LiveChannel,
+    write_subscriptions,
+)
 
 log = logging.getLogger("tether.store.redis")
 
@@ -155,27 +160,8 @@ class _Shard:
             delay = min(delay * 2, RECONNECT_MAX)
 
     async def _writer(self, conn: AbstractConnection) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                try:
-                    await asyncio.wait_for(self.wake.wait(), PING_INTERVAL)
-                except TimeoutError:
-                    if loop.time() - self.last_rx > 3 * PING_INTERVAL:
-                        raise ConnectionError("no reply to PING") from None
-                    await conn.send_command(b"PING", check_health=False)
-                    continue
-                self.wake.clear()
-                commands = list(self.ops)
-                self.ops.clear()
-                if commands:
-                    await conn.send_packed_command(conn.pack_commands(commands),
-                                                   check_health=False)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("redis pub/sub write to %s failed: %s", self.name, exc)
-            await conn.disconnect(nowait=True)
+        await write_subscriptions(conn, self.wake, self.ops, lambda: self.last_rx,
+                                  f"redis pub/sub to {self.name}")
 
     def _on_reply(self, reply: Any) -> None:
         if not isinstance(reply, list) or len(reply) < 3:
