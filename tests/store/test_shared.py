@@ -102,3 +102,15 @@ async def test_a_broken_client_is_dropped_and_others_keep_working(host: StoreHos
     ours.close()
     assert (await good.append("s", "message", "still", ALICE)).event.seq == 1
     await good.close()
+
+
+async def test_join_presence_sets_the_member_and_lists_everyone(host: StoreHost) -> None:
+    a, b = await client(host), await client(host)
+    await b.set_presence("s", "bob/c2", {"sub": "bob"}, ttl=30)
+    members = await a.join_presence("s", "alice/c1", {"sub": "alice"}, ttl=30)
+    assert sorted(m["sub"] for m in members) == ["alice", "bob"]
+    assert sorted(m["sub"] for m in await b.presence("s")) == ["alice", "bob"]
+    assert await a.join_presence("other", "alice/c1", {"sub": "alice"}, ttl=30) == [
+        {"sub": "alice"}]
+    await a.close()
+    await b.close()

@@ -72,6 +72,7 @@ log = logging.getLogger("tether.store.shared")
 _APPEND, _READ, _HEAD, _TRIM, _LISTEN, _UNLISTEN, _TRANSIENT = 0, 1, 2, 3, 4, 5, 6
 _SET_PRESENCE, _CLEAR_PRESENCE, _PRESENCE = 7, 8, 9
 _READ_ENCODED = 10
+_JOIN_PRESENCE = 11  # set a member, then list the session's members: one round trip
 # Host → client.
 _OK, _ERR, _EVENT, _OK_EVENT = 0, 1, 2, 3
 # Error codes of an _ERR reply.
@@ -360,6 +361,9 @@ class HostConnection(_Framed):
                 elif kind == _PRESENCE:
                     _, rid, session = message
                     self._later(rid, store.presence(session), None)
+                elif kind == _JOIN_PRESENCE:
+                    _, rid, session, member, info, ttl = message
+                    self._later(rid, _join_presence(store, session, member, info, ttl), None)
                 else:
                     raise ValueError(f"unknown message kind {kind!r}")
             except Exception as exc:
@@ -690,6 +694,24 @@ class SharedStore:
         members: list[dict[str, Any]] = await self._request(
             lambda rid: [_PRESENCE, rid, session], _value)
         return members
+
+    async def join_presence(self, session: str, member: str, info: dict[str, Any],
+                            ttl: float) -> list[dict[str, Any]]:
+        """``set_presence``, then ``presence``, in one round trip to the host.
+
+        Every attach with presence does both: a reconnect storm's re-attaches are bound by
+        the CPU of the workers and the host, and each round trip is a write and a wake-up on
+        both sides.
+        """
+        members: list[dict[str, Any]] = await self._request(
+            lambda rid: [_JOIN_PRESENCE, rid, session, member, info, ttl], _value)
+        return members
+
+
+async def _join_presence(store: Store, session: str, member: str, info: dict[str, Any],
+                         ttl: float) -> list[dict[str, Any]]:
+    await store.set_presence(session, member, info, ttl)
+    return await store.presence(session)
 
 
 def _value(reply: list[Any]) -> Any:
