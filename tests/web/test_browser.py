@@ -379,6 +379,7 @@ def test_lost_continuity_is_announced_and_rebuilt(browser: Any, slow_server: Ser
     wait_attached(a)
     a.wait_for_selector('#conn[data-resume="lost"]')
     assert "Continuity lost — reloaded from history" in a.inner_text("#banner")
+    wait_done(a)  # the history is rebuilt, up to the finished run
     after = view(a)
     assert after["messages"] == before["messages"]
     assert after["answers"] == before["answers"]
