@@ -7,7 +7,8 @@ request, one reply) and holds them. A snapshot before (after a warm-up of 50 con
 and closed) and one once all are open and idle; the difference, per connection, grouped by the
 line that allocated it (``--group file``: by file), largest first.
 
-``python -m bench.experiments.conn_heap`` (tether, 1,000) and ``… --bare``.
+``python -m bench.experiments.conn_heap`` (tether, 1,000) and ``… --bare``; with
+``--rest 11 --heartbeat 5``, what grows over a rest with heartbeats (from the all-open snapshot).
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ async def measure(args: Any) -> list[tuple[str, float]]:
         tok = c.token(caps=["subscribe", "publish"])
         server = Server(ServerConfig(port=0, store_url="memory://", secret=c.SECRET,
                                      compression=False, max_sessions_per_connection=100,
-                                     heartbeat=args.heartbeat))
+                                     heartbeat=args.heartbeat,
+                                     subject_connections=max(1000, args.connections)))
         await server.start()
         port = server.port
         stop = server.stop
@@ -90,6 +92,20 @@ async def measure(args: Any) -> list[tuple[str, float]]:
         held = await clients(port, args.connections, mode, "c", tok)
         await settle()
         after = tracemalloc.take_snapshot()
+        if args.rest:
+            # What grows while every connection is idle and pinged: the open-and-idle snapshot
+            # becomes the baseline.
+            before = after
+            if args.serve_gc:
+                gc.collect()
+                gc.freeze()
+                gc.set_threshold(20_000, 20, 20)
+            await asyncio.sleep(args.rest)
+            if args.collect:
+                gc.collect()
+            after = tracemalloc.take_snapshot()
+            if args.serve_gc:
+                gc.unfreeze()
         await release(held)
     finally:
         await stop()
@@ -126,6 +142,14 @@ def main() -> None:
     p.add_argument("--heartbeat", type=float, default=300.0,
                    help="seconds; long by default: a ping in flight during the snapshot adds "
                         "its pong timer to some connections, which is noise here")
+    p.add_argument("--rest", type=float, default=0.0,
+                   help="seconds idle (pinged) after all are open: then the difference shown is "
+                        "over the rest, from the open-and-idle snapshot")
+    p.add_argument("--serve-gc", action="store_true",
+                   help="with --rest: tether serve's collector settings (freeze, threshold "
+                        "20,000) during the rest")
+    p.add_argument("--collect", action="store_true",
+                   help="with --rest: a full collection before the after-rest snapshot")
     args = p.parse_args()
     c.raise_nofile()
     c.install_uvloop()

@@ -270,6 +270,26 @@ async def test_peer_that_misses_pongs_is_dropped(server: Server) -> None:
     assert not server.connections
 
 
+async def test_peer_that_answers_pings_stays_and_its_socket_stays_compact(
+        server: Server) -> None:
+    server.config.heartbeat = 0.2
+    peer = await Peer.connect(server.port, autoping=False)
+    await peer.hello()
+    pings = 0
+    while pings < 3:
+        msg = await asyncio.wait_for(peer.ws.receive(), 10)
+        assert msg.type == aiohttp.WSMsgType.PING, msg
+        pings += 1
+        await peer.ws.pong(msg.data)
+    (conn,) = server.connections
+    assert not conn.ws.closed
+    # The heartbeat's per-ping state lives in slots: set in the instance's attributes, it
+    # would move an idle socket's 29 attributes from CPython's compact shared-key array to a
+    # 1.5 KiB dictionary at its first ping (deflate.LeanWebSocketResponse).
+    assert not {"_pong_response_cb", "_ping_task"} & set(vars(conn.ws))
+    await peer.close()
+
+
 async def test_token_expiry_closes_a_live_connection(server: Server) -> None:
     peer = await Peer.connect(server.port)
     await peer.hello(token(ttl=1))

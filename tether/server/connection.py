@@ -447,21 +447,6 @@ class Connection:
                 await self.service.leave(self.caller, session)
 
 
-def presize_attributes(ws: web.WebSocketResponse) -> None:
-    """Give a prepared socket's attributes a dictionary of their own, sized for them.
-
-    CPython (3.11+) keeps up to 30 attributes of an instance in a compact array whose keys
-    are shared by the class. A WebSocketResponse with a heartbeat has 29 once prepared;
-    the first ping adds ``_pong_response_cb`` and ``_ping_task`` (class-level defaults until
-    then), the 31st does not fit, and the instance moves to a dictionary grown to 3× its
-    size: a 1.5 KiB key table per idle connection, appearing during its first heartbeat
-    period (``bench/experiments/conn_heap.py --rest``). A dictionary made now holds those
-    two and a few more in a 0.75 KiB table, and never moves again.
-    """
-    with contextlib.suppress(AttributeError, TypeError):
-        ws.__dict__ = dict(ws.__dict__)
-
-
 class WebSocketEndpoint:
     """``GET /v1/ws``: upgrades, negotiates the codec, runs a :class:`Connection` per socket."""
 
@@ -543,7 +528,6 @@ class WebSocketEndpoint:
                                   f"unsupported subprotocol {offered[0][:40]!r}: offer "
                                   + " or ".join(SUBPROTOCOLS))
         await ws.prepare(request)
-        presize_attributes(ws)
         codec = CODECS.get(ws.ws_protocol or "")
         if codec is None:
             self.metrics.errors.labels("unsupported_codec").inc()
