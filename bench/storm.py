@@ -126,6 +126,9 @@ class RawFollower:
     async def run(self) -> None:
         from bench.connections import RawWS
         from tether.client.protocol import BACKOFF_BASE, BACKOFF_CAP, backoff_delay
+
+        # --backoff-cap measures another cap than the SDKs' (the orchestrator's env).
+        cap = float(os.environ.get("BENCH_BACKOFF_CAP") or BACKOFF_CAP)
         from tether.protocol.codes import CloseCode, retry_after_from_reason
 
         loop = asyncio.get_running_loop()
@@ -170,7 +173,7 @@ class RawFollower:
             self.attached = False
             if self.stopping:
                 return
-            delay = backoff_delay(attempt, BACKOFF_BASE, BACKOFF_CAP, self.rng)
+            delay = backoff_delay(attempt, BACKOFF_BASE, cap, self.rng)
             if code == CloseCode.TRY_AGAIN_LATER:
                 after = retry_after_from_reason(reason)
                 if after is not None:
@@ -455,7 +458,9 @@ class Child:
     def __init__(self, args: list[str], tok: str) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "bench.storm", *args],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=c.ROOT,
-                                     env={**c.child_env(), "BENCH_TOKEN": tok})
+                                     env={**c.child_env(), "BENCH_TOKEN": tok,
+                                          "BENCH_BACKOFF_CAP": os.environ.get(
+                                              "BENCH_BACKOFF_CAP", "")})
 
     def say(self, line: str) -> None:
         assert self.proc.stdin is not None
@@ -611,6 +616,8 @@ def main() -> None:
     p.add_argument("--before", type=float, default=3.0, help="seconds flowing before the kill")
     p.add_argument("--after", type=float, default=3.0, help="seconds flowing after all resumed")
     p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--backoff-cap", type=float, default=0.0,
+                   help="raw followers' backoff cap in seconds (default: the SDKs')")
     p.add_argument("--sdk", action="store_true",
                    help="followers are Python SDK clients (default: raw clients with the "
                         "SDK's reconnect policy; SDK clients cost the client side far more)")
@@ -619,6 +626,8 @@ def main() -> None:
     p.add_argument("--url", default="", help=_hidden())
     p.add_argument("--list", default="", help=_hidden())
     args = p.parse_args()
+    if args.backoff_cap:
+        os.environ["BENCH_BACKOFF_CAP"] = str(args.backoff_cap)
     if args.follower or args.publisher:
         c.raise_nofile()
         c.install_uvloop()
