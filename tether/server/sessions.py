@@ -775,35 +775,6 @@ def _compacted(events: list[Event]) -> list[Event]:
     return [e for e in events if not (e.type == STREAM_APPEND and e.stream in ended)]
 
 
-class _Ids:
-    """Random bytes drawn from the OS once per 512 ids instead of once per id.
-
-    Every WebSocket takes one or two ids (the connection's, and a client id when ``hello``
-    names none); at a reconnect storm's thousand connections a second, a ``getrandom`` call
-    each was a visible share of a connection's CPU.
-    """
-
-    __slots__ = ("at", "pool")
-
-    SIZE = 6  # bytes per id: 12 hex digits
-
-    def __init__(self) -> None:
-        self.pool = b""
-        self.at = 0
-
-    def take(self) -> str:
-        at = self.at
-        if at >= len(self.pool):
-            self.pool = secrets.token_bytes(self.SIZE * 512)
-            at = 0
-        self.at = at + self.SIZE
-        return self.pool[at:at + self.SIZE].hex()
-
-
-_IDS = _Ids()
-
-
 def new_connection_id() -> str:
-    """12 random hex digits (workers are separate processes, each with its own pool)."""
-    return _IDS.take()
+    return secrets.token_hex(6)
 

@@ -39,9 +39,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, cast, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from tether.protocol.codes import ErrorCode, TetherError
 from tether.protocol.encoded import FORMATS
@@ -165,19 +165,12 @@ async def read_encoded(store: SessionStore, session: str, after: int, limit: int
     """A page of ``session`` after ``after`` as frames of ``fmt``: built by the store from its
     stored bytes when it can (:class:`EncodedReader`), else read and ``encode``-d one by one.
     """
-    if fmt in FORMATS:
-        # Known per class: an isinstance check against a runtime-checkable protocol costs
-        # more than the rest of this call, and every attach's catch-up makes one.
-        kind = type(store)
-        encodes = _ENCODED_READERS.get(kind)
-        if encodes is None:
-            encodes = _ENCODED_READERS[kind] = isinstance(store, EncodedReader)
-        if encodes:
-            return await cast(EncodedReader, store).read_encoded(session, after, limit, fmt)
+    # What EncodedReader's runtime check would test, without its cost on every catch-up read.
+    reader: Callable[[str, int, int, str], Awaitable[EncodedPage]] | None = getattr(
+        store, "read_encoded", None)
+    if reader is not None and fmt in FORMATS:
+        return await reader(session, after, limit, fmt)
     return [(event.seq, encode(event)) for event in await store.read(session, after, limit)]
-
-
-_ENCODED_READERS: dict[type, bool] = {}
 
 
 @runtime_checkable
