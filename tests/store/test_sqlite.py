@@ -120,6 +120,52 @@ async def test_concurrent_appends_are_committed_in_few_batches(tmp_path: Path) -
         await store.close()
 
 
+def wal_restarts(path: Path) -> int:
+    """The WAL header's checkpoint sequence number: SQLite adds one each time it restarts the
+    WAL from its start instead of appending to it."""
+    with open(path / "tether.db-wal", "rb") as wal:
+        return int.from_bytes(wal.read(16)[12:16], "big")
+
+
+async def test_the_writer_finishes_a_checkpoint_round_so_the_wal_restarts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a steady stream, commits land while the checkpointer copies, so its passes alone
+    never leave the WAL fully copied when a transaction begins, and SQLite grows the WAL instead
+    of restarting it. The writer copies what the round left, then its transaction restarts it."""
+    monkeypatch.setattr(sqlite_module, "_CHECKPOINT_PAGES", 1 << 30)  # rounds only when told
+    path = tmp_path / "data"
+    store = await opened(path)
+    side = side_connection(path)
+    try:
+        for i in range(50):
+            await store.append(f"s{i % 7}", "message", {"i": i}, ALICE)
+        before = wal_restarts(path)
+        # A pass of the round copies what the WAL held when it began (a reader's snapshot
+        # stands for that here) while a commit lands ...
+        reader = side_connection(path)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM events").fetchone()
+        await store.append("s1", "message", {"i": 50}, ALICE)
+        side.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        reader.execute("COMMIT")
+        reader.close()
+        await store.append("s1", "message", {"i": 51}, ALICE)
+        assert wal_restarts(path) == before  # not fully copied: SQLite appends to the WAL
+        checkpointer = store._checkpointer
+        assert checkpointer is not None
+        checkpointer.caught_up = True  # ... and the round ends
+        await store.append("s2", "message", {"i": 52}, ALICE)
+        assert wal_restarts(path) == before + 1
+        assert not checkpointer.caught_up
+        await store.close()
+        store = await opened(path)
+        assert [e.data["i"] for e in await store.read("s1", 0, 100)][-3:] == [43, 50, 51]
+        assert (await store.read("s2", 0, 100))[-1].data == {"i": 52}
+    finally:
+        side.close()
+        await store.close()
+
+
 async def test_max_batch_commits_the_rest_in_order_and_close_commits_all(tmp_path: Path
                                                                          ) -> None:
     """The sequencer of --workers bounds its transactions: what is over the bound is committed
