@@ -104,6 +104,61 @@ async def test_reopen_keeps_closed_and_open_streams(tmp_path: Path) -> None:
         await store.close()
 
 
+async def test_a_version_1_database_is_migrated_with_its_streams(tmp_path: Path) -> None:
+    """Version 1 indexed every stream event; version 2 keeps one row per stream instead."""
+    path = tmp_path / "data"
+    store = await opened(path)
+    await store.append("s1", STREAM_APPEND, {"stream": "done", "text": "a"}, ALICE)
+    await store.append("s1", STREAM_END, {"stream": "done"}, ALICE)
+    await store.append("s1", "message", "between", ALICE)
+    for text in ("Hel", "lo"):
+        await store.append("s1", STREAM_APPEND, {"stream": "open", "text": text}, ALICE)
+    await store.close()
+    side = side_connection(path)
+    side.executescript(
+        "DROP TABLE streams;"
+        "CREATE INDEX events_stream ON events (sid, stream, seq) WHERE stream IS NOT NULL;"
+        "PRAGMA user_version = 1;"
+    )
+
+    store = await opened(path)
+    try:
+        assert side.execute("PRAGMA user_version").fetchone()[0] == sqlite_module.SCHEMA_VERSION
+        assert side.execute("SELECT stream, first_seq FROM streams ORDER BY stream"
+                            ).fetchall() == [("done", 1), ("open", 4)]
+        assert side.execute("SELECT count(*) FROM sqlite_master WHERE name = 'events_stream'"
+                            ).fetchone()[0] == 0
+        with pytest.raises(StreamClosedError):
+            await store.append("s1", STREAM_APPEND, {"stream": "done", "text": "late"}, ALICE)
+        end = await store.append("s1", STREAM_END, {"stream": "open"}, ALICE)
+        assert end.event.data["text"] == "Hello"
+    finally:
+        side.close()
+        await store.close()
+
+
+async def test_a_stream_row_is_written_once_and_trimmed_with_its_first_event(
+        tmp_path: Path) -> None:
+    path = tmp_path / "data"
+    store = await opened(path, Retention(max_events=100))
+    side = side_connection(path)
+    try:
+        for i in range(3):
+            await store.append("s1", STREAM_APPEND, {"stream": "old", "text": str(i)}, ALICE)
+        await store.append("s2", STREAM_APPEND, {"stream": "old", "text": "x"}, ALICE)
+        assert side.execute("SELECT sid, stream, first_seq FROM streams ORDER BY sid"
+                            ).fetchall() == [(1, "old", 1), (2, "old", 1)]
+        for i in range(300):
+            await store.append("s1", "message", i, ALICE)
+        await store.trim()
+        await store.append("s1", STREAM_APPEND, {"stream": "new", "text": "y"}, ALICE)
+        assert side.execute("SELECT sid, stream, first_seq FROM streams ORDER BY sid"
+                            ).fetchall() == [(1, "new", 304), (2, "old", 1)]
+    finally:
+        side.close()
+        await store.close()
+
+
 async def test_concurrent_appends_are_committed_in_few_batches(tmp_path: Path) -> None:
     batches: list[int] = []
     store = await opened(tmp_path / "data", on_batch=batches.append)
