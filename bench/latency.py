@@ -8,6 +8,9 @@ subscriber takes the receive time in the frame callback. Latency = receive - sen
 * tether: ``stream.append`` deltas ``{"stream", "text", "t"}``, committed to SQLite before
   delivery. Targets: p50 <= 250 us, p99 <= 1 ms.
 * bare aiohttp (baseline): the same bytes relayed from ``/pub/i`` to ``/sub/i``, no store.
+* bare aiohttp + ack (second baseline): the same relay that also answers every message with a
+  short frame on ``/pub/i``, as tether answers every publish with ``published``: one more
+  write per event, to another socket.
 * machine floor (context): round trip of 100 bytes through a blocking TCP echo process on the
   server core, one every 1 ms. Publish -> deliver crosses the cores twice like a round trip, so
   nothing built on this machine's loopback and scheduler does better than this.
@@ -116,7 +119,8 @@ async def run_system(name: str, warmup: float, duration: float, rate: float,
                      profile: str | None = None) -> dict[str, Any]:
     tether = name.startswith("tether")
     workers = int(name.rsplit(" ", 1)[1]) if name.startswith("tether --workers") else 1
-    server = c.tether_server(workers=workers) if tether else c.bare_server("relay")
+    server = (c.tether_server(workers=workers) if tether
+              else c.bare_server("relay", *(["--ack"] if name.endswith("+ ack") else [])))
     with server:
         recorder = Recorder(tether)
 
@@ -190,7 +194,8 @@ async def main() -> None:
     duration = args.duration or (2.0 if args.quick else 4.0)
     warmup = 0.5 if args.quick else 1.0
     systems = ["tether" if counts[0] == 1 else f"tether --workers {counts[0]}",
-               *(f"tether --workers {n}" for n in counts[1:]), "bare aiohttp"]
+               *(f"tether --workers {n}" for n in counts[1:]), "bare aiohttp + ack",
+               "bare aiohttp"]
     results: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
     floors: list[dict[str, float]] = []
     for i in range(c.runs(args)):
@@ -224,7 +229,8 @@ async def main() -> None:
     for name in systems[:-1]:
         mine = summary[name]
         rows.append([f"{name} / bare", f"{mine['p50_us'] / b['p50_us']:.1f}x", "",
-                     f"{mine['p99_us'] / b['p99_us']:.1f}x", "", "", "", "", ""])
+                     f"{mine['p99_us'] / b['p99_us']:.1f}x", "", "", "", "",
+                     f"{mine['server_cpu_us_per_event'] / b['server_cpu_us_per_event']:.2f}x"])
     rows.append(["machine floor (TCP RTT)", floor["p50_us"], "", floor["p99_us"], "", "", "",
                  "", ""])
     print(c.table(["system", "p50 us", "p90 us", "p99 us", "p99.9 us", "max us", "events/s",
