@@ -740,9 +740,11 @@ def start_profile(proc: Proc | int, path: str | None, seconds: float
     # BENCH_PROFILE_NATIVE=1 adds C frames (but inflates syscalls: ptrace interrupts them).
     native = ["--native"] if os.environ.get("BENCH_PROFILE_NATIVE") else []
     rate = os.environ.get("BENCH_PROFILE_RATE", "250")
+    # --nonblocking: py-spy otherwise stops the server for every sample, which at 10k paced
+    # events/s is enough to put it seconds behind and profile a backlog instead of the load.
     return subprocess.Popen(
         pinned([spy, "record", "--pid", str(proc if isinstance(proc, int) else proc.pid),
-                "--duration", str(max(1, round(seconds))),
+                "--duration", str(max(1, round(seconds))), "--nonblocking",
                 "--rate", rate, "--format", fmt, "-o", path, *native], CLIENT_CORE),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
