@@ -679,7 +679,7 @@ class Channel:
     def on_event(self, event: Event) -> None:
         hub = self.hub
         if not event.transient:
-            hub.metrics.latency.observe(max(0.0, time.time() - event.time / 1000))
+            hub.metrics.hot.observe_latency(max(0.0, time.time() - event.time / 1000))
         encoded: dict[str, bytes] = {}
         for sub in tuple(self.subs):
             fmt = sub.peer.format

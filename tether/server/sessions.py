@@ -475,7 +475,7 @@ class SessionService:
 
     async def _publish_transient(self, event: Event) -> Appended:
         await self.store.publish_transient(event)
-        self.metrics.published_transient.inc()
+        self.metrics.hot.published_transient += 1
         return Appended(event, duplicate=False)
 
     def _committed(self, future: asyncio.Future[Appended], reply: Reply | None = None) -> None:
@@ -485,7 +485,7 @@ class SessionService:
                 if exc is None:
                     self.health.ok()
                     appended = future.result()
-                    self.metrics.published_stored.inc()
+                    self.metrics.hot.published_stored += 1
                     if not appended.duplicate and appended.event.type == "message":
                         self.background(self.runs.on_committed(appended.event))
                 elif isinstance(exc, StoreError):
