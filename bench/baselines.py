@@ -18,6 +18,11 @@ Modes (aiohttp unless stated, uvloop, compression off):
                ``broadcast`` and ``relay`` (``--ack`` too) on picows instead of aiohttp: a
                WebSocket stack written in Cython, frames handled in a callback, no task or
                message object per frame. What a lighter WebSocket layer does with the same job.
+``front-relay`` ``picows-relay`` behind a front protocol that shares its one port with an
+               aiohttp application (``GET /healthz``): each connection's request head is read
+               first, then the socket and the bytes read are handed to picows (WebSocket
+               upgrades of ``/pub/`` and ``/sub/``) or to aiohttp (everything else). How
+               tether could serve ``/v1/ws`` on picows and HTTP on aiohttp, on one port.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -205,6 +211,98 @@ async def serve_picows(mode: str, port: int, ack: bool) -> None:
     server.close()
 
 
+class Front(asyncio.Protocol):
+    """Reads a connection's request head, then hands the socket to one of two protocols.
+
+    The front only ever sees the head: once it has chosen, the transport's protocol is
+    replaced and every later byte goes straight to picows or aiohttp. A head that does not end
+    within ``MAX_HEAD`` bytes goes to aiohttp, which refuses it as HTTP.
+    """
+
+    MAX_HEAD = 16384
+
+    def __init__(self, websocket: Callable[[], asyncio.BaseProtocol],
+                 http: Callable[[], asyncio.BaseProtocol],
+                 is_websocket: Callable[[bytes], bool]) -> None:
+        self.websocket = websocket
+        self.http = http
+        self.is_websocket = is_websocket
+        self.head = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's: no asyncio subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.head += data
+        end = self.head.find(b"\r\n\r\n")
+        if end < 0 and len(self.head) <= self.MAX_HEAD:
+            return
+        head = bytes(self.head)
+        chosen = self.websocket() if end >= 0 and self.is_websocket(head[:end]) else self.http()
+        transport = self.transport
+        assert transport is not None
+        transport.set_protocol(chosen)
+        chosen.connection_made(transport)
+        if isinstance(chosen, asyncio.BufferedProtocol):
+            view = memoryview(head)
+            while view:
+                buffer = memoryview(chosen.get_buffer(len(view)))
+                n = min(len(buffer), len(view))
+                buffer[:n] = view[:n]
+                chosen.buffer_updated(n)
+                view = view[n:]
+        else:
+            assert isinstance(chosen, asyncio.Protocol)
+            chosen.data_received(head)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass  # closed before its head was complete: nobody to tell
+
+
+def _is_relay_upgrade(head: bytes) -> bool:
+    first, _, headers = head.partition(b"\r\n")
+    parts = first.split(b" ")
+    return (len(parts) == 3 and parts[0] == b"GET" and parts[1].startswith((b"/pub/", b"/sub/"))
+            and b"upgrade: websocket" in headers.lower())
+
+
+async def serve_front(port: int, ack: bool) -> None:
+    import logging
+
+    from picows.picows import WSAutoPingStrategy, WSProtocol
+
+    factory = picows_factory("relay", ack)
+    logger = logging.getLogger("picows.server")
+
+    def websocket() -> asyncio.BaseProtocol:
+        # The arguments picows.ws_create_server gives each connection's protocol.
+        protocol: asyncio.BaseProtocol = WSProtocol(
+            None, None, False, factory, logger, True, 5, False, 20, 20,
+            WSAutoPingStrategy.PING_WHEN_IDLE, True, 1 << 20, None, 16 * 1024)
+        return protocol
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    http = runner.server
+    assert http is not None
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: Front(websocket, http, _is_relay_upgrade), "127.0.0.1", port,
+        reuse_address=True, backlog=4096)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    server.close()
+    await runner.cleanup()
+
+
 async def serve_aiohttp(app: web.Application, port: int) -> None:
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
@@ -252,7 +350,7 @@ def serve_socketio(port: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("mode", choices=["broadcast", "relay", "idle", "push", "socketio",
-                                    "picows-broadcast", "picows-relay"])
+                                    "picows-broadcast", "picows-relay", "front-relay"])
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--frames", type=int, default=1000)
     p.add_argument("--size", type=int, default=100)
@@ -267,6 +365,9 @@ def main() -> None:
         mode = args.mode.removeprefix("picows-")
         # The broadcast baseline acknowledges every message, as the aiohttp one does.
         uvloop.run(serve_picows(mode, args.port, args.ack or mode == "broadcast"))
+        return
+    if args.mode == "front-relay":
+        uvloop.run(serve_front(args.port, args.ack))
         return
     if args.mode == "push":
         app = push_app(args.frames, args.size)

@@ -7,7 +7,9 @@ subscribers, 80-byte deltas, each forwarded to its session's subscriber and ackn
 three frames of a durable delta) against the bare relay on aiohttp (``bench/baselines.py relay
 --ack``, the streams baseline) and the same relay on picows (``picows-relay --ack``), A B A B.
 Figure: relayed deltas/s and deltas per second of server CPU, whose ratio is what the
-WebSocket layer alone would change in tether's per-event budget.
+WebSocket layer alone would change in tether's per-event budget. A third system runs the picows
+relay behind ``bench/baselines.py``'s front protocol, on one port with an aiohttp application
+(checked with a ``GET /healthz`` on that port before each run): what keeping one port costs.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
+import aiohttp
 import orjson
 
 from bench import common as c
@@ -28,6 +31,12 @@ from bench.streams import DATA, SESSIONS, WINDOW
 
 async def relay(mode: str, warmup: float, duration: float) -> dict[str, Any]:
     with c.bare_server(mode, "--ack") as server:
+        if mode == "front-relay":
+            # The front's point: HTTP on the same port still reaches aiohttp.
+            async with aiohttp.ClientSession() as http, http.get(
+                    f"http://127.0.0.1:{server.port}/healthz") as response:
+                if response.status != 200 or (await response.json()) != {"status": "ok"}:
+                    raise RuntimeError(f"front: /healthz answered {response.status}")
         async def pair(i: int) -> tuple[Any, c.WindowedPublisher]:
             sub = await c.connect(server.port, f"/sub/{i}", None, c.CountingConn)
             conn = await c.connect(server.port, f"/pub/{i}", None, c.CountingConn)
@@ -59,7 +68,8 @@ async def main() -> None:
     p = c.parser(__doc__.splitlines()[0])
     p.add_argument("--duration", type=float, default=3.0)
     args = p.parse_args()
-    modes = {"aiohttp": "relay", "picows": "picows-relay"}
+    modes = {"aiohttp": "relay", "picows": "picows-relay",
+             "picows behind a front": "front-relay"}
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in modes}
     for i in range(c.runs(args)):
         for name, mode in modes.items():
@@ -76,8 +86,12 @@ async def main() -> None:
     print(c.table(["relay + ack", "deltas/s", "server CPU", "per CPU-s", "CPU µs/delta"], [
         [name, s["relayed_per_s"], f"{s['server_cpu']:.0%}", s["per_cpu_s"],
          f"{s['cpu_us_per_delta']:.1f}"] for name, s in summary.items()]))
+    f = summary["picows behind a front"]
     print(f"picows / aiohttp: {b['relayed_per_s'] / a['relayed_per_s']:.2f}x deltas/s, "
-          f"{b['per_cpu_s'] / a['per_cpu_s']:.2f}x per CPU-s")
+          f"{b['per_cpu_s'] / a['per_cpu_s']:.2f}x per CPU-s; behind the front "
+          f"{f['relayed_per_s'] / a['relayed_per_s']:.2f}x deltas/s, "
+          f"{f['per_cpu_s'] / a['per_cpu_s']:.2f}x per CPU-s")
+    print(f"wrote {c.write_results('picows_ws', {'machine': c.machine(), 'runs': results})}")
 
 
 if __name__ == "__main__":
