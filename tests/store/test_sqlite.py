@@ -489,6 +489,92 @@ async def test_sigkill_loses_no_acknowledged_append(tmp_path: Path) -> None:
         await store.close()
 
 
+STREAM_CHILD = """
+import asyncio, sys
+from tether.protocol.events import STREAM_APPEND, STREAM_END, Sender
+from tether.store.sqlite import SqliteStore
+
+async def main() -> None:
+    store = SqliteStore(sys.argv[1])
+    await store.start()
+    sender = Sender("child", "c", "agent")
+
+    async def worker(w: int) -> None:
+        session = f"s{w % 4}"
+        for n in range(10_000_000):  # a new stream every 20 deltas, each one ended
+            stream = f"w{w}-{n}"
+            for i in range(20):
+                await store.append(session, STREAM_APPEND, {"stream": stream, "text": f"{i};"},
+                                   sender)
+                sys.stdout.write(f"{session} {stream} {i}\\n")
+                sys.stdout.flush()
+            await store.append(session, STREAM_END, {"stream": stream}, sender)
+            sys.stdout.write(f"{session} {stream} end\\n")
+            sys.stdout.flush()
+
+    await asyncio.gather(*(worker(w) for w in range(16)))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+async def test_sigkill_mid_stream_keeps_every_acknowledged_delta_in_its_stream(
+        tmp_path: Path) -> None:
+    # Streams begin and end all through the run, so the kill lands on streams just begun (their
+    # row in ``streams`` is written with the first delta), half done and ended.
+    path = tmp_path / "data"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", STREAM_CHILD, str(path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    acked: dict[tuple[str, str], int] = {}  # deltas acknowledged per stream
+    ended: set[tuple[str, str]] = set()
+
+    async def read_acks(until: int | None) -> None:
+        assert proc.stdout is not None
+        count = 0
+        while until is None or count < until:
+            line = await proc.stdout.readline()
+            if not line.endswith(b"\n"):
+                return  # EOF
+            session, stream, what = line.decode().split()
+            if what == "end":
+                ended.add((session, stream))
+            else:
+                acked[(session, stream)] = int(what) + 1
+            count += 1
+
+    try:
+        await asyncio.wait_for(read_acks(3000), 60)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+    await asyncio.wait_for(read_acks(None), 60)
+    stderr = await proc.stderr.read()
+    assert await proc.wait() == -signal.SIGKILL, stderr.decode()
+    assert ended and any(k not in ended for k in acked), stderr.decode()
+
+    store = await opened(path)
+    try:
+        for (session, stream), count in acked.items():
+            head = await store.head(session)
+            stored = [e.data["text"] for e in await store.read(session, 0, head.last_seq + 1)
+                      if e.data["stream"] == stream and e.type == STREAM_APPEND]
+            # Committed deltas are a prefix of the stream's, holding every acknowledged one.
+            assert stored == [f"{i};" for i in range(len(stored))]
+            assert len(stored) >= count
+            if (session, stream) in ended:
+                with pytest.raises(StreamClosedError):
+                    await store.append(session, STREAM_APPEND, {"stream": stream, "text": "x"},
+                                       ALICE)
+            else:
+                end = await store.append(session, STREAM_END, {"stream": stream}, ALICE)
+                assert end.event.data["text"] == "".join(stored)
+    finally:
+        await store.close()
+
+
 async def test_catch_up_frames_of_damaged_rows_are_the_placeholders_read_gives(
         store: SqliteStore, tmp_path: Path) -> None:
     # Rows no append writes today (an older version, a damaged disk): each goes the reference
