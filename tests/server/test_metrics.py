@@ -59,19 +59,13 @@ def test_the_delivery_histogram_is_exported_as_prometheus_client_exports_one(
         assert ours[key] == pytest.approx(value), key
 
 
-async def test_publishes_are_counted_stored_and_transient(tmp_path: Path) -> None:
-    server = Server(ServerConfig(port=0, secret=SECRET, data_dir=tmp_path,
-                                 store_url=f"sqlite://{tmp_path / 'db'}"))
-    await server.start()
-    try:
-        peer = await Peer.connect(server.port)
-        await peer.hello()
-        for i in range(3):
-            await peer.publish("s", "message", i)
-        await peer.publish("s", "typing", {}, transient=True)
-        await peer.close()
-        text = generate_latest(server.metrics.registry).decode()
-        assert 'tether_events_published_total{transient="false"} 3.0' in text
-        assert 'tether_events_published_total{transient="true"} 1.0' in text
-    finally:
-        await server.stop()
+async def test_publishes_are_counted_stored_and_transient(server: Server) -> None:
+    peer = await Peer.connect(server.port)
+    await peer.hello()
+    for i in range(3):
+        await peer.publish("s", "message", i)
+    await peer.publish("s", "typing", {}, transient=True)
+    await peer.close()
+    text = generate_latest(server.metrics.registry).decode()
+    assert 'tether_events_published_total{transient="false"} 3.0' in text
+    assert 'tether_events_published_total{transient="true"} 1.0' in text

@@ -448,15 +448,15 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.slow
-async def test_sigkill_loses_no_acknowledged_append(tmp_path: Path) -> None:
-    path = tmp_path / "data"
+async def run_until_killed(child: str, path: Path, acks: int,
+                           on_ack: Callable[[list[str]], None]) -> str:
+    """Run ``child`` on the store at ``path``, SIGKILL it after ``acks`` acknowledgement lines
+    and hand every line it printed, split into words, to ``on_ack``; its stderr."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", CHILD, str(path),
+        sys.executable, "-c", child, str(path),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None and proc.stderr is not None
-    acked: dict[str, set[int]] = {}
 
     async def read_acks(until: int | None) -> None:
         assert proc.stdout is not None
@@ -465,18 +465,30 @@ async def test_sigkill_loses_no_acknowledged_append(tmp_path: Path) -> None:
             line = await proc.stdout.readline()
             if not line.endswith(b"\n"):
                 return  # EOF
-            session, seq = line.decode().split()
-            acked.setdefault(session, set()).add(int(seq))
+            on_ack(line.decode().split())
             count += 1
 
     try:
-        await asyncio.wait_for(read_acks(3000), 60)
+        await asyncio.wait_for(read_acks(acks), 60)
     finally:
         proc.send_signal(signal.SIGKILL)
     await asyncio.wait_for(read_acks(None), 60)
-    stderr = await proc.stderr.read()
-    assert await proc.wait() == -signal.SIGKILL, stderr.decode()
-    assert sum(len(seqs) for seqs in acked.values()) >= 3000, stderr.decode()
+    stderr = (await proc.stderr.read()).decode()
+    assert await proc.wait() == -signal.SIGKILL, stderr
+    return stderr
+
+
+@pytest.mark.slow
+async def test_sigkill_loses_no_acknowledged_append(tmp_path: Path) -> None:
+    path = tmp_path / "data"
+    acked: dict[str, set[int]] = {}
+
+    def on_ack(words: list[str]) -> None:
+        session, seq = words
+        acked.setdefault(session, set()).add(int(seq))
+
+    stderr = await run_until_killed(CHILD, path, 3000, on_ack)
+    assert sum(len(seqs) for seqs in acked.values()) >= 3000, stderr
 
     store = await opened(path)
     try:
@@ -524,36 +536,18 @@ async def test_sigkill_mid_stream_keeps_every_acknowledged_delta_in_its_stream(
     # Streams begin and end all through the run, so the kill lands on streams just begun (their
     # row in ``streams`` is written with the first delta), half done and ended.
     path = tmp_path / "data"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", STREAM_CHILD, str(path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stdout is not None and proc.stderr is not None
     acked: dict[tuple[str, str], int] = {}  # deltas acknowledged per stream
     ended: set[tuple[str, str]] = set()
 
-    async def read_acks(until: int | None) -> None:
-        assert proc.stdout is not None
-        count = 0
-        while until is None or count < until:
-            line = await proc.stdout.readline()
-            if not line.endswith(b"\n"):
-                return  # EOF
-            session, stream, what = line.decode().split()
-            if what == "end":
-                ended.add((session, stream))
-            else:
-                acked[(session, stream)] = int(what) + 1
-            count += 1
+    def on_ack(words: list[str]) -> None:
+        session, stream, what = words
+        if what == "end":
+            ended.add((session, stream))
+        else:
+            acked[(session, stream)] = int(what) + 1
 
-    try:
-        await asyncio.wait_for(read_acks(3000), 60)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-    await asyncio.wait_for(read_acks(None), 60)
-    stderr = await proc.stderr.read()
-    assert await proc.wait() == -signal.SIGKILL, stderr.decode()
-    assert ended and any(k not in ended for k in acked), stderr.decode()
+    stderr = await run_until_killed(STREAM_CHILD, path, 3000, on_ack)
+    assert ended and any(k not in ended for k in acked), stderr
 
     store = await opened(path)
     try:
