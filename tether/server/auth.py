@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import fnmatch
 import logging
+import math
 import os
 import re
 import secrets
@@ -123,7 +124,9 @@ def issue_token(secret: str, sub: str, sessions: list[str], caps: list[str],
     claims: dict[str, object] = {"sub": sub, "sessions": sessions, "caps": caps,
                                  "iat": int(time.time())}
     if ttl is not None:
-        claims["exp"] = int(time.time() + ttl)
+        # Rounded up: a token lives at least ``ttl`` seconds (truncated, a one-second token
+        # issued late in a second would expire within milliseconds).
+        claims["exp"] = math.ceil(time.time() + ttl)
     return jwt.encode(claims, secret, algorithm=ALGORITHM,
                       headers={"kid": kid} if kid else None)
 
