@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -128,6 +130,70 @@ class Peer:
     async def close(self) -> None:
         await self.ws.close()
         await self.http.close()
+
+
+class RawSocketPeer:
+    """A WebSocket client on a plain stream, writing frames byte by byte: when it stops
+    reading, nothing reads for it, so the kernel buffers fill and the server feels real
+    backpressure; and it can send what a library would not (fragments, bad UTF-8)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.close_code: int | None = None
+
+    @classmethod
+    async def connect(cls, port: int) -> RawSocketPeer:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 16)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write((f"GET /v1/ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                      "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: tether.v1.json\r\n"
+                      "\r\n").encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        return cls(reader, writer)
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.send_frame(0x1, orjson.dumps(frame))
+
+    async def send_frame(self, opcode: int, payload: bytes, fin: bool = True) -> None:
+        """One masked frame, as a client must send it."""
+        mask = os.urandom(4)
+        header = bytes([(0x80 if fin else 0) | opcode])
+        n = len(payload)
+        if n < 126:
+            header += bytes([0x80 | n])
+        elif n < 1 << 16:
+            header += bytes([0x80 | 126]) + struct.pack("!H", n)
+        else:
+            header += bytes([0x80 | 127]) + struct.pack("!Q", n)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.writer.write(header + mask + masked)
+        await self.writer.drain()
+
+    async def recv(self) -> dict[str, Any]:
+        """The next text frame, pings answered; ConnectionError at a close (``close_code``)."""
+        while True:
+            b0, b1 = await self.reader.readexactly(2)
+            n = b1 & 0x7F
+            if n == 126:
+                (n,) = struct.unpack("!H", await self.reader.readexactly(2))
+            elif n == 127:
+                (n,) = struct.unpack("!Q", await self.reader.readexactly(8))
+            payload = await self.reader.readexactly(n)
+            opcode = b0 & 0x0F
+            if opcode == 0x9:  # ping: answer so the heartbeat keeps us
+                self.writer.write(bytes([0x8A, 0x80 | len(payload)]) + b"\0\0\0\0" + payload)
+                continue
+            if opcode == 0x1:
+                return orjson.loads(payload)  # type: ignore[no-any-return]
+            if opcode == 0x8:
+                self.close_code = struct.unpack("!H", payload[:2])[0] if payload else 1005
+            raise ConnectionError(f"opcode {opcode}, close code {self.close_code}")
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 class ServerProcess:

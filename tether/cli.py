@@ -145,6 +145,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             user_secret=user_secret_path(),
             anonymous=tuple(args.anonymous) if args.anonymous else None,
             anonymous_public=True if args.anonymous_public else None,
+            ws_engine=args.ws_engine,
         )
         config.check_anonymous()
         if args.retention_events is not None or args.retention_age is not None:
@@ -607,6 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=None, metavar="N",
                        help="worker processes serving the port (default: one per core; 1: "
                             "one process); see docs/operations.md")
+    serve.add_argument("--ws-engine", default=None, choices=["picows", "aiohttp"],
+                       help="what serves /v1/ws for clients without permessage-deflate "
+                            "(default: picows); see docs/operations.md")
     serve.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=_cmd_serve)
 

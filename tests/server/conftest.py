@@ -11,8 +11,16 @@ from tether.store import MemoryStore, Retention
 
 
 @pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[Server]:
-    config = ServerConfig(port=0, secret=SECRET, data_dir=tmp_path, heartbeat=5)
+def ws_engine() -> str:
+    """What serves plain WebSockets (tether/server/front.py); modules of the WebSocket
+    contract override this to run against both."""
+    return "picows"
+
+
+@pytest.fixture
+async def server(tmp_path: Path, ws_engine: str) -> AsyncIterator[Server]:
+    config = ServerConfig(port=0, secret=SECRET, data_dir=tmp_path, heartbeat=5,
+                          ws_engine=ws_engine)
     srv = Server(config, store=MemoryStore(Retention(max_events=50)))
     await srv.start()
     yield srv

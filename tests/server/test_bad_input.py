@@ -10,11 +10,17 @@ import aiohttp
 import msgpack
 import pytest
 
-from tests.helpers import SECRET, Peer, token
+from tests.helpers import SECRET, Peer, RawSocketPeer, token
 from tether.protocol.codec import MSGPACK_SUBPROTOCOL
 from tether.protocol.codes import CloseCode
 from tether.server import Server
 from tether.server.auth import issue_token
+
+
+@pytest.fixture(params=["picows", "aiohttp"])
+def ws_engine(request: pytest.FixtureRequest) -> str:
+    """The WebSocket contract holds on both engines (tether/server/front.py)."""
+    return str(request.param)
 
 
 async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -117,6 +123,36 @@ async def test_oversized_frame_closes_with_1009(server: Server, bystander: Peer)
     assert peer.close_code == 1009
     await until(lambda: counted(server, "frame_too_large") == 1)
     await peer.close()
+
+
+async def test_oversized_fragmented_message_closes_with_1009(server: Server,
+                                                            bystander: Peer) -> None:
+    server.config.max_frame_bytes = 64 << 10
+    peer = await RawSocketPeer.connect(server.port)
+    await peer.send({"op": "hello", "id": 1, "token": token()})
+    assert (await peer.recv())["op"] == "welcome"
+    # Each fragment is within the limit; the message they make is not.
+    await peer.send_frame(0x1, b'{"op":"publish","session":"s","type":"message","data":"',
+                          fin=False)
+    for _ in range(2):
+        await peer.send_frame(0x0, b"x" * (40 << 10), fin=False)
+    with pytest.raises(ConnectionError):
+        while True:
+            await peer.recv()
+    assert peer.close_code == 1009
+    await until(lambda: counted(server, "frame_too_large") == 1)
+    peer.close()
+
+
+async def test_text_that_is_not_utf8_closes_with_1007(server: Server, bystander: Peer) -> None:
+    peer = await RawSocketPeer.connect(server.port)
+    await peer.send_frame(0x1, b'{"op":"ping","id":"\xff"}')
+    with pytest.raises(ConnectionError):
+        while True:
+            await peer.recv()
+    assert peer.close_code == 1007
+    await until(lambda: counted(server, "ws_protocol") == 1)
+    peer.close()
 
 
 async def test_oversized_event_is_a_request_error(server: Server, bystander: Peer) -> None:

@@ -5,17 +5,18 @@ with ``--workers 2`` (the memory of every process of the server counted together
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
-import struct
 from pathlib import Path
-from typing import Any
 
-import orjson
 import psutil
 import pytest
 
-from tests.helpers import Peer, ServerProcess, token
+from tests.helpers import Peer, RawSocketPeer, ServerProcess, token
+
+
+@pytest.fixture(params=["picows", "aiohttp"])
+def ws_engine(request: pytest.FixtureRequest) -> str:
+    """The WebSocket contract holds on both engines (tether/server/front.py)."""
+    return str(request.param)
 
 pytestmark = pytest.mark.slow
 
@@ -23,59 +24,6 @@ EVENT_BYTES = 10_000
 TOTAL_BYTES = 50 * 1024 * 1024
 COUNT = TOTAL_BYTES // EVENT_BYTES
 BUFFER = 1 << 20
-
-
-class RawSocketPeer:
-    """A WebSocket client on a plain stream: when it stops reading, nothing reads for it, so
-    the kernel buffers fill and the server feels real backpressure."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def connect(cls, port: int) -> RawSocketPeer:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 16)
-        key = base64.b64encode(os.urandom(16)).decode()
-        writer.write((f"GET /v1/ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                      "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: tether.v1.json\r\n"
-                      "\r\n").encode())
-        head = await reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101"), head
-        return cls(reader, writer)
-
-    async def send(self, frame: dict[str, Any]) -> None:
-        payload = orjson.dumps(frame)
-        mask = os.urandom(4)
-        header = bytes([0x81])
-        n = len(payload)
-        if n < 126:
-            header += bytes([0x80 | n])
-        elif n < 1 << 16:
-            header += bytes([0x80 | 126]) + struct.pack("!H", n)
-        else:
-            header += bytes([0x80 | 127]) + struct.pack("!Q", n)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.writer.write(header + mask + masked)
-        await self.writer.drain()
-
-    async def recv(self) -> dict[str, Any]:
-        while True:
-            b0, b1 = await self.reader.readexactly(2)
-            n = b1 & 0x7F
-            if n == 126:
-                (n,) = struct.unpack("!H", await self.reader.readexactly(2))
-            elif n == 127:
-                (n,) = struct.unpack("!Q", await self.reader.readexactly(8))
-            payload = await self.reader.readexactly(n)
-            opcode = b0 & 0x0F
-            if opcode == 0x9:  # ping: answer so the heartbeat keeps us
-                self.writer.write(bytes([0x8A, 0x80 | len(payload)]) + b"\0\0\0\0" + payload)
-                continue
-            if opcode == 0x1:
-                return orjson.loads(payload)  # type: ignore[no-any-return]
-            raise ConnectionError(f"unexpected opcode {opcode}")
 
 
 async def publish_all(session: str, port: int, count: int,

@@ -6,14 +6,22 @@ import asyncio
 import contextlib
 
 import aiohttp
+import orjson
 import pytest
+from aiohttp import web
 
-from tests.helpers import Peer, token
+from tests.helpers import Peer, RawSocketPeer, token
 from tether.protocol.codec import MSGPACK_SUBPROTOCOL
 from tether.protocol.codes import CloseCode
 from tether.protocol.cursor import Cursor, new_epoch
 from tether.protocol.events import Event
 from tether.server import Server
+
+
+@pytest.fixture(params=["picows", "aiohttp"])
+def ws_engine(request: pytest.FixtureRequest) -> str:
+    """The WebSocket contract holds on both engines (tether/server/front.py)."""
+    return str(request.param)
 
 
 async def test_publish_is_acknowledged_and_fanned_out_with_the_same_bytes(server: Server) -> None:
@@ -283,10 +291,11 @@ async def test_peer_that_answers_pings_stays_and_its_socket_stays_compact(
         await peer.ws.pong(msg.data)
     (conn,) = server.connections
     assert not conn.ws.closed
-    # The heartbeat's per-ping state lives in slots: set in the instance's attributes, it
-    # would move an idle socket's 29 attributes from CPython's compact shared-key array to a
-    # 1.5 KiB dictionary at its first ping (deflate.LeanWebSocketResponse).
-    assert not {"_pong_response_cb", "_ping_task"} & set(vars(conn.ws))
+    if isinstance(conn.ws, web.WebSocketResponse):
+        # The heartbeat's per-ping state lives in slots: set in the instance's attributes, it
+        # would move an idle socket's 29 attributes from CPython's compact shared-key array
+        # to a 1.5 KiB dictionary at its first ping (deflate.LeanWebSocketResponse).
+        assert not {"_pong_response_cb", "_ping_task"} & set(vars(conn.ws))
     await peer.close()
 
 
@@ -343,3 +352,20 @@ async def test_a_lost_live_event_is_healed_from_the_log(server: Server) -> None:
     server.store.unlisten("s", lossy)
     await peer.close()
     await writer.close()
+
+
+async def test_a_fragmented_message_is_one_request(server: Server) -> None:
+    peer = await RawSocketPeer.connect(server.port)
+    await peer.send({"op": "hello", "id": 1, "token": token()})
+    assert (await peer.recv())["op"] == "welcome"
+    body = orjson.dumps({"op": "publish", "id": 2, "session": "s", "type": "message",
+                         "data": {"text": "é" * 100}})
+    cut = body.index("é".encode()) + 1  # inside a UTF-8 sequence: only the whole is text
+    await peer.send_frame(0x1, body[:10], fin=False)
+    await peer.send_frame(0x0, body[10:cut], fin=False)
+    await peer.send_frame(0x0, body[cut:])
+    reply = await peer.recv()
+    assert reply["op"] == "published" and reply["id"] == 2 and reply["seq"] == 1
+    (event,) = await server.store.read("s", 0, 10)
+    assert event.data == {"text": "é" * 100}
+    peer.close()

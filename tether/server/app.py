@@ -26,7 +26,7 @@ from tether import responses
 from tether.agents import http as agents_http
 from tether.agents.runner import RunManager
 from tether.agents.schedule import Scheduler
-from tether.server import agui, aisdk, connection, durable_streams, http
+from tether.server import agui, aisdk, connection, durable_streams, front, http
 from tether.server.auth import Authenticator
 from tether.server.config import ServerConfig, node_id
 from tether.server.connection import WS_ENDPOINT, Connection
@@ -82,6 +82,8 @@ class Server:
                                        self.metrics)
         self.app = self._make_app()
         self._runner: web.AppRunner | None = None
+        self._front: front.PicowsFront | None = None
+        self._listener: asyncio.Server | None = None
         self.port = config.port
 
     def _make_app(self) -> web.Application:
@@ -145,6 +147,8 @@ class Server:
     async def _end_deliveries(self, app: web.Application) -> None:
         # Sockets get 4000 (reconnect), SSE streams end; waits briefly for close handshakes.
         await self.sessions.shutdown()
+        if self._front is not None:  # picows sockets still before their hello
+            await self._front.shutdown()
 
     # --- running ---------------------------------------------------------------------------
 
@@ -152,25 +156,43 @@ class Server:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                      shutdown_timeout=SHUTDOWN_GRACE)
         await self._runner.setup()
-        # Workers of one port (tether serve --workers) each bind it with SO_REUSEPORT.
-        site = web.TCPSite(self._runner, self.config.host, self.config.port,
-                           reuse_address=True, reuse_port=self.config.reuse_port or None,
-                           backlog=4096)
+        config = self.config
         try:
-            await site.start()
+            if config.ws_engine == "picows" and front.SUPPORTED:
+                await self._listen_behind_front(self._runner)
+            else:
+                # Workers of one port (tether serve --workers) each bind it with SO_REUSEPORT.
+                site = web.TCPSite(self._runner, config.host, config.port, reuse_address=True,
+                                   reuse_port=config.reuse_port or None, backlog=4096)
+                await site.start()
         except BaseException:
             await self._runner.cleanup()
             raise
         # With port 0 the OS picks the port; read it back from the bound socket.
-        addresses = self._runner.addresses
+        addresses = ([s.getsockname() for s in self._listener.sockets]
+                     if self._listener is not None else self._runner.addresses)
         if addresses:
             self.port = int(addresses[0][1])
         log.info("tether listening", extra={"host": self.config.host, "port": self.port,
                                             "store": self.config.resolved_store_url(),
                                             "node": self.node_id})
 
+    async def _listen_behind_front(self, runner: web.AppRunner) -> None:
+        """Bind the port with the front (tether/server/front.py): plain WebSockets to picows,
+        the rest to aiohttp's request handler, as its own site would."""
+        http_server = runner.server
+        assert http_server is not None
+        self._front = picows_front = front.PicowsFront(self.app[WS_ENDPOINT], http_server)
+        config = self.config
+        self._listener = await asyncio.get_running_loop().create_server(
+            picows_front.protocol, config.host, config.port, reuse_address=True,
+            reuse_port=config.reuse_port or None, backlog=4096)
+
     async def stop(self) -> None:
         """Stop accepting, end every delivery (4000 on sockets), stop runs, close the store."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

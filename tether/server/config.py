@@ -68,6 +68,9 @@ class ServerConfig:
     tail_check_interval: float = 2.0  # lossy live channels (Redis): heal a lost last event
     max_errors_in_row: int = 100  # request errors in a row before closing the connection
     compression: bool = True  # offer permessage-deflate
+    # What serves /v1/ws for clients that do not take permessage-deflate: "picows" (C framing,
+    # behind the port's front, tether/server/front.py) or "aiohttp" (every socket on aiohttp).
+    ws_engine: str = "picows"
     # Worker processes serving the port (`tether serve --workers N`); 0 = one per core.
     workers: int = 0
     reuse_port: bool = False  # bind with SO_REUSEPORT: set in each worker of --workers
@@ -130,6 +133,8 @@ class ServerConfig:
         # Rules hold commas ('*=subscribe,publish'): several are separated by ';'.
         config.anonymous = tuple(r.strip() for r in env.get("TETHER_ANONYMOUS", "").split(";")
                                  if r.strip())
+        if config.ws_engine not in ("picows", "aiohttp") and overrides.get("ws_engine") is None:
+            raise ValueError(f"TETHER_WS_ENGINE={config.ws_engine!r}: picows or aiohttp")
         # A flag beats the environment: --secret-file hides TETHER_SECRET, and the reverse.
         if overrides.get("secret_file") is not None and overrides.get("secret") is None:
             config.secret = None

@@ -13,7 +13,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import WSMsgType, web
 from aiohttp._websocket.writer import WebSocketWriter
@@ -51,6 +51,7 @@ from tether.server.hub import (
     FORMAT_MSGPACK,
     FORMAT_MSGPACK_WS,
     Outbox,
+    Sink,
     Subscription,
     ws_frame,
 )
@@ -68,8 +69,30 @@ from tether.store.base import Appended, now_ms
 log = logging.getLogger("tether.connection")
 
 
+class ServerSocket(Protocol):
+    """The server side of one WebSocket, as a :class:`Connection` sees it.
+
+    aiohttp's ``WebSocketResponse`` is one; :class:`~tether.server.front.PicowsSocket` the
+    other (plain sockets on picows, see ``docs/architecture.md``).
+    """
+
+    @property
+    def closed(self) -> bool:
+        """A close frame went out, or the socket is gone."""
+        ...
+
+    @property
+    def close_code(self) -> int | None:
+        """The code of the close, once there was one."""
+        ...
+
+    async def close(self, *, code: int = 1000, message: bytes = b"") -> bool:
+        """Send a close frame and wait (briefly) for the peer's; False if already closed."""
+        ...
+
+
 class WsSink:
-    """Where a connection's outbox writes.
+    """Where a connection's outbox writes, on aiohttp.
 
     ``framed``: the outbox holds whole frames (header included, see ``FORMAT_JSON_WS``), which
     go to the transport as they are; otherwise payloads, which aiohttp frames and compresses.
@@ -154,25 +177,22 @@ class Connection:
     )
 
     def __init__(self, service: SessionService, auth: Authenticator, config: ServerConfig,
-                 metrics: Metrics, ws: web.WebSocketResponse, codec: Codec) -> None:
+                 metrics: Metrics, ws: ServerSocket, codec: Codec, sink: Sink,
+                 framed: bool) -> None:
+        """``framed``: ``sink`` takes whole frames (header included), built once per event for
+        all its subscribers (``FORMAT_JSON_WS``); otherwise payloads, framed by the sink."""
         self.service = service
         self.auth = auth
         self.config = config
         self.metrics = metrics
         self.ws = ws
         self.codec = codec
-        # Written past aiohttp's writer only when that writer would add nothing: no
-        # compression (its own, or a writer subclass that compresses). Then the outbox holds
-        # whole frames, an event's header built once for all its subscribers (FORMAT_JSON_WS).
-        writer = ws._writer
-        self.framed = (writer is not None and type(writer) is WebSocketWriter
-                       and not writer.compress)
-        if self.framed:
+        self.framed = framed
+        if framed:
             self.format = FORMAT_MSGPACK_WS if codec.binary else FORMAT_JSON_WS
         else:
             self.format = FORMAT_MSGPACK if codec.binary else FORMAT_JSON
-        self.outbox = Outbox(WsSink(ws, codec.binary, self.framed),
-                             config.outbound_buffer_bytes, metrics)
+        self.outbox = Outbox(sink, config.outbound_buffer_bytes, metrics)
         self.id = new_connection_id()
         self.caller: Caller | None = None  # set by hello
         self.subs: dict[str, Subscription] = {}
@@ -235,7 +255,7 @@ class Connection:
             self.config.hello_timeout, self._hello_timeout)
 
     def protocol_error(self, error: object) -> None:
-        """aiohttp closed the socket already: oversized frame (1009) or bad framing."""
+        """The transport closed the socket already: oversized frame (1009) or bad framing."""
         too_large = getattr(error, "code", None) == 1009 or self.ws.close_code == 1009
         self.metrics.errors.labels("frame_too_large" if too_large else "ws_protocol").inc()
         log.info("connection %s error: %s", self.id, error)
@@ -471,10 +491,9 @@ class WebSocketEndpoint:
         are answered here.
         """
         upgraded = await self._upgrade(request)
-        if not isinstance(upgraded, Connection):
+        if not isinstance(upgraded, tuple):
             return upgraded
-        conn = upgraded
-        ws = conn.ws
+        conn, ws = upgraded
         hot = self.metrics.hot
         self.connections.add(conn)
         hot.connections_ws += 1
@@ -506,7 +525,8 @@ class WebSocketEndpoint:
                 self.connections.discard(conn)
         return ws
 
-    async def _upgrade(self, request: web.Request) -> Connection | web.StreamResponse:
+    async def _upgrade(self, request: web.Request,
+                       ) -> tuple[Connection, web.WebSocketResponse] | web.StreamResponse:
         """The WebSocket handshake: a :class:`Connection`, or the response that refused it."""
         config = self.config
         ws = websocket_response(  # permessage-deflate as configured: see deflate.py
@@ -534,14 +554,27 @@ class WebSocketEndpoint:
             await ws.close(code=CloseCode.UNSUPPORTED_CODEC,
                            message=b"offer tether.v1.json or tether.v1.msgpack")
             return ws
-        if self.admission is not None:
-            delay = self.admission.retry_after()
-            if delay:  # shed before hello: the token check and attach are the costly part
-                self.metrics.closes.labels(str(int(CloseCode.TRY_AGAIN_LATER))).inc()
-                await ws.close(code=CloseCode.TRY_AGAIN_LATER,
-                               message=f"retry_after={delay:.2f}".encode())
-                return ws
-        return Connection(self.service, self.auth, config, self.metrics, ws, codec)
+        refusal = self.admit()
+        if refusal is not None:
+            await ws.close(code=CloseCode.TRY_AGAIN_LATER, message=refusal)
+            return ws
+        # Written past aiohttp's writer only when that writer would add nothing: no
+        # compression (its own, or a writer subclass that compresses).
+        writer = ws._writer
+        framed = writer is not None and type(writer) is WebSocketWriter and not writer.compress
+        return Connection(self.service, self.auth, config, self.metrics, ws, codec,
+                          WsSink(ws, codec.binary, framed), framed), ws
+
+    def admit(self) -> bytes | None:
+        """None, or the close message of a socket shed by the admission rate (4429-style)."""
+        if self.admission is None:
+            return None
+        delay = self.admission.retry_after()
+        if not delay:
+            return None
+        # Shed before hello: the token check and attach are the costly part.
+        self.metrics.closes.labels(str(int(CloseCode.TRY_AGAIN_LATER))).inc()
+        return f"retry_after={delay:.2f}".encode()
 
 
 WS_ENDPOINT: web.AppKey[WebSocketEndpoint] = web.AppKey("tether.ws")
