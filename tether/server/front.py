@@ -60,6 +60,9 @@ CLOSE_TIMEOUT = 2.0  # seconds a server close waits for the peer's close frame
 # ten thousand idle sockets hold ten thousand of them.
 READ_BUFFER = 2048
 
+# The most one read hands picows (below: _BoundedReads).
+MAX_READ = 65536
+
 _SUBPROTOCOLS = frozenset(p.encode() for p in SUBPROTOCOLS)
 _TEXT, _BINARY, _CONTINUATION, _CLOSE = (
     WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION, WSMsgType.CLOSE)
@@ -152,6 +155,46 @@ class Front(asyncio.Protocol):
         if self.timer is not None:  # closed before its head was complete: nobody to tell
             self.timer.cancel()
             self.timer = None
+
+
+class _BoundedReads(asyncio.BufferedProtocol):
+    """picows with reads of at most :data:`MAX_READ` bytes.
+
+    picows doubles its read buffer whenever a read leaves it 90 % full, and never shrinks it;
+    the buffer it offers is all its free space. A peer that sends faster than it is read (a
+    flood, or only a fast publisher on loopback) would so grow it to what the kernel holds
+    for the socket, megabytes per connection for the connection's life. Offered at most
+    ``MAX_READ`` bytes per read, picows stops doubling near 2 × ``MAX_READ`` (or at the size
+    of the largest frame it was sent, which ``max_frame_bytes`` bounds). One slice per read,
+    nothing per frame.
+    """
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.inner.connection_made(transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        buffer: memoryview = self.inner.get_buffer(sizehint)
+        return buffer[:MAX_READ] if len(buffer) > MAX_READ else buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.inner.buffer_updated(nbytes)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()  # type: ignore[no-any-return]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
 
 
 class _PicowsLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -420,7 +463,7 @@ class PicowsFront:
         config = self.config
         heartbeat = config.heartbeat
         # The arguments picows.ws_create_server (2.3) gives each connection's protocol.
-        protocol: asyncio.BaseProtocol = WSProtocol(
+        return _BoundedReads(WSProtocol(
             None, None, False,  # host and port, path, client side
             self._listener, _picows_log,
             True,  # disconnect when the listener raises
@@ -430,8 +473,7 @@ class PicowsFront:
             True,  # answer pings
             config.max_frame_bytes,
             None,  # extra headers
-            READ_BUFFER)
-        return protocol
+            READ_BUFFER))
 
     def _listener(self, request: WSUpgradeRequest) -> WSUpgradeResponseWithListener:
         offered = [p.strip() for value in request.headers.getall("Sec-WebSocket-Protocol", ())
