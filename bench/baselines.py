@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import contextlib
 import signal
-from collections.abc import Callable
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -211,55 +210,6 @@ async def serve_picows(mode: str, port: int, ack: bool) -> None:
     server.close()
 
 
-class Front(asyncio.Protocol):
-    """Reads a connection's request head, then hands the socket to one of two protocols.
-
-    The front only ever sees the head: once it has chosen, the transport's protocol is
-    replaced and every later byte goes straight to picows or aiohttp. A head that does not end
-    within ``MAX_HEAD`` bytes goes to aiohttp, which refuses it as HTTP.
-    """
-
-    MAX_HEAD = 16384
-
-    def __init__(self, websocket: Callable[[], asyncio.BaseProtocol],
-                 http: Callable[[], asyncio.BaseProtocol],
-                 is_websocket: Callable[[bytes], bool]) -> None:
-        self.websocket = websocket
-        self.http = http
-        self.is_websocket = is_websocket
-        self.head = bytearray()
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's: no asyncio subclass
-
-    def data_received(self, data: bytes) -> None:
-        self.head += data
-        end = self.head.find(b"\r\n\r\n")
-        if end < 0 and len(self.head) <= self.MAX_HEAD:
-            return
-        head = bytes(self.head)
-        chosen = self.websocket() if end >= 0 and self.is_websocket(head[:end]) else self.http()
-        transport = self.transport
-        assert transport is not None
-        transport.set_protocol(chosen)
-        chosen.connection_made(transport)
-        if isinstance(chosen, asyncio.BufferedProtocol):
-            view = memoryview(head)
-            while view:
-                buffer = memoryview(chosen.get_buffer(len(view)))
-                n = min(len(buffer), len(view))
-                buffer[:n] = view[:n]
-                chosen.buffer_updated(n)
-                view = view[n:]
-        else:
-            assert isinstance(chosen, asyncio.Protocol)
-            chosen.data_received(head)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        pass  # closed before its head was complete: nobody to tell
-
-
 def _is_relay_upgrade(head: bytes) -> bool:
     first, _, headers = head.partition(b"\r\n")
     parts = first.split(b" ")
@@ -271,6 +221,8 @@ async def serve_front(port: int, ack: bool) -> None:
     import logging
 
     from picows.picows import WSAutoPingStrategy, WSProtocol
+
+    from tether.server.front import Front  # the head reader tether's own port uses
 
     factory = picows_factory("relay", ack)
     logger = logging.getLogger("picows.server")
