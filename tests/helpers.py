@@ -159,6 +159,16 @@ class RawSocketPeer:
 
     async def send_frame(self, opcode: int, payload: bytes, fin: bool = True) -> None:
         """One masked frame, as a client must send it."""
+        await self.send_frames([(opcode, payload)], fin)
+
+    async def send_frames(self, frames: list[tuple[int, bytes]], fin: bool = True) -> None:
+        """Several frames in one write: the server reads them together."""
+        self.writer.write(b"".join(self._frame(opcode, payload, fin)
+                                   for opcode, payload in frames))
+        await self.writer.drain()
+
+    @staticmethod
+    def _frame(opcode: int, payload: bytes, fin: bool) -> bytes:
         mask = os.urandom(4)
         header = bytes([(0x80 if fin else 0) | opcode])
         n = len(payload)
@@ -169,8 +179,7 @@ class RawSocketPeer:
         else:
             header += bytes([0x80 | 127]) + struct.pack("!Q", n)
         masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.writer.write(header + mask + masked)
-        await self.writer.drain()
+        return header + mask + masked
 
     async def recv(self) -> dict[str, Any]:
         """The next text frame, pings answered; ConnectionError at a close (``close_code``)."""

@@ -369,3 +369,36 @@ async def test_a_fragmented_message_is_one_request(server: Server) -> None:
     (event,) = await server.store.read("s", 0, 10)
     assert event.data == {"text": "é" * 100}
     peer.close()
+
+
+async def test_pipelined_requests_are_answered_in_order(server: Server) -> None:
+    """Requests written back to back (one TCP write) are handled one after another: what
+    follows hello is handled after it (else: not_ready), a publish behind an attach waits for
+    the attach, which awaits the store. (Replies to publishes come at their commit.)"""
+    peer = await RawSocketPeer.connect(server.port)
+    frames = [{"op": "hello", "id": 1, "token": token()},
+              {"op": "attach", "id": 2, "session": "s"},
+              {"op": "publish", "id": 3, "session": "s", "type": "message", "data": 1},
+              {"op": "ping", "id": 4},
+              {"op": "publish", "id": 5, "session": "s", "type": "message", "data": 2}]
+    payloads = [orjson.dumps(f) for f in frames]
+    await peer.send_frames([(0x1, p) for p in payloads])
+    replies: list[tuple[int, str]] = []
+    while len(replies) < 5:
+        frame = await peer.recv()
+        if "id" in frame:
+            replies.append((frame["id"], frame["op"]))
+    assert replies[:2] == [(1, "welcome"), (2, "attached")]
+    assert dict(replies) == {1: "welcome", 2: "attached", 3: "published", 4: "pong",
+                             5: "published"}
+    assert [e.data for e in await server.store.read("s", 0, 10)] == [1, 2]
+    peer.close()
+
+
+async def test_shutdown_closes_a_socket_before_its_hello(server: Server) -> None:
+    peer = await Peer.connect(server.port)
+    await server.stop()
+    with pytest.raises(ConnectionError):
+        await peer.recv()
+    assert peer.close_code == CloseCode.SHUTDOWN
+    await peer.close()

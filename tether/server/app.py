@@ -147,7 +147,8 @@ class Server:
     async def _end_deliveries(self, app: web.Application) -> None:
         # Sockets get 4000 (reconnect), SSE streams end; waits briefly for close handshakes.
         await self.sessions.shutdown()
-        if self._front is not None:  # picows sockets still before their hello
+        await self.app[WS_ENDPOINT].shutdown()  # sockets still before their hello
+        if self._front is not None:
             await self._front.shutdown()
 
     # --- running ---------------------------------------------------------------------------

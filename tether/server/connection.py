@@ -565,6 +565,11 @@ class WebSocketEndpoint:
         return Connection(self.service, self.auth, config, self.metrics, ws, codec,
                           WsSink(ws, codec.binary, framed), framed), ws
 
+    async def shutdown(self) -> None:
+        """Close the sockets the session service did not (those before their hello) with the
+        reconnect code, as it closed the others."""
+        await asyncio.gather(*(conn.shutdown() for conn in list(self.connections)))
+
     def admit(self) -> bytes | None:
         """None, or the close message of a socket shed by the admission rate (4429-style)."""
         if self.admission is None:

@@ -494,9 +494,6 @@ class PicowsFront:
             log.error("picows socket task failed", exc_info=task.exception())
 
     async def shutdown(self) -> None:
-        """Close what the session service did not (sockets before hello), then wait for every
-        socket's cleanup, briefly."""
-        await asyncio.gather(*(conn.shutdown() for conn in list(self.endpoint.connections)
-                               if isinstance(conn.ws, PicowsSocket)))
+        """Wait, briefly, for the picows sockets' cleanup (after the endpoint closed them)."""
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=CLOSE_TIMEOUT * 2)
