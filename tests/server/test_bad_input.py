@@ -155,6 +155,18 @@ async def test_text_that_is_not_utf8_closes_with_1007(server: Server, bystander:
     peer.close()
 
 
+async def test_reserved_bits_without_an_extension_close_with_1002(server: Server,
+                                                                  bystander: Peer) -> None:
+    peer = await RawSocketPeer.connect(server.port)  # offers no permessage-deflate
+    await peer.send_frame(0x40 | 0x1, b'{"op":"ping","id":1}')  # RSV1: "compressed"
+    with pytest.raises(ConnectionError):
+        while True:
+            await peer.recv()
+    assert peer.close_code == 1002
+    await until(lambda: counted(server, "ws_protocol") == 1)
+    peer.close()
+
+
 async def test_oversized_event_is_a_request_error(server: Server, bystander: Peer) -> None:
     server.config.max_event_bytes = 1000
     peer = await Peer.connect(server.port)

@@ -258,7 +258,10 @@ class PicowsSocket(WSListener):
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         kind = frame.msg_type
-        if kind is _TEXT or kind is _BINARY:
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+            # No extension is negotiated on this path (deflate goes to aiohttp): RFC 6455 5.2.
+            self._protocol_error(WSCloseCode.PROTOCOL_ERROR, "reserved bits set")
+        elif kind is _TEXT or kind is _BINARY:
             if self._fragments is not None:
                 self._protocol_error(WSCloseCode.PROTOCOL_ERROR, "a new message inside another")
             elif frame.fin:
