@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp import web
 
 from tests.conftest import free_port, wait_for_port
@@ -31,6 +32,11 @@ def nested(depth: int) -> Any:
     for _ in range(depth):
         value = {"k": value}
     return value
+
+
+# What serves plain WebSockets (tether/server/front.py): modules of the WebSocket contract
+# run on both (pytestmark); the `ws_engine` fixture of tests/server/conftest.py is picows.
+BOTH_WS_ENGINES = pytest.mark.parametrize("ws_engine", ["picows", "aiohttp"])
 
 
 def token(sub: str = "alice", sessions: list[str] | None = None,

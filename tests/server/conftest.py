@@ -12,8 +12,8 @@ from tether.store import MemoryStore, Retention
 
 @pytest.fixture
 def ws_engine() -> str:
-    """What serves plain WebSockets (tether/server/front.py); modules of the WebSocket
-    contract override this to run against both."""
+    """What serves plain WebSockets (tether/server/front.py); the modules of the WebSocket
+    contract parametrize it to run on both (tests.helpers.BOTH_WS_ENGINES)."""
     return "picows"
 
 

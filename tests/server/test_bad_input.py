@@ -10,17 +10,14 @@ import aiohttp
 import msgpack
 import pytest
 
-from tests.helpers import SECRET, Peer, RawSocketPeer, token
+from tests.helpers import BOTH_WS_ENGINES, SECRET, Peer, RawSocketPeer, token
 from tether.protocol.codec import MSGPACK_SUBPROTOCOL
 from tether.protocol.codes import CloseCode
 from tether.server import Server
 from tether.server.auth import issue_token
 
-
-@pytest.fixture(params=["picows", "aiohttp"])
-def ws_engine(request: pytest.FixtureRequest) -> str:
-    """The WebSocket contract holds on both engines (tether/server/front.py)."""
-    return str(request.param)
+# The WebSocket contract holds on both engines (tether/server/front.py).
+pytestmark = BOTH_WS_ENGINES
 
 
 async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -10,15 +10,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import Peer, RawSocketPeer, ServerProcess, token
+from tests.helpers import BOTH_WS_ENGINES, Peer, RawSocketPeer, ServerProcess, token
 
-
-@pytest.fixture(params=["picows", "aiohttp"])
-def ws_engine(request: pytest.FixtureRequest) -> str:
-    """The WebSocket contract holds on both engines (tether/server/front.py)."""
-    return str(request.param)
-
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, BOTH_WS_ENGINES]  # both: tether/server/front.py
 
 EVENT_BYTES = 10_000
 TOTAL_BYTES = 50 * 1024 * 1024

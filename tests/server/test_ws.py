@@ -10,18 +10,15 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.helpers import Peer, RawSocketPeer, token
+from tests.helpers import BOTH_WS_ENGINES, Peer, RawSocketPeer, token
 from tether.protocol.codec import MSGPACK_SUBPROTOCOL
 from tether.protocol.codes import CloseCode
 from tether.protocol.cursor import Cursor, new_epoch
 from tether.protocol.events import Event
 from tether.server import Server
 
-
-@pytest.fixture(params=["picows", "aiohttp"])
-def ws_engine(request: pytest.FixtureRequest) -> str:
-    """The WebSocket contract holds on both engines (tether/server/front.py)."""
-    return str(request.param)
+# The WebSocket contract holds on both engines (tether/server/front.py).
+pytestmark = BOTH_WS_ENGINES
 
 
 async def test_publish_is_acknowledged_and_fanned_out_with_the_same_bytes(server: Server) -> None:
