@@ -28,6 +28,14 @@ async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     await asyncio.wait_for(poll(), timeout)
 
 
+async def close_code_of(peer: RawSocketPeer) -> int | None:
+    """Read until the server closes the socket: the code it closed with."""
+    with pytest.raises(ConnectionError):
+        while True:
+            await peer.recv()
+    return peer.close_code
+
+
 def counted(server: Server, code: str) -> float:
     return float(server.metrics.errors.labels(code)._value.get())
 
@@ -133,10 +141,7 @@ async def test_oversized_fragmented_message_closes_with_1009(server: Server,
                           fin=False)
     for _ in range(2):
         await peer.send_frame(0x0, b"x" * (40 << 10), fin=False)
-    with pytest.raises(ConnectionError):
-        while True:
-            await peer.recv()
-    assert peer.close_code == 1009
+    assert await close_code_of(peer) == 1009
     await until(lambda: counted(server, "frame_too_large") == 1)
     peer.close()
 
@@ -144,10 +149,7 @@ async def test_oversized_fragmented_message_closes_with_1009(server: Server,
 async def test_text_that_is_not_utf8_closes_with_1007(server: Server, bystander: Peer) -> None:
     peer = await RawSocketPeer.connect(server.port)
     await peer.send_frame(0x1, b'{"op":"ping","id":"\xff"}')
-    with pytest.raises(ConnectionError):
-        while True:
-            await peer.recv()
-    assert peer.close_code == 1007
+    assert await close_code_of(peer) == 1007
     await until(lambda: counted(server, "ws_protocol") == 1)
     peer.close()
 
@@ -156,10 +158,7 @@ async def test_reserved_bits_without_an_extension_close_with_1002(server: Server
                                                                   bystander: Peer) -> None:
     peer = await RawSocketPeer.connect(server.port)  # offers no permessage-deflate
     await peer.send_frame(0x40 | 0x1, b'{"op":"ping","id":1}')  # RSV1: "compressed"
-    with pytest.raises(ConnectionError):
-        while True:
-            await peer.recv()
-    assert peer.close_code == 1002
+    assert await close_code_of(peer) == 1002
     await until(lambda: counted(server, "ws_protocol") == 1)
     peer.close()
 
