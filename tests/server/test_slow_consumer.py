@@ -92,9 +92,9 @@ async def test_stalled_reader_costs_bounded_memory_and_loses_nothing(
         # Unbounded queueing would hold the whole 50 MiB. Quiet, growth is about 5 MiB (the
         # 1 MiB buffer, the catch-up page, in-flight publishes, allocator slack); a busy machine
         # shifts timings and allocator behaviour, so the bound leaves room for that. With
-        # --workers 2 the sequencer's heap grows too, with the publishing load rather than the
-        # stalled reader (4-8 MiB fed by aiohttp workers, 15-25 MiB by picows ones, which hand
-        # it larger batches); its write buffer to each worker stayed under 2 MiB.
+        # --workers 2 the sequencer's heap grows too (4-8 MiB with aiohttp workers, 15-30 MiB
+        # with picows ones): tracemalloc finds its answers to catch-up page reads, whose pages
+        # are counted in events (500 of 10 KB here: 5 MB each, held as answer and frame).
         assert growth < (24 if workers == 1 else 40) * 2**20
 
         seqs: list[int] = []
