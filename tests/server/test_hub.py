@@ -472,6 +472,7 @@ class FakeStore:
         self.log: list[Event] = []
         self.listeners: dict[str, Callable[[Event], None]] = {}
         self.reads = 0
+        self.limits: list[int] = []  # of each read
 
     async def head(self, session: str) -> Any:
         return SimpleNamespace(last_seq=len(self.log))
@@ -484,6 +485,7 @@ class FakeStore:
 
     async def read(self, session: str, after: int, limit: int) -> list[Event]:
         self.reads += 1
+        self.limits.append(limit)
         await asyncio.sleep(0)
         return [e for e in self.log if e.seq > after][:limit]
 
@@ -574,6 +576,25 @@ async def test_attach_catches_up_then_goes_live() -> None:
     assert peer.sink.seqs()[-2:] == [9, 10] and sub.last_seq == 10
     assert count(metrics, "tether_catchups_total", reason="attach") == 1
     assert metrics.hot.events_delivered == 8
+
+
+async def test_catch_up_pages_of_large_events_stay_near_a_mebibyte() -> None:
+    hub, store, _ = make_hub(page=50)
+    body = "x" * (100 << 10)  # 50 events of 100 KiB would make a 5 MiB page
+    store.log.extend(Event("s", "e1", seq, "message", {"b": body}, Sender("a"), 0)
+                     for seq in range(1, 61))
+    peer = FakePeer(64 << 20)
+    sub = hub.subscribe(peer, "s", "e1", 0)
+    sub.catch_up("attach")
+    await until(lambda: not sub.catching_up)
+    assert peer.sink.seqs() == list(range(1, 61))  # all of them, in order
+    assert store.limits[0] == 50  # then as many as fit 1 MiB: 10 of these
+    assert len(store.limits) > 2 and set(store.limits[1:]) == {10}
+    # The session remembers: the next catch-up starts at that size.
+    late = hub.subscribe(FakePeer(64 << 20), "s", "e1", 0)
+    late.catch_up("attach")
+    await until(lambda: not late.catching_up)
+    assert store.limits[-1] == 10
 
 
 async def test_a_gap_reads_the_store_and_transients_pass_through() -> None:

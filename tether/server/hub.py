@@ -51,6 +51,10 @@ FORMAT_MSGPACK = "msgpack"
 FORMAT_MSGPACK_WS = "msgpack+ws"
 
 _BATCH_BYTES = 256 << 10  # at most this much per transport write from one outbox
+# A catch-up page is counted in events (``catchup_page``), and then kept near this many bytes:
+# 500 events of 10 KB would be a 5 MB page, held by the store (and, with --workers, by the
+# sequencer's answer and its frame) for a peer whose outbox takes 1 MiB at a time.
+_PAGE_BYTES = 1 << 20
 
 _PRESENCE_ACTIONS = {PRESENCE_JOIN: "join", PRESENCE_LEAVE: "leave", PRESENCE_UPDATE: "update"}
 
@@ -614,14 +618,18 @@ class Subscription:
         fmt = self.peer.format
         encode = partial(encode_event, fmt)
         action = Action.READ
+        channel = self.channel
         try:
             while not outbox.closed:
                 if action is Action.READ:
                     # The store builds JSON and SSE frames from its stored bytes when it can
                     # (SQLite, the shared store): no decode and encode per event.
+                    limit = channel.page
                     page = await read_encoded(hub.store, self.session, delivery.last_seq,
-                                              hub.catchup_page, fmt, encode)
+                                              limit, fmt, encode)
+                    size = 0
                     for seq, data in page:
+                        size += len(data)
                         if outbox.full:
                             await outbox.wait_drained()
                             if outbox.closed:
@@ -629,8 +637,10 @@ class Subscription:
                         if delivery.from_store(seq):
                             outbox.push(data)
                             hot.events_delivered += 1
-                    action = delivery.page_read(len(page) >= hub.catchup_page,
-                                                not outbox.full)
+                    action = delivery.page_read(len(page) >= limit, not outbox.full)
+                    if page:  # the next page: as many events of this size as fit _PAGE_BYTES
+                        channel.page = max(1, min(hub.catchup_page,
+                                                  _PAGE_BYTES * len(page) // max(1, size)))
                     # One page per loop step: a store whose reads do not suspend (SQLite)
                     # must not turn a long catch-up into one long step for everybody else.
                     await asyncio.sleep(0)
@@ -668,13 +678,16 @@ class Subscription:
 class Channel:
     """All local subscriptions of one session, fed by one store listener."""
 
-    __slots__ = ("hub", "observed_head", "session", "subs")
+    __slots__ = ("hub", "observed_head", "page", "session", "subs")
 
     def __init__(self, hub: Hub, session: str) -> None:
         self.hub = hub
         self.session = session
         self.subs: list[Subscription] = []
         self.observed_head = 0  # the log's head at the previous tail check
+        # Events per catch-up page, kept near _PAGE_BYTES by the pages read so far (one
+        # session's events are of a size, mostly).
+        self.page = hub.catchup_page
 
     def on_event(self, event: Event) -> None:
         hub = self.hub
