@@ -597,6 +597,18 @@ async def test_catch_up_pages_of_large_events_stay_near_a_mebibyte() -> None:
     assert store.limits[-1] == 10
 
 
+async def test_a_first_page_holds_at_most_a_mebibyte_of_the_largest_events() -> None:
+    store = FakeStore()
+    hub = Hub(cast(Any, store), Metrics(), catchup_page=500, max_event_bytes=256 << 10)
+    store.commit(1000)  # small ones: the first page is 4 events, the next ones 500
+    peer = FakePeer(64 << 20)
+    sub = hub.subscribe(peer, "s", "e1", 0)
+    sub.catch_up("attach")
+    await until(lambda: not sub.catching_up)
+    assert peer.sink.seqs() == list(range(1, 1001))
+    assert store.limits[:3] == [4, 500, 500]
+
+
 async def test_a_gap_reads_the_store_and_transients_pass_through() -> None:
     hub, store, metrics = make_hub()
     sub = hub.subscribe(FakePeer(1 << 20), "s", "e1", 0)

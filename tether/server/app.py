@@ -73,7 +73,7 @@ class Server:
         self.store = store or open_store(config.resolved_store_url(), config.retention,
                                          on_batch=self.metrics.batch_size.observe)
         self.auth = Authenticator.from_config(config)
-        self.hub = Hub(self.store, self.metrics, config.catchup_page)
+        self.hub = Hub(self.store, self.metrics, config.catchup_page, config.max_event_bytes)
         self.node_id = config.node_id or node_id(config.data_dir)
         self.runs = RunManager(self.store, self.node_id, lease_seconds=config.lease_seconds)
         self.scheduler = Scheduler(self.runs)

@@ -687,7 +687,7 @@ class Channel:
         self.observed_head = 0  # the log's head at the previous tail check
         # Events per catch-up page, kept near _PAGE_BYTES by the pages read so far (one
         # session's events are of a size, mostly).
-        self.page = hub.catchup_page
+        self.page = hub.first_page
 
     def on_event(self, event: Event) -> None:
         hub = self.hub
@@ -712,10 +712,16 @@ class Channel:
 class Hub:
     """Session channels of this node."""
 
-    def __init__(self, store: SessionStore, metrics: Metrics, catchup_page: int = 500) -> None:
+    def __init__(self, store: SessionStore, metrics: Metrics, catchup_page: int = 500,
+                 max_event_bytes: int | None = None) -> None:
+        """``max_event_bytes``: a session's first catch-up page holds as many of the largest
+        events as fit ``_PAGE_BYTES`` (one more small read at worst); later pages are sized
+        by what was read. None: the first page is ``catchup_page`` events."""
         self.store = store
         self.metrics = metrics
         self.catchup_page = catchup_page
+        self.first_page = catchup_page if max_event_bytes is None else max(
+            1, min(catchup_page, _PAGE_BYTES // max(1, max_event_bytes)))
         self.channels: dict[str, Channel] = {}
 
     def subscribe(self, peer: Peer, session: str, epoch: str, last_seq: int) -> Subscription:
