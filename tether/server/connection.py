@@ -571,7 +571,7 @@ class WebSocketEndpoint:
         await asyncio.gather(*(conn.shutdown() for conn in list(self.connections)))
 
     def admit(self) -> bytes | None:
-        """None, or the close message of a socket shed by the admission rate (4429-style)."""
+        """None, or the close message of a socket shed by the admission rate (close 4003)."""
         if self.admission is None:
             return None
         delay = self.admission.retry_after()

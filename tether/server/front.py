@@ -46,7 +46,6 @@ from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not in its
 
 from tether.protocol.codec import CODECS, SUBPROTOCOLS
 from tether.protocol.codes import CloseCode
-from tether.server.config import ServerConfig
 from tether.server.connection import Connection, WebSocketEndpoint
 
 log = logging.getLogger("tether.front")
@@ -222,12 +221,12 @@ class PicowsSocket(WSListener):
     them in its queue.
     """
 
-    __slots__ = ("_backlog", "_by_us", "_drain", "_fragments", "_paused", "_task", "_text", "codec",
-                 "conn", "front", "raw", "transport")
+    __slots__ = ("_backlog", "_by_us", "_drain", "_fragments", "_paused", "_task", "_text",
+                 "conn", "front", "raw", "subprotocol", "transport")
 
-    def __init__(self, front: PicowsFront, codec: str) -> None:
+    def __init__(self, front: PicowsFront, subprotocol: str) -> None:
         self.front = front
-        self.codec = codec
+        self.subprotocol = subprotocol
         self.conn: Connection | None = None
         self.transport: WSTransport | None = None
         self.raw: asyncio.Transport | None = None
@@ -244,14 +243,14 @@ class PicowsSocket(WSListener):
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
         self.raw = transport.underlying_transport
-        front = self.front
-        refusal = front.endpoint.admit()
+        endpoint = self.front.endpoint
+        refusal = endpoint.admit()
         if refusal is not None:
-            front.background(self.close(code=CloseCode.TRY_AGAIN_LATER, message=refusal))
+            self.front.background(self.close(code=CloseCode.TRY_AGAIN_LATER, message=refusal))
             return
-        endpoint = front.endpoint
         conn = self.conn = Connection(endpoint.service, endpoint.auth, endpoint.config,
-                                      endpoint.metrics, self, CODECS[self.codec], self, True)
+                                      endpoint.metrics, self, CODECS[self.subprotocol], self,
+                                      True)
         endpoint.connections.add(conn)
         endpoint.metrics.hot.connections_ws += 1
         conn.begin()
@@ -275,7 +274,7 @@ class PicowsSocket(WSListener):
                 self._protocol_error(WSCloseCode.PROTOCOL_ERROR, "a continuation of nothing")
                 return
             fragments += frame.get_payload_as_memoryview()
-            if len(fragments) > self.front.config.max_frame_bytes:
+            if len(fragments) > self.front.endpoint.config.max_frame_bytes:
                 self._protocol_error(WSCloseCode.MESSAGE_TOO_BIG, "message too big")
             elif frame.fin:
                 self._fragments = None
@@ -295,10 +294,9 @@ class PicowsSocket(WSListener):
         if conn is None:
             return
         handshake = transport.close_handshake
-        sent = handshake.sent if handshake is not None else None
-        if (sent is not None and handshake is not None and not handshake.recv_then_sent
-                and not self._by_us and _int(sent.code) != _HEARTBEAT_CLOSE):
-            conn.protocol_error(sent)  # picows refused the peer's framing
+        if (handshake is not None and handshake.sent is not None and not handshake.recv_then_sent
+                and not self._by_us and _int(handshake.sent.code) != _HEARTBEAT_CLOSE):
+            conn.protocol_error(handshake.sent)  # picows refused the peer's framing
         endpoint = self.front.endpoint
         endpoint.connections.discard(conn)
         endpoint.metrics.hot.connections_ws -= 1
@@ -374,12 +372,8 @@ class PicowsSocket(WSListener):
         self._by_us = True  # counted here, not at the disconnect
         if self.conn is not None:
             self.conn.protocol_error(reason)
-        self.front.background(self._disconnect_later())
-
-    async def _disconnect_later(self) -> None:
-        await asyncio.sleep(CLOSE_TIMEOUT)
-        if self.transport is not None:
-            self.transport.disconnect()
+        # The peer may still answer the close; it has CLOSE_TIMEOUT to.
+        asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.disconnect)
 
     async def _end(self, conn: Connection) -> None:
         task = self._task
@@ -452,7 +446,6 @@ class PicowsFront:
 
     def __init__(self, endpoint: WebSocketEndpoint, http: web.Server) -> None:
         self.endpoint = endpoint
-        self.config: ServerConfig = endpoint.config
         self.http = http
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -460,10 +453,10 @@ class PicowsFront:
         return Front(self._websocket, self.http, self._choose)
 
     def _choose(self, head: bytes) -> bool:
-        return plain_upgrade(head, self.config.compression)
+        return plain_upgrade(head, self.endpoint.config.compression)
 
     def _websocket(self) -> asyncio.BaseProtocol:
-        config = self.config
+        config = self.endpoint.config
         heartbeat = config.heartbeat
         # The arguments picows.ws_create_server (2.3) gives each connection's protocol.
         return _BoundedReads(WSProtocol(
@@ -481,10 +474,10 @@ class PicowsFront:
     def _listener(self, request: WSUpgradeRequest) -> WSUpgradeResponseWithListener:
         offered = [p.strip() for value in request.headers.getall("Sec-WebSocket-Protocol", ())
                    for p in value.split(",")]
-        codec = next(p for p in offered if p in CODECS)  # the front checked there is one
+        chosen = next(p for p in offered if p in CODECS)  # the front checked there is one
         response = WSUpgradeResponse.create_101_response(
-            extra_headers={"Sec-WebSocket-Protocol": codec})
-        return WSUpgradeResponseWithListener(response, PicowsSocket(self, codec))
+            extra_headers={"Sec-WebSocket-Protocol": chosen})
+        return WSUpgradeResponseWithListener(response, PicowsSocket(self, chosen))
 
     def background(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
