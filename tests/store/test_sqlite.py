@@ -424,9 +424,13 @@ async def test_key_outlives_its_trimmed_event(tmp_path: Path) -> None:
         await store.close()
 
 
-CHILD = """
+def child_program(worker_body: str) -> str:
+    """A child that appends from 16 workers over 4 sessions until it is killed, writing a line
+    per acknowledged append; ``worker_body`` is the loop of ``worker(w)``, with ``session``,
+    ``store`` and ``sender`` in scope."""
+    return f"""
 import asyncio, sys
-from tether.protocol.events import Sender
+from tether.protocol.events import STREAM_APPEND, STREAM_END, Sender
 from tether.store.sqlite import SqliteStore
 
 async def main() -> None:
@@ -435,17 +439,21 @@ async def main() -> None:
     sender = Sender("child", "c", "agent")
 
     async def worker(w: int) -> None:
-        session = f"s{w % 4}"
+        session = f"s{{w % 4}}"
+{worker_body}
+    await asyncio.gather(*(worker(w) for w in range(16)))
+
+asyncio.run(main())
+"""
+
+
+CHILD = child_program("""\
         for i in range(10_000_000):
             appended = await store.append(session, "message", {"w": w, "i": i}, sender)
             # One write per acknowledged append, after the store said it is committed.
             sys.stdout.write(f"{session} {appended.event.seq}\\n")
             sys.stdout.flush()
-
-    await asyncio.gather(*(worker(w) for w in range(16)))
-
-asyncio.run(main())
-"""
+""")
 
 
 async def run_until_killed(child: str, path: Path, acks: int,
@@ -501,18 +509,7 @@ async def test_sigkill_loses_no_acknowledged_append(tmp_path: Path) -> None:
         await store.close()
 
 
-STREAM_CHILD = """
-import asyncio, sys
-from tether.protocol.events import STREAM_APPEND, STREAM_END, Sender
-from tether.store.sqlite import SqliteStore
-
-async def main() -> None:
-    store = SqliteStore(sys.argv[1])
-    await store.start()
-    sender = Sender("child", "c", "agent")
-
-    async def worker(w: int) -> None:
-        session = f"s{w % 4}"
+STREAM_CHILD = child_program("""\
         for n in range(10_000_000):  # a new stream every 20 deltas, each one ended
             stream = f"w{w}-{n}"
             for i in range(20):
@@ -523,11 +520,7 @@ async def main() -> None:
             await store.append(session, STREAM_END, {"stream": stream}, sender)
             sys.stdout.write(f"{session} {stream} end\\n")
             sys.stdout.flush()
-
-    await asyncio.gather(*(worker(w) for w in range(16)))
-
-asyncio.run(main())
-"""
+""")
 
 
 @pytest.mark.slow
